@@ -1,0 +1,50 @@
+"""Continual-learning summary metrics, exactly as DESIGN.md defines them.
+
+R is the (T+1) x T score matrix: row 0 before any task, row i after task i; column j is task j (0-based here, the
+formulas below use 1-based task indices as in the design card).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _check(R: Sequence[Sequence[float]]) -> int:
+    T = len(R[0]) if R else 0
+    if T == 0 or len(R) != T + 1 or any(len(row) != T for row in R):
+        raise ValueError(f"score matrix must be (T+1) x T with T >= 1; got {len(R)} rows of "
+                         f"{sorted({len(r) for r in R})} columns")
+    return T
+
+
+def op(R) -> float:
+    """Overall performance: mean_j R[T][j]."""
+    T = _check(R)
+    return sum(R[T]) / T
+
+
+def bwt(R) -> float:
+    """Backward transfer: mean_{j<T} (R[T][j] - R[j][j]); 0 for a single task."""
+    T = _check(R)
+    if T == 1:
+        return 0.0
+    return sum(R[T][j - 1] - R[j][j - 1] for j in range(1, T)) / (T - 1)
+
+
+def fwt(R) -> float:
+    """Forward transfer: mean_{j>1} (R[j-1][j] - R[0][j]); 0 for a single task."""
+    T = _check(R)
+    if T == 1:
+        return 0.0
+    return sum(R[j - 1][j - 1] - R[0][j - 1] for j in range(2, T + 1)) / (T - 1)
+
+
+def caption_retention(before: dict, after: list[dict], key: str = "CIDEr") -> float:
+    """CIDEr after the last task over CIDEr before any task."""
+    if not after:
+        raise ValueError("caption retention needs at least one stage after a task")
+    return after[-1][key] / before[key] if before[key] > 0 else 0.0
+
+
+def summary(R, general_before: dict, general_after: list[dict]) -> dict:
+    return {"OP": op(R), "BWT": bwt(R), "FWT": fwt(R),
+            "caption_retention": caption_retention(general_before, general_after)}

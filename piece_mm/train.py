@@ -1,0 +1,93 @@
+"""python -m piece_mm.train --model llava [--method seqft] [--tasks world] [--output DIR] ...
+
+Learns the tasks of a sequence one after another, evaluating every task and the general held-out set after each,
+and writes <output>/metrics.json, report.md, score_matrix.png, cider.png and the final model (<output>/model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    from piece_mm.continual import METHODS
+
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llava", help="alias (llava, qwen2-vl), local checkpoint dir or HF id")
+    ap.add_argument("--method", default="seqft", help=f"one of: {', '.join(sorted(METHODS))}")
+    ap.add_argument("--tasks", default="world", help="sequence YAML, or a name in configs/sequences (default: world)")
+    ap.add_argument("--output", type=Path, help="run directory (default: runs/<model>-<method>-<time>)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the sequence's train.steps)")
+    ap.add_argument("--lr", type=float, help="learning rate (default: the sequence's train.lr)")
+    ap.add_argument("--batch-size", type=int, help="training batch size (default: the sequence's train.batch_size)")
+    ap.add_argument("--max-steps", type=int, help="cap on training steps per task, for quick runs")
+    ap.add_argument("--eval-limit", type=int, help="cap on examples scored per task and captions per stage")
+    ap.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
+    return ap.parse_args(argv)
+
+
+def _check_positive(flag: str, value, kind=int):
+    from tasks.errors import InputError
+    if value is None:
+        return
+    if not isinstance(value, kind) or value <= 0:
+        raise InputError(f"{flag}: {value!r}; expected a positive {kind.__name__}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from piece_mm.continual import METHODS, run
+    from piece_mm.models import load_model
+    from tasks.errors import InputError
+    from tasks.sequence import load_sequence
+
+    t0 = time.time()
+    try:
+        if args.method not in METHODS:
+            raise InputError(f"--method {args.method!r}: unknown; known: {', '.join(sorted(METHODS))}")
+        for flag, v in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--max-steps", args.max_steps),
+                        ("--eval-limit", args.eval_limit)]:
+            _check_positive(flag, v)
+        _check_positive("--lr", args.lr, float)
+        seq = load_sequence(args.tasks, seed=args.seed)
+        steps = args.steps or int(seq.train.get("steps", 150))
+        if args.max_steps:
+            steps = min(steps, args.max_steps)
+        batch_size = args.batch_size or int(seq.train.get("batch_size", 16))
+        lr = args.lr or float(seq.train.get("lr", 1e-3))
+        stem = Path(args.model).name if os.sep in args.model else args.model.replace("/", "_")
+        output = args.output or Path("runs") / f"{stem}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (output / "metrics.json").exists():
+            raise InputError(f"--output {str(output)!r}: already holds a finished run (metrics.json); "
+                             "choose another directory")
+        torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
+        torch.manual_seed(args.seed)
+        model, processor = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"{args.model} / {args.method}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
+          f"{steps} steps x batch {batch_size} at lr {lr:g} -> {output}", flush=True)
+    metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output, seed=args.seed,
+                  steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
+                  log=lambda s: print(s, flush=True))
+    model.save_pretrained(output / "model")
+    processor.save_pretrained(output / "model")
+    s = metrics["summary"]
+    print(f"OP {s['OP']:.3f}  BWT {s['BWT']:+.3f}  FWT {s['FWT']:+.3f}  caption retention "
+          f"{s['caption_retention']:.3f}  ({time.time() - t0:.0f} s)\nwrote {output / 'metrics.json'}, "
+          f"{output / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

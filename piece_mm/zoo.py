@@ -1,0 +1,192 @@
+"""The tiny model zoo: build and pretrain the embedded LLaVA / Qwen2-VL checkpoints on the built-in visual world.
+
+    python -m piece_mm.zoo build llava        # writes piece_mm/checkpoints/llava (config, safetensors, tokenizer, ...)
+    python -m piece_mm.zoo build qwen2-vl
+
+The models are the real transformers classes with tiny configs (configs/models/<alias>.yaml) and a word-level
+tokenizer over the world's vocabulary. Pretraining mixes captioning (several phrasings) with general VQA, so the base
+follows prompts the way a real instruction-tuned VLM does. The build is deterministic for a given config.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from tasks import world
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs" / "models"
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s> "
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def model_config(alias: str) -> dict:
+    path = CONFIG_DIR / f"{alias}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"{path}: no tiny-model config for {alias!r}; known: {known}")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _word_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = world.vocabulary() + ["user", "assistant", "system", "?", ".", ","]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    extra = [s for s in specials if s not in (bos, eos, pad, "<unk>")]
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token="<unk>", additional_special_tokens=extra, padding_side="right")
+
+
+def build_untrained(alias: str, cfg: dict):
+    """A randomly initialised tiny model of the real class, with its processor."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    size = cfg["image_size"]
+    if cfg["family"] == "llava":
+        tok = _word_tokenizer(["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"],
+                              bos="<s>", eos="</s>", pad="<pad>")
+        ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        vision = CLIPVisionConfig(image_size=size, **cfg["vision"])
+        text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **cfg["text"])
+        # A 2-layer tower has no useful penultimate layer: take the last one (-1), so every vision weight gets gradient.
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-1, vision_feature_select_strategy="default",
+                             projector_hidden_act="gelu", tie_word_embeddings=False)
+        processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=cfg["vision"]["patch_size"],
+                                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                   num_additional_image_tokens=1)
+        model = LlavaForConditionalGeneration(config)
+    elif cfg["family"] == "qwen2-vl":
+        tok = _word_tokenizer(["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                              bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+        v = dict(cfg["vision"])
+        pixels = {"shortest_edge": size * size, "longest_edge": size * size}
+        common = dict(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                      temporal_patch_size=v["temporal_patch_size"], size=pixels)
+        ip = Qwen2VLImageProcessor(**common)
+        vp = Qwen2VLVideoProcessor(**common)
+        t = dict(cfg["text"])
+        mrope = t.pop("mrope_section")
+        text = dict(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}, **t)
+        vision = dict(in_channels=3, hidden_size=t["hidden_size"], **v)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                               image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        processor = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                                     chat_template=QWEN_TEMPLATE)
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        raise ValueError(f"{CONFIG_DIR / (alias + '.yaml')}: field 'family' is {cfg['family']!r}; "
+                         "expected 'llava' or 'qwen2-vl'")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model, processor
+
+
+def pretrain(model, processor, cfg: dict, log=print) -> None:
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from piece_mm.batching import training_batches
+
+    p = cfg["pretrain"]
+    n_cap = int(p["steps"] * p["batch_size"] * p["caption_fraction"] / 4) + 1  # each example is seen ~4 times
+    n_vqa = int(p["steps"] * p["batch_size"] * (1 - p["caption_fraction"]) / 4) + 1
+    data = world.caption_set(seed=p["seed"] * 10 + 1, n=n_cap) + world.general_vqa_set(seed=p["seed"] * 10 + 2,
+                                                                                        n=n_vqa)
+    torch.manual_seed(p["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    sched = get_cosine_schedule_with_warmup(opt, p["warmup"], p["steps"])
+    model.train()
+    bar = tqdm(training_batches(processor, data, p["batch_size"], p["steps"], seed=p["seed"]), total=p["steps"],
+               desc="pretrain", file=sys.stderr, mininterval=5)
+    for step, batch in enumerate(bar):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def build(alias: str, out: Path | None = None, steps: int | None = None) -> Path:
+    cfg = model_config(alias)
+    if steps is not None:
+        cfg["pretrain"]["steps"] = steps
+    torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
+    torch.manual_seed(cfg["pretrain"]["seed"])
+    model, processor = build_untrained(alias, cfg)
+    t0 = time.time()
+    pretrain(model, processor, cfg)
+    out = Path(out) if out else CHECKPOINT_DIR / alias
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"built {alias}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{cfg['pretrain']['steps']} steps in {time.time() - t0:.0f}s -> {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.zoo", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build and pretrain a tiny checkpoint")
+    b.add_argument("alias", help="llava or qwen2-vl (configs/models/<alias>.yaml)")
+    b.add_argument("--output", type=Path, default=None, help="default: piece_mm/checkpoints/<alias>")
+    b.add_argument("--steps", type=int, default=None, help="override the config's pretraining steps")
+    args = ap.parse_args(argv)
+    try:
+        build(args.alias, args.output, args.steps)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

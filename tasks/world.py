@@ -1,0 +1,217 @@
+"""The built-in visual world: procedurally drawn scenes, their descriptions, and tasks made from them.
+
+A scene is 1-3 identical shapes (one shape, one colour, one size) grouped in one half of a 48x48 image. Everything is
+drawn with PIL from a `random.Random(seed)`, so the same seed always gives the same pixels and the same text.
+
+Three kinds of data come out of the world:
+- `caption_set`: general captioning (several phrasings, several prompts), for pretraining and for retention;
+- `general_vqa_set`: general questions (colour, shape, count, position, size, existence) that a base model must answer;
+- `task_set`: downstream tasks, one per question type, each a new skill that rests on what the base already perceives
+  (answers remapped to words the base never produces).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from tasks.base import Example
+
+IMAGE_SIZE = 48
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 190, 40),
+    "blue": (40, 70, 235),
+    "yellow": (235, 220, 30),
+    "purple": (160, 40, 200),
+    "white": (240, 240, 240),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 4, "big": 6}  # radius in pixels
+COUNTS = (1, 2, 3)
+POSITIONS = ("left", "right", "top", "bottom")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+BACKGROUND = (25, 25, 25)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    size: str
+    count: int
+    position: str
+    centers: tuple  # ((x, y), ...) in pixels
+
+    def image(self) -> Image.Image:
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+        draw = ImageDraw.Draw(img)
+        r = SIZES[self.size]
+        fill = COLORS[self.color]
+        for x, y in self.centers:
+            if self.shape == "circle":
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+            elif self.shape == "square":
+                s = round(r * 0.85)  # equal area-ish to the circle, so size is not a shape cue
+                draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+            else:
+                pts = [(x + r * 1.15 * math.cos(a), y + r * 1.15 * math.sin(a))
+                       for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+                draw.polygon(pts, fill=fill)
+        return img
+
+    @property
+    def noun(self) -> str:
+        return self.shape + ("s" if self.count > 1 else "")
+
+    def phrase(self) -> str:
+        """'two big red circles' / 'a small blue square'."""
+        det = "a" if self.count == 1 else COUNT_WORDS[self.count]
+        return f"{det} {self.size} {self.color} {self.noun}"
+
+    def where(self) -> str:
+        return f"on the {self.position}" if self.position in ("left", "right") else f"at the {self.position}"
+
+    def captions(self) -> list[str]:
+        """Reference captions, canonical first (the one pretraining teaches for the describe prompt)."""
+        p, w = self.phrase(), self.where()
+        verb = "is" if self.count == 1 else "are"
+        return [
+            f"{p} {w}",
+            f"there {verb} {p} {w}",
+            f"{w} there {verb} {p}",
+            f"an image of {p} {w}",
+        ]
+
+
+def _region(position: str) -> tuple[int, int, int, int]:
+    h = IMAGE_SIZE // 2
+    return {"left": (0, 0, h, IMAGE_SIZE), "right": (h, 0, IMAGE_SIZE, IMAGE_SIZE),
+            "top": (0, 0, IMAGE_SIZE, h), "bottom": (0, h, IMAGE_SIZE, IMAGE_SIZE)}[position]
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    size, count, position = rng.choice(sorted(SIZES)), rng.choice(COUNTS), rng.choice(POSITIONS)
+    e = math.ceil(SIZES[size] * 1.15)  # the drawn extent: a triangle's corners reach 1.15 r from its center
+    x0, y0, x1, y1 = _region(position)
+    vertical = position in ("left", "right")  # shapes spread along the half's long axis, one slot each
+    lo, hi = (y0, y1) if vertical else (x0, x1)
+    slot = (hi - lo) / count
+    centers = []
+    for k in range(count):
+        along = rng.randint(math.ceil(lo + k * slot + e), math.floor(lo + (k + 1) * slot - e - 1))
+        across = rng.randint(x0 + e + 1, x1 - e - 2) if vertical else rng.randint(y0 + e + 1, y1 - e - 2)
+        centers.append((across, along) if vertical else (along, across))
+    return Scene(shape, color, size, count, position, tuple(centers))
+
+
+def scenes(seed: int, n: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# General ability: captioning and general VQA (what the base model is pretrained on, and what retention measures)
+
+CAPTION_PROMPTS = [  # prompt -> index into Scene.captions()
+    ("describe the image", 0),
+    ("write a short caption", 0),
+    ("what do you see in the image", 1),
+    ("describe the scene in a sentence", 2),
+    ("caption this picture", 3),
+]
+CAPTION_EVAL_PROMPT = "describe the image"
+HELDOUT_CAPTION_SEED = 900_001  # the general set that measures retention; pretraining uses seeds < 100
+HELDOUT_VQA_SEED = 900_002
+
+GENERAL_QUESTIONS = {
+    "color": (["what color are the shapes", "which color is shown", "name the color of the shapes"],
+              lambda s: s.color),
+    "shape": (["what shape is shown", "which shape do you see", "name the shape"], lambda s: s.shape),
+    "count": (["how many shapes are there", "count the shapes", "what is the number of shapes"],
+              lambda s: COUNT_WORDS[s.count]),
+    "position": (["where are the shapes", "which side are the shapes on", "in which part of the image are the shapes"],
+                 lambda s: s.position),
+    "size": (["are the shapes big or small", "what size are the shapes", "how large are the shapes"],
+             lambda s: s.size),
+}
+
+
+def caption_set(seed: int, n: int, prompt: str | None = None) -> list[Example]:
+    """Captioning examples. With `prompt`, every example uses it and its canonical caption (for evaluation);
+    otherwise the prompt cycles through CAPTION_PROMPTS. `refs` always holds all reference phrasings."""
+    rng = random.Random(seed + 7919)
+    out = []
+    for s in scenes(seed, n):
+        caps = s.captions()
+        if prompt is None:
+            p, i = rng.choice(CAPTION_PROMPTS)
+        else:
+            p, i = prompt, dict(CAPTION_PROMPTS).get(prompt, 0)
+        out.append(Example(s.image(), p, caps[i], refs=tuple(caps)))
+    return out
+
+
+def general_vqa_set(seed: int, n: int) -> list[Example]:
+    rng = random.Random(seed + 104729)
+    out = []
+    for s in scenes(seed, n):
+        kind = rng.choice(sorted(GENERAL_QUESTIONS) + ["exists"])
+        if kind == "exists":
+            # half true, half about another colour or shape
+            color = s.color if rng.random() < 0.5 else rng.choice(sorted(COLORS))
+            shape = s.shape if rng.random() < 0.5 else rng.choice(SHAPES)
+            q = rng.choice([f"is there a {color} {shape}", f"do you see a {color} {shape}"])
+            a = "yes" if (color, shape) == (s.color, s.shape) else "no"
+        else:
+            prompts, fn = GENERAL_QUESTIONS[kind]
+            q, a = rng.choice(prompts), fn(s)
+        out.append(Example(s.image(), q, a))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Downstream tasks: one per question type. Each maps a perceived attribute to an answer vocabulary the base never
+# produced, which is a new skill the model can learn from a few hundred examples.
+
+TASKS = {
+    "color": (["what is the color in spanish", "say the color in spanish"],
+              lambda s: {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo",
+                         "purple": "morado", "white": "blanco"}[s.color]),
+    "shape": (["how many corners does the shape have", "count the corners of one shape"],
+              lambda s: {"circle": "none", "square": "four", "triangle": "three"}[s.shape]),
+    "location": (["which compass direction are the shapes", "give the compass side of the shapes"],
+                 lambda s: {"left": "west", "right": "east", "top": "north", "bottom": "south"}[s.position]),
+    "count": (["how many shapes in german", "count the shapes in german"],
+              lambda s: {1: "eins", 2: "zwei", 3: "drei"}[s.count]),
+    "size": (["is the size of the shapes tiny or huge", "are they tiny or huge"],
+             lambda s: {"small": "tiny", "big": "huge"}[s.size]),
+}
+
+
+def task_set(name: str, split: str, n: int, seed: int = 0) -> list[Example]:
+    if name not in TASKS:
+        raise KeyError(f"unknown world task {name!r}; known: {', '.join(sorted(TASKS))}")
+    if split not in ("train", "test"):
+        raise KeyError(f"unknown split {split!r} for world task {name!r}; expected train or test")
+    # Disjoint seed ranges per task and split, so a test scene is never a training scene by construction of the seed.
+    base = 1_000_000 * (1 + sorted(TASKS).index(name)) + (0 if split == "train" else 500_000) + 1000 * seed
+    rng = random.Random(base + 17)
+    prompts, fn = TASKS[name]
+    return [Example(s.image(), rng.choice(prompts), fn(s)) for s in scenes(base, n)]
+
+
+def vocabulary() -> list[str]:
+    """Every word the world can say or ask, for building the tiny models' word-level tokenizer."""
+    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"]
+    for prompts, _ in list(GENERAL_QUESTIONS.values()) + list(TASKS.values()):
+        texts += prompts
+    for shape, color, size, count, position in itertools.product(SHAPES, COLORS, SIZES, COUNTS, POSITIONS):
+        s = Scene(shape, color, size, count, position, ())
+        texts += s.captions()
+        texts += [fn(s) for _, fn in list(GENERAL_QUESTIONS.values()) + list(TASKS.values())]
+    return sorted({w for t in texts for w in t.split()})

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from tasks import world
+from tasks.base import exact_match, normalize_answer
+
+
+def _pixels(examples):
+    return [np.asarray(ex.image) for ex in examples]
+
+
+def test_same_seed_same_world():
+    a, b = world.caption_set(5, 20), world.caption_set(5, 20)
+    assert [(e.prompt, e.answer, e.refs) for e in a] == [(e.prompt, e.answer, e.refs) for e in b]
+    assert all((x == y).all() for x, y in zip(_pixels(a), _pixels(b)))
+    t1, t2 = world.task_set("color", "train", 30), world.task_set("color", "train", 30)
+    assert [(e.prompt, e.answer) for e in t1] == [(e.prompt, e.answer) for e in t2]
+    assert all((x == y).all() for x, y in zip(_pixels(t1), _pixels(t2)))
+
+
+def test_different_seeds_differ():
+    a, b = _pixels(world.caption_set(5, 20)), _pixels(world.caption_set(6, 20))
+    assert any((x != y).any() for x, y in zip(a, b))
+    tr, te = world.task_set("count", "train", 50), world.task_set("count", "test", 50)
+    assert any((x != y).any() for x, y in zip(_pixels(tr), _pixels(te)))
+
+
+def test_drawn_pixels_match_the_description():
+    # The scene's colour is the most common non-background colour, and it sits in the described half.
+    for s in world.scenes(3, 40):
+        img = np.asarray(s.image()).astype(int)
+        fg = (np.abs(img - np.array(world.BACKGROUND)).sum(-1) > 30)
+        assert fg.any()
+        mean = img[fg].mean(0)
+        nearest = min(world.COLORS, key=lambda c: np.abs(np.array(world.COLORS[c]) - mean).sum())
+        assert nearest == s.color
+        ys, xs = np.nonzero(fg)
+        h = world.IMAGE_SIZE // 2
+        inside = {"left": xs < h, "right": xs >= h, "top": ys < h, "bottom": ys >= h}[s.position]
+        assert inside.all(), s
+
+
+def test_task_answers_follow_the_scene():
+    spanish = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
+               "white": "blanco"}
+    seed = 1_000_000 * (1 + sorted(world.TASKS).index("color"))
+    for ex, s in zip(world.task_set("color", "train", 20), world.scenes(seed, 20)):
+        assert ex.answer == spanish[s.color]
+    answers = {ex.answer for ex in world.task_set("location", "test", 100)}
+    assert answers == {"west", "east", "north", "south"}
+
+
+def test_vocabulary_covers_every_text():
+    vocab = set(world.vocabulary())
+    texts = [e.prompt + " " + " ".join(e.refs) for e in world.caption_set(9, 50)]
+    texts += [e.prompt + " " + e.answer for e in world.general_vqa_set(9, 50)]
+    texts += [e.prompt + " " + e.answer for t in world.TASKS for e in world.task_set(t, "test", 20)]
+    assert {w for t in texts for w in t.split()} <= vocab
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(KeyError, match="nope"):
+        world.task_set("nope", "train", 1)
+
+
+def test_normalised_exact_match():
+    assert normalize_answer("The  Red, circle!") == "red circle"
+    assert exact_match("a rojo", "rojo") == 1.0
+    assert exact_match("rojos", "rojo") == 0.0
