@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,25 @@ def _spice_available() -> bool:
     import pycocoevalcap
     lib = Path(list(pycocoevalcap.__path__)[0]) / "spice" / "lib"
     return any(p.name.startswith("stanford-corenlp-3.6.0") for p in lib.glob("*.jar"))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the scorers' chatter (Python prints and the Java tokenizer's stderr); replay it if scoring fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log, contextlib.redirect_stdout(io.StringIO()) as out:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(out.getvalue() + log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool = False) -> dict:
@@ -41,7 +61,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
                          f"and {len(references)} reference lists")
     gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": p if p.strip() else "empty"}] for i, p in enumerate(predictions)}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print progress chatter
+    with _quiet():
         tok = PTBTokenizer()
         gts, res = tok.tokenize(gts), tok.tokenize(res)
         out = {}

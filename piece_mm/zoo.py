@@ -103,10 +103,10 @@ def build_untrained(alias: str, cfg: dict):
         ip = Qwen2VLImageProcessor(**common)
         vp = Qwen2VLVideoProcessor(**common)
         t = dict(cfg["text"])
-        mrope = t.pop("mrope_section")
+        rope = {"rope_type": "default", "rope_theta": float(t.pop("rope_theta", 10000.0)),
+                "mrope_section": t.pop("mrope_section")}
         text = dict(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}, **t)
+                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False, rope_parameters=rope, **t)
         vision = dict(in_channels=3, hidden_size=t["hidden_size"], **v)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                                image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),

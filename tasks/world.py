@@ -1,6 +1,6 @@
 """The built-in visual world: procedurally drawn scenes, their descriptions, and tasks made from them.
 
-A scene is 1-3 identical shapes (one shape, one colour, one size) grouped in one half of a 48x48 image. Everything is
+A scene is 1-3 identical shapes (one shape, one colour, one size) grouped in one half of a 64x64 image. Everything is
 drawn with PIL from a `random.Random(seed)`, so the same seed always gives the same pixels and the same text.
 
 Three kinds of data come out of the world:
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from tasks.base import Example
 
-IMAGE_SIZE = 48
+IMAGE_SIZE = 64
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 190, 40),
@@ -30,7 +30,7 @@ COLORS = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 4, "big": 6}  # radius in pixels
+SIZES = {"small": 5, "big": 7}  # radius in pixels
 COUNTS = (1, 2, 3)
 POSITIONS = ("left", "right", "top", "bottom")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -55,8 +55,7 @@ class Scene:
             if self.shape == "circle":
                 draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
             elif self.shape == "square":
-                s = round(r * 0.85)  # equal area-ish to the circle, so size is not a shape cue
-                draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)  # the circle's box: corners tell them apart
             else:
                 pts = [(x + r * 1.15 * math.cos(a), y + r * 1.15 * math.sin(a))
                        for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
@@ -103,7 +102,11 @@ def sample_scene(rng: random.Random) -> Scene:
     slot = (hi - lo) / count
     centers = []
     for k in range(count):
-        along = rng.randint(math.ceil(lo + k * slot + e), math.floor(lo + (k + 1) * slot - e - 1))
+        if count == 1:  # a lone shape stays near the middle of the long axis, so "left" is never also "top"
+            mid = (lo + hi) // 2
+            along = rng.randint(mid - e // 2, mid + e // 2)
+        else:
+            along = rng.randint(math.ceil(lo + k * slot + e), math.floor(lo + (k + 1) * slot - e - 1))
         across = rng.randint(x0 + e + 1, x1 - e - 2) if vertical else rng.randint(y0 + e + 1, y1 - e - 2)
         centers.append((across, along) if vertical else (along, across))
     return Scene(shape, color, size, count, position, tuple(centers))

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eval.captioning import caption_scores
+from eval.generate import generate
+from piece_mm.models import CHECKPOINT_DIR, load_model
+from tasks import world
+from tasks.errors import InputError
+
+
+@pytest.mark.parametrize("alias,cls", [("llava", "LlavaForConditionalGeneration"),
+                                       ("qwen2-vl", "Qwen2VLForConditionalGeneration")])
+def test_checkpoint_dir_reloads_with_auto_classes_and_captions(alias, cls):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    path = CHECKPOINT_DIR / alias
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
+        assert (path / f).is_file(), f
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(model).__name__ == cls
+    examples = world.caption_set(world.HELDOUT_CAPTION_SEED, 40, prompt=world.CAPTION_EVAL_PROMPT)
+    preds = generate(model, processor, examples, max_new_tokens=24)
+    scores = caption_scores(preds, [ex.refs for ex in examples])
+    assert scores["CIDEr"] >= 1.0, (scores, preds[:5])
+
+
+def test_load_model_by_dir_equals_alias():
+    m1, _ = load_model("llava")
+    m2, _ = load_model(str(CHECKPOINT_DIR / "llava"))
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_unknown_model_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no-such-model"):
+        load_model("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    # Left padding and the KV cache must not change greedy answers.
+    alias, model, processor = tiny
+    examples = world.caption_set(77, 6, prompt=world.CAPTION_EVAL_PROMPT) + world.general_vqa_set(78, 6)
+    batched = generate(model, processor, examples, batch_size=12)
+    single = [generate(model, processor, [ex], batch_size=1)[0] for ex in examples]
+    assert batched == single
+    assert not model.training
+
+
+@pytest.mark.parametrize("alias", ["llava", "qwen2-vl"])
+def test_zoo_build_is_deterministic(alias, tmp_path):
+    from safetensors.torch import load_file
+
+    from piece_mm import zoo
+    a = zoo.build(alias, tmp_path / "a", steps=3)
+    b = zoo.build(alias, tmp_path / "b", steps=3)
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    model, processor = load_model(str(a))
+    assert type(model).__name__ == {"llava": "LlavaForConditionalGeneration",
+                                    "qwen2-vl": "Qwen2VLForConditionalGeneration"}[alias]
