@@ -132,10 +132,13 @@ def pretrain(model, processor, cfg: dict, log=print) -> None:
     from piece_mm.batching import training_batches
 
     p = cfg["pretrain"]
-    n_cap = int(p["steps"] * p["batch_size"] * p["caption_fraction"] / 4) + 1  # each example is seen ~4 times
-    n_vqa = int(p["steps"] * p["batch_size"] * (1 - p["caption_fraction"]) / 4) + 1
-    data = world.caption_set(seed=p["seed"] * 10 + 1, n=n_cap) + world.general_vqa_set(seed=p["seed"] * 10 + 2,
-                                                                                        n=n_vqa)
+    total = p["steps"] * p["batch_size"] / 4  # each example is seen ~4 times
+    know = float(p.get("knowledge_fraction", 0.0))
+    n_cap = int(total * p["caption_fraction"]) + 1
+    n_know = int(total * know)
+    n_vqa = int(total * (1 - p["caption_fraction"] - know)) + 1
+    data = (world.caption_set(seed=p["seed"] * 10 + 1, n=n_cap) + world.general_vqa_set(seed=p["seed"] * 10 + 2, n=n_vqa)
+            + world.knowledge_set(seed=p["seed"] * 10 + 3, n=n_know))
     torch.manual_seed(p["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.01, betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, p["warmup"], p["steps"])

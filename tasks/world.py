@@ -177,6 +177,26 @@ def general_vqa_set(seed: int, n: int) -> list[Example]:
     return out
 
 
+# Word knowledge, asked without reference to the picture ("what is red in spanish" -> "rojo"). A real VLM's language
+# model knows such facts; the downstream tasks then compose them with perception, which is the new skill.
+KNOWLEDGE = (
+    [(f"what is {c} in spanish", w) for c, w in {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo",
+                                                 "purple": "morado", "white": "blanco"}.items()]
+    + [(f"what is {n} in german", w) for n, w in {"one": "eins", "two": "zwei", "three": "drei"}.items()]
+    + [(f"which compass direction is {p}", w) for p, w in {"left": "west", "right": "east", "top": "north",
+                                                             "bottom": "south"}.items()]
+    + [(f"how many corners does a {s} have", w) for s, w in {"circle": "none", "square": "four",
+                                                             "triangle": "three"}.items()]
+    + [(f"what is another word for {z}", w) for z, w in {"small": "tiny", "big": "huge"}.items()]
+)
+
+
+def knowledge_set(seed: int, n: int) -> list[Example]:
+    """Word-knowledge questions; each comes with a scene image that has nothing to do with the answer."""
+    rng = random.Random(seed + 15485863)
+    return [Example(s.image(), *rng.choice(KNOWLEDGE)) for s in scenes(seed, n)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Downstream tasks: one per question type. Each maps a perceived attribute to an answer vocabulary the base never
 # produced, which is a new skill the model can learn from a few hundred examples.
@@ -210,7 +230,7 @@ def task_set(name: str, split: str, n: int, seed: int = 0) -> list[Example]:
 
 def vocabulary() -> list[str]:
     """Every word the world can say or ask, for building the tiny models' word-level tokenizer."""
-    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"]
+    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"] + [f"{q} {a}" for q, a in KNOWLEDGE]
     for prompts, _ in list(GENERAL_QUESTIONS.values()) + list(TASKS.values()):
         texts += prompts
     for shape, color, size, count, position in itertools.product(SHAPES, COLORS, SIZES, COUNTS, POSITIONS):
