@@ -53,11 +53,11 @@ def model_config(alias: str) -> dict:
         return yaml.safe_load(f)
 
 
-def _word_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str):
+def _word_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, knowledge: bool):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = world.vocabulary() + ["user", "assistant", "system", "?", ".", ","]
+    words = world.vocabulary(knowledge) + ["user", "assistant", "system", "?", ".", ","]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + words))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
@@ -77,9 +77,11 @@ def build_untrained(alias: str, cfg: dict):
                               Qwen2VLVideoProcessor)
 
     size = cfg["image_size"]
+    # The word-knowledge vocabulary is there only when pretraining teaches it (configs/models: knowledge_fraction).
+    knowledge = float(cfg.get("pretrain", {}).get("knowledge_fraction", 0.0)) > 0
     if cfg["family"] == "llava":
         tok = _word_tokenizer(["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"],
-                              bos="<s>", eos="</s>", pad="<pad>")
+                              bos="<s>", eos="</s>", pad="<pad>", knowledge=knowledge)
         ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         vision = CLIPVisionConfig(image_size=size, **cfg["vision"])
         text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -95,7 +97,7 @@ def build_untrained(alias: str, cfg: dict):
     elif cfg["family"] == "qwen2-vl":
         tok = _word_tokenizer(["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-                              bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+                              bos=None, eos="<|im_end|>", pad="<|endoftext|>", knowledge=knowledge)
         v = dict(cfg["vision"])
         pixels = {"shortest_edge": size * size, "longest_edge": size * size}
         common = dict(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],

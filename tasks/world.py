@@ -228,9 +228,9 @@ def task_set(name: str, split: str, n: int, seed: int = 0) -> list[Example]:
     return [Example(s.image(), rng.choice(prompts), fn(s)) for s in scenes(base, n)]
 
 
-def vocabulary() -> list[str]:
+def vocabulary(knowledge: bool = True) -> list[str]:
     """Every word the world can say or ask, for building the tiny models' word-level tokenizer."""
-    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"] + [f"{q} {a}" for q, a in KNOWLEDGE]
+    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"] + ([f"{q} {a}" for q, a in KNOWLEDGE] if knowledge else [])
     for prompts, _ in list(GENERAL_QUESTIONS.values()) + list(TASKS.values()):
         texts += prompts
     for shape, color, size, count, position in itertools.product(SHAPES, COLORS, SIZES, COUNTS, POSITIONS):
