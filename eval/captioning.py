@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spice", action="store_true", help="also SPICE, if its CoreNLP models are installed")
     args = ap.parse_args(argv)
     try:
+        if args.eval_limit < 1:
+            raise InputError(f"--eval-limit: {args.eval_limit}; expected a positive integer")
         if args.data:
             if not args.images:
                 raise InputError("--images: required with --data")

@@ -16,11 +16,9 @@ def _answer_suffix(processor, prompt: str, answer: str) -> tuple[str, str]:
 
     The answer suffix is whatever the full conversation adds after the prompt (answer + end-of-turn token), so the
     label mask follows the model's own template instead of a hard-coded one."""
-    with_image = True
-    prompt_text = processor.apply_chat_template(chat_messages(prompt, with_image=with_image),
-                                                add_generation_prompt=True, tokenize=False)
-    full_text = processor.apply_chat_template(chat_messages(prompt, answer, with_image=with_image),
-                                              add_generation_prompt=False, tokenize=False)
+    prompt_text = processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+    full_text = processor.apply_chat_template(chat_messages(prompt, answer), add_generation_prompt=False,
+                                              tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("chat template: the rendered conversation does not start with the rendered prompt; "
                          f"prompt={prompt_text!r} full={full_text!r}")

@@ -2,7 +2,6 @@
 from_pretrained as a local dir or an HF id, through exactly the same code."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tasks.errors import InputError

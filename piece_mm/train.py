@@ -6,7 +6,6 @@ and writes <output>/metrics.json, report.md, score_matrix.png, cider.png and the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -10,7 +10,6 @@ follows prompts the way a real instruction-tuned VLM does. The build is determin
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -41,6 +41,8 @@ def load_coco_captions(path: Path, images: Path, limit: int | None = None,
         if a.get("image_id") not in files:
             raise InputError(f"{path}: annotations[{i}].image_id is {a.get('image_id')!r}; no image has that id")
         refs.setdefault(a["image_id"], []).append(a["caption"])
+    if not refs:
+        raise InputError(f"{path}: field 'annotations' holds no captions")
     out = []
     for image_id in list(refs)[:limit]:
         f = images / files[image_id]

@@ -77,3 +77,5 @@ def test_captioning_cli_bad_data_exit_2(tmp_path):
     bad.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]}')
     r = _run("eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path))
     assert r.returncode == 2 and "image_id" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = _run("eval.captioning", "--model", "llava", "--eval-limit", "0")
+    assert r.returncode == 2 and "--eval-limit" in r.stderr and r.stderr.strip().count("\n") == 0
