@@ -1,4 +1,10 @@
 """piece_mm: modality-aware sparse continual tuning for vision-language models."""
+from piece_mm.components import split_components
+from piece_mm.delta import apply_delta, load_delta, save_delta
+from piece_mm.importance import estimate_importance
 from piece_mm.models import load_model
+from piece_mm.select import select_masks
+from piece_mm.sparse import sparse_optimizer
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
+           "save_delta", "load_delta", "apply_delta"]

@@ -12,7 +12,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from piece_mm.batching import training_batches
+from piece_mm.batching import collate, training_batches
+from piece_mm.components import split_components
+from piece_mm.delta import save_delta, save_masks
+from piece_mm.importance import estimate_importance
+from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
+from piece_mm.sparse import sparse_optimizer
 from tasks.base import exact_match
 from tasks.sequence import Sequence
 
@@ -33,19 +38,36 @@ def seqft(model, processor, task, cfg):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
 
 
+def _sparse_method(estimator: str):
+    def make(model, processor, task, cfg):
+        """Score the task's training examples on the current model, pick the top weights per component within the
+        budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
+        b = cfg["budget"]
+        parts = split_components(model, exclude=b["exclude"], rules=b["components"])
+        examples = task.train[: b["score_examples"]]
+        bs = b["score_batch_size"]
+        batches = (collate(processor, examples[i:i + bs]) for i in range(0, len(examples), bs))
+        scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
+                                     seed=cfg["seed"])
+        masks = select_masks(scores, parts, budget_arg(b), pool=b["pool"])
+        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
+                               weight_decay=b["weight_decay"])
+        opt.parts = parts
+        return opt
+    make.__name__ = estimator
+    return make
+
+
+for _name in ("piece-f", "piece-s", "magnitude", "random"):
+    register(_name)(_sparse_method(_name))
+SPARSE_METHODS = ("piece-f", "piece-s", "magnitude", "random")
+
+
 def component_counts(model) -> dict:
-    """Trainable elements per component. Until the component split lands, the LLaVA / Qwen names are placed here by
-    their top-level module, which is all that counting needs."""
-    counts = {"vision": 0, "projector": 0, "llm": 0}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if "multi_modal_projector" in name or ".merger." in name:
-            counts["projector"] += p.numel()
-        elif "vision_tower" in name or "visual" in name:
-            counts["vision"] += p.numel()
-        else:
-            counts["llm"] += p.numel()
+    """Trainable elements per component (token embeddings counted with the LLM)."""
+    parts = split_components(model, exclude=())
+    params = dict(model.named_parameters())
+    counts = {c: sum(params[n].numel() for n in names if params[n].requires_grad) for c, names in parts.items()}
     counts["total"] = sum(counts.values())
     return counts
 
@@ -82,7 +104,10 @@ def train_task(model, processor, task, opt, steps: int, batch_size: int, seed: i
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        if hasattr(opt, "clip_grad_norm_"):  # sparse: clip by the norm of the gradient it actually follows
+            opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -94,14 +119,16 @@ def train_task(model, processor, task, opt, steps: int, batch_size: int, seed: i
 
 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
-        batch_size: int, lr: float, eval_limit: int | None, eval_batch_size: int = 64, log=print) -> dict:
+        batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
+        log=print) -> dict:
     from eval.cl_metrics import summary
     from eval.report import write_report
 
     if method not in METHODS:
         raise KeyError(method)
     t0 = time.time()
-    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size}
+    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
+    selection, all_masks = [], []
     names = [t.name for t in seq.tasks]
     trainable = {"vision": 0, "projector": 0, "llm": 0, "total": 0}
     scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
@@ -109,11 +136,24 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  VQA {general.get('VQA', float('nan')):.3f}")
     for i, task in enumerate(seq.tasks):
         torch.manual_seed(seed * 1000 + i)
+        cfg["seed"] = seed * 1000 + i
         opt = METHODS[method](model, processor, task, cfg)
-        counts = component_counts(model)
+        masks = getattr(opt, "masks", None)
+        if masks is not None:
+            summ = mask_summary(masks, opt.parts)
+            counts = {c: summ[c]["chosen"] for c in opt.parts} | {"total": summ["total"]}
+            selection.append({"task": task.name, **summ})
+            all_masks.append(masks)
+            save_masks(masks, output / "masks" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
+            log(f"{task.name}: tuning {summ['total']:,} weights (" +
+                ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
+        else:
+            counts = component_counts(model)
         trainable = {k: max(trainable[k], counts[k]) for k in counts}
         loss = train_task(model, processor, task, opt, steps, batch_size, seed * 1000 + i,
                           desc=f"task {i + 1}/{len(seq.tasks)} {task.name}")
+        if masks is not None:
+            save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
         scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, f"eval {task.name}")
         R.append(scores)
         after.append(general)
@@ -123,6 +163,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names, "scores": R,
                "general": {"before": before, "after": after}, "summary": summary(R, before, after),
                "trainable": trainable, "time_s": time.time() - t0}
+    if selection:
+        metrics["budget"] = budget["path"]
+        metrics["selection"] = selection
+        metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
     _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
     write_report(output, metrics, all_samples)
     return metrics

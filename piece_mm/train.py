@@ -17,13 +17,17 @@ def parse_args(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m piece_mm.train", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava", help="alias (llava, qwen2-vl), local checkpoint dir or HF id")
-    ap.add_argument("--method", default="seqft", help=f"one of: {', '.join(sorted(METHODS))}")
+    ap.add_argument("--method", default="piece-f", help=f"one of: {', '.join(sorted(METHODS))} (default: piece-f)")
+    ap.add_argument("--budget", default="default",
+                    help="budget YAML for the sparse methods, or a name in configs/budgets (default: default)")
     ap.add_argument("--tasks", default="world", help="sequence YAML, or a name in configs/sequences (default: world)")
     ap.add_argument("--output", type=Path, help="run directory (default: runs/<model>-<method>-<time>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the sequence's train.steps)")
-    ap.add_argument("--lr", type=float, help="learning rate (default: the sequence's train.lr)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the budget's steps for sparse "
+                                               "methods, else the sequence's train.steps)")
+    ap.add_argument("--lr", type=float, help="learning rate (default: the budget's lr for sparse methods, else the "
+                                             "sequence's train.lr)")
     ap.add_argument("--batch-size", type=int, help="training batch size (default: the sequence's train.batch_size)")
     ap.add_argument("--max-steps", type=int, help="cap on training steps per task, for quick runs")
     ap.add_argument("--eval-limit", type=int, help="cap on examples scored per task and captions per stage")
@@ -43,8 +47,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from piece_mm.continual import METHODS, run
+    from piece_mm.continual import METHODS, SPARSE_METHODS, run
     from piece_mm.models import load_model
+    from piece_mm.select import load_budget
     from tasks.errors import InputError
     from tasks.sequence import load_sequence
 
@@ -57,11 +62,12 @@ def main(argv=None) -> int:
             _check_positive(flag, v)
         _check_positive("--lr", args.lr, float)
         seq = load_sequence(args.tasks, seed=args.seed)
-        steps = args.steps or int(seq.train.get("steps", 150))
+        budget = load_budget(args.budget) if args.method in SPARSE_METHODS else None
+        steps = args.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
         if args.max_steps:
             steps = min(steps, args.max_steps)
         batch_size = args.batch_size or int(seq.train.get("batch_size", 16))
-        lr = args.lr or float(seq.train.get("lr", 1e-3))
+        lr = args.lr or (budget or {}).get("lr") or float(seq.train.get("lr", 1e-3))
         stem = Path(args.model).name if os.sep in args.model else args.model.replace("/", "_")
         output = args.output or Path("runs") / f"{stem}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (output / "metrics.json").exists():
@@ -74,10 +80,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     output.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model} / {args.method}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
+    print(f"{args.model} / {args.method}{' (budget ' + budget['path'] + ')' if budget else ''}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
           f"{steps} steps x batch {batch_size} at lr {lr:g} -> {output}", flush=True)
     metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output, seed=args.seed,
-                  steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
+                  steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit, budget=budget,
                   log=lambda s: print(s, flush=True))
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")

@@ -1,0 +1,102 @@
+"""Importance scores, one function per estimator, registered by name.
+
+An estimator is fn(model, batches, params: {name: Parameter}, **options) -> {name: float32 tensor shaped like the
+param}. `estimate_importance` looks the name up, makes sure weights and train/eval mode come back untouched."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+ESTIMATORS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        ESTIMATORS[name] = fn
+        return fn
+    return deco
+
+
+def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool):
+    """One pass: (Σ_b g_b, Σ_b g_b²) per parameter (float32), g_b = ∂ loss_b / ∂θ, gradients zeroed between batches,
+    no optimizer step. Σ g_b is None unless asked for."""
+    device = next(iter(params.values())).device
+    sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    s = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if want_sum else None
+    n_batches = 0
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for p in params.values():
+            p.grad = None
+        model(**batch).loss.backward()
+        for n, p in params.items():
+            if p.grad is None:  # not on this batch's path (e.g. an unused head): contributes zero
+                continue
+            g = p.grad.detach().float()
+            sq[n].addcmul_(g, g)
+            if s is not None:
+                s[n].add_(g)
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("estimate_importance: `batches` yielded nothing")
+    return s, sq
+
+
+@register("piece-f")
+def piece_f(model, batches, params, **_):
+    """PIECE-F: Σ_b g_b² (the empirical Fisher diagonal, unnormalised)."""
+    return _grad_sums(model, batches, params, want_sum=False)[1]
+
+
+@register("piece-s")
+def piece_s(model, batches, params, **_):
+    """PIECE-S: |Σ_b g_b| / sqrt(Σ_b g_b² + 1). The +1 is literal, as in the authors' code: it damps weights whose
+    gradients are large but disagree in sign across batches."""
+    s, sq = _grad_sums(model, batches, params, want_sum=True)
+    return {n: s[n].abs_().div_(sq[n].add_(1.0).sqrt_()) for n in params}
+
+
+@register("magnitude")
+def magnitude(model, batches, params, **_):
+    """|θ|: ablation that ignores the task."""
+    return {n: p.detach().float().abs() for n, p in params.items()}
+
+
+@register("random")
+def random(model, batches, params, seed: int = 0, **_):
+    """Uniform random scores from a seeded generator (CPU, so the mask does not depend on the device)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in params.items()}
+
+
+def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f", names: list[str] | None = None,
+                        **options) -> dict[str, torch.Tensor]:
+    """{param name: float32 score tensor shaped like the param} for `names` (default: every parameter).
+
+    `batches` is any iterable of dicts that model(**batch) accepts, with labels; each dict is one scoring batch, so
+    the batch size of the scoring pass is the size of these dicts (1 = per-sample). Scoring runs in eval mode (no
+    dropout, deterministic); weights are never written and the mode and requires_grad flags are restored."""
+    if method not in ESTIMATORS:
+        raise KeyError(f"importance method {method!r}: unknown; known: {', '.join(sorted(ESTIMATORS))}")
+    all_params = dict(model.named_parameters())
+    names = list(all_params) if names is None else list(names)
+    missing = [n for n in names if n not in all_params]
+    if missing:
+        raise KeyError(f"estimate_importance: no parameter named {missing[0]!r}")
+    params = {n: all_params[n] for n in names}
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in all_params.items()}
+    grads = {n: p.grad for n, p in all_params.items()}
+    try:
+        for n, p in all_params.items():
+            p.requires_grad_(n in params)  # only the scored weights hold a gradient
+            p.grad = None
+        model.eval()
+        scores = ESTIMATORS[method](model, batches, params, **options)
+    finally:
+        for n, p in all_params.items():
+            p.requires_grad_(flags[n])
+            p.grad = grads[n]
+        model.train(was_training)
+    return {n: scores[n].float() for n in names}

@@ -1,0 +1,182 @@
+"""Top-k selection of weights from importance scores, per component (default) or over one global pool."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from piece_mm.components import COMPONENTS, layer_of
+from tasks.errors import InputError
+
+
+def _order_key(t: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the same order as the float32 values (NaN refused), so a threshold can be found by bisection
+    over integers without concatenating a component's scores."""
+    if torch.isnan(t).any():
+        raise ValueError("select_masks: scores contain NaN")
+    i = t.float().contiguous().view(torch.int32).long()  # flat view below; [numel]
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i).view(-1)  # negative floats: reverse their bit order
+
+
+def _top_k(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, torch.Tensor]:
+    """The k largest elements over the tensors `names`. Ties at the threshold go to the earlier parameter in `names`,
+    then to the lower flat index, so the result is deterministic. Returns {name: sorted int64 flat indices}."""
+    if k <= 0 or not names:
+        return {}
+    keys = {n: _order_key(scores[n]) for n in names}
+    lo, hi = -(2 ** 31), 2 ** 31 - 1  # invariant: count(key >= lo) >= k, count(key >= hi + 1) < k
+    while lo < hi:  # largest threshold t with at least k keys >= t; at most 32 passes
+        mid = (lo + hi + 1) // 2
+        if sum(int((key >= mid).sum()) for key in keys.values()) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    t = lo
+    take_ties = k - sum(int((key > t).sum()) for key in keys.values())
+    out = {}
+    for n in names:
+        key = keys[n]
+        chosen = key > t
+        if take_ties > 0:
+            ties = torch.nonzero(key == t).view(-1)[:take_ties]  # flat indices, ascending
+            chosen[ties] = True
+            take_ties -= ties.numel()
+        idx = torch.nonzero(chosen).view(-1).to(torch.int64)
+        if idx.numel():
+            out[n] = idx.cpu()
+    return out
+
+
+def component_k(fraction: float, n_elements: int) -> int:
+    """floor(fraction × elements), at least 1 where the fraction is > 0."""
+    return max(1, math.floor(fraction * n_elements)) if fraction > 0 else 0
+
+
+def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], budget: dict | float,
+                 pool: str = "component") -> dict[str, torch.Tensor]:
+    """{param name: sorted 1-D int64 flat indices}; parameters with nothing chosen are omitted.
+
+    pool="component": top-k inside each component, k = floor(budget[c] × scorable elements of c) (≥ 1 if > 0).
+    pool="global": one top-k over all scorable elements, k from the total budget: a float, or budget["total"], or the
+    element-weighted sum of the per-component fractions. This is the paper's selection, kept for ablation; scores
+    of different components live on different scales, so it tends to favour one component."""
+    for c, names in parts.items():
+        missing = [n for n in names if n not in scores]
+        if missing:
+            raise KeyError(f"select_masks: no score for {missing[0]!r} ({c})")
+    sizes = {c: sum(scores[n].numel() for n in names) for c, names in parts.items()}
+    if pool == "component":
+        if not isinstance(budget, dict):
+            raise InputError(f"budget: {budget!r}; pool 'component' needs a fraction per component")
+        masks = {}
+        for c, names in parts.items():
+            frac = float(budget.get(c, 0.0))
+            _check_fraction(f"budget.{c}", frac)
+            masks.update(_top_k(scores, names, component_k(frac, sizes[c])))
+        return masks
+    if pool == "global":
+        if isinstance(budget, dict):
+            if "total" in budget:
+                frac = float(budget["total"])
+            else:
+                n = sum(sizes.values())
+                frac = sum(float(budget.get(c, 0.0)) * sizes[c] for c in parts) / max(n, 1)
+        else:
+            frac = float(budget)
+        _check_fraction("budget.total", frac)
+        names = [n for c in COMPONENTS for n in parts.get(c, [])]
+        return _top_k(scores, names, component_k(frac, sum(sizes.values())))
+    raise InputError(f"pool: {pool!r}; expected 'component' or 'global'")
+
+
+def _check_fraction(field: str, frac: float) -> None:
+    if not (0.0 <= frac <= 1.0) or math.isnan(frac):
+        raise InputError(f"{field}: {frac!r}; expected a fraction in [0, 1]")
+
+
+def mask_summary(masks: dict[str, torch.Tensor], parts: dict[str, list[str]]) -> dict:
+    """{component: {"chosen": n, "layers": {layer index or "other": n}}} plus "total"."""
+    where = {n: c for c, names in parts.items() for n in names}
+    out = {c: {"chosen": 0, "layers": Counter()} for c in parts}
+    for n, idx in masks.items():
+        c = where.get(n)
+        if c is None:
+            raise KeyError(f"mask_summary: {n!r} is in no component")
+        out[c]["chosen"] += idx.numel()
+        out[c]["layers"][layer_of(n)] += idx.numel()
+    for c in out:
+        out[c]["layers"] = dict(sorted(out[c]["layers"].items(), key=lambda kv: (kv[0] == "other", kv[0].zfill(6))))
+    out["total"] = sum(out[c]["chosen"] for c in parts)
+    return out
+
+
+def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|A ∩ B| / |A ∪ B| over (param, flat index) pairs; 1.0 for two empty masks."""
+    inter = union = 0
+    for n in set(a) | set(b):
+        x = a.get(n, torch.empty(0, dtype=torch.int64))
+        y = b.get(n, torch.empty(0, dtype=torch.int64))
+        i = torch.isin(x, y).sum().item()
+        inter += i
+        union += x.numel() + y.numel() - i
+    return inter / union if union else 1.0
+
+
+BUDGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "budgets"
+BUDGET_DEFAULTS = {"fractions": {"vision": 0.0, "projector": 0.0, "llm": 0.001}, "pool": "component", "total": None,
+                   "exclude": [r"embed_tokens\."], "components": {}, "score_examples": 1000,
+                   "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0}
+
+
+def load_budget(name) -> dict:
+    """A budget YAML (a path, or a stem in configs/budgets) merged over BUDGET_DEFAULTS, validated; errors name the
+    file, the field and the value."""
+    import yaml
+
+    path = Path(name)
+    if not path.is_file():
+        path = BUDGET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise InputError(f"--budget {str(name)!r}: file not found (nor {path})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping, found {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(BUDGET_DEFAULTS))
+    if unknown:
+        raise InputError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(BUDGET_DEFAULTS)}")
+    b = {**BUDGET_DEFAULTS, **raw, "path": str(path)}
+    fr = b["fractions"]
+    if not isinstance(fr, dict) or set(fr) - set(COMPONENTS):
+        raise InputError(f"{path}: fractions is {fr!r}; expected a mapping over {', '.join(COMPONENTS)}")
+    for c, v in fr.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+            raise InputError(f"{path}: fractions.{c} is {v!r}; expected a number in [0, 1]")
+    if b["pool"] not in ("component", "global"):
+        raise InputError(f"{path}: pool is {b['pool']!r}; expected 'component' or 'global'")
+    if b["total"] is not None and (not isinstance(b["total"], (int, float)) or not 0.0 < b["total"] <= 1.0):
+        raise InputError(f"{path}: total is {b['total']!r}; expected a number in (0, 1]")
+    if not isinstance(b["exclude"], list) or not all(isinstance(x, str) for x in b["exclude"]):
+        raise InputError(f"{path}: exclude is {b['exclude']!r}; expected a list of regexes")
+    if not isinstance(b["components"], dict) or any(v not in COMPONENTS for v in b["components"].values()):
+        raise InputError(f"{path}: components is {b['components']!r}; expected {{regex: vision|projector|llm}}")
+    for f in ("score_examples", "score_batch_size", "steps"):
+        v = b[f]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise InputError(f"{path}: {f} is {v!r}; expected a positive integer")
+    if b["lr"] is not None and (not isinstance(b["lr"], (int, float)) or b["lr"] <= 0):
+        raise InputError(f"{path}: lr is {b['lr']!r}; expected a positive number")
+    if not (isinstance(b["betas"], list) and len(b["betas"]) == 2 and all(0 <= x < 1 for x in b["betas"])):
+        raise InputError(f"{path}: betas is {b['betas']!r}; expected [beta1, beta2] in [0, 1)")
+    return b
+
+
+def budget_arg(b: dict):
+    """The `budget` argument of select_masks for a loaded budget."""
+    if b["pool"] == "global" and b["total"] is not None:
+        return {"total": b["total"]}
+    return b["fractions"]

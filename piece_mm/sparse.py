@@ -1,0 +1,93 @@
+"""An optimizer that changes only the selected elements of each parameter.
+
+The inner optimizer (any torch.optim class) runs on compact leaf tensors that hold just the selected elements, so
+its state (Adam moments, ...) exists only for them, weight decay touches only them, and the result is by
+construction the inner optimizer run on the compact vector. After each step the compact values are scattered back;
+nothing else in the parameter is ever written, so unselected elements stay bit-identical."""
+from __future__ import annotations
+
+import torch
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    def __init__(self, model, masks: dict[str, torch.Tensor], optimizer_cls=torch.optim.AdamW, **kwargs):
+        named = dict(model.named_parameters())
+        unknown = [n for n in masks if n not in named]
+        if unknown:
+            raise KeyError(f"sparse_optimizer: mask for {unknown[0]!r}, which the model does not have")
+        self.masks = {n: idx for n, idx in masks.items() if idx.numel()}
+        self._targets: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, idx, compact)
+        for n, p in named.items():
+            idx = self.masks.get(n)
+            if idx is None:
+                p.requires_grad_(False)  # no selected element: no dense gradient is ever kept for it
+                p.grad = None
+                continue
+            idx = idx.to(device=p.device, dtype=torch.int64)  # flat indices, sorted
+            if idx.min() < 0 or idx.max() >= p.numel():
+                raise IndexError(f"sparse_optimizer: mask for {n!r} indexes outside its {p.numel()} elements")
+            p.requires_grad_(True)
+            compact = p.detach().reshape(-1)[idx].clone().requires_grad_(True)  # [k]
+            self._targets.append((p, idx, compact))
+        if not self._targets:
+            raise ValueError("sparse_optimizer: the masks select no element")
+        self.inner = optimizer_cls([c for _, _, c in self._targets], **kwargs)
+        super().__init__([c for _, _, c in self._targets], self.inner.defaults)
+        # One set of groups and state, shared with the inner optimizer: LR schedulers, state_dict / load_state_dict
+        # and Trainer see exactly what the inner optimizer uses.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def load_state_dict(self, state_dict) -> None:
+        self.inner.load_state_dict(state_dict)
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def compact_params(self) -> list[torch.Tensor]:
+        return [c for _, _, c in self._targets]
+
+    @torch.no_grad()
+    def _gather_grads(self) -> None:
+        for p, idx, c in self._targets:
+            c.copy_(p.reshape(-1)[idx])  # picks up any outside change to the weights (e.g. a loaded checkpoint)
+            c.grad = None if p.grad is None else p.grad.reshape(-1)[idx].to(c.dtype)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the selected elements' gradient, the gradient this optimizer actually follows
+        (clip_grad_norm_ over the model's dense gradients would count elements that never move)."""
+        self._gather_grads()
+        norm = torch.nn.utils.clip_grad_norm_(self.compact_params(), max_norm)
+        for (p, idx, c) in self._targets:
+            if c.grad is not None:
+                p.grad.reshape(-1).index_copy_(0, idx, c.grad.to(p.grad.dtype))
+        return norm
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._gather_grads()
+        self.inner.step()
+        with torch.no_grad():
+            for p, idx, c in self._targets:
+                if p.is_contiguous():
+                    p.view(-1).index_copy_(0, idx, c.to(p.dtype))
+                else:
+                    p.copy_(p.reshape(-1).index_copy(0, idx, c.to(p.dtype)).view_as(p))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, _, c in self._targets:
+            for t in (p, c):
+                if t.grad is not None:
+                    if set_to_none:
+                        t.grad = None
+                    else:
+                        t.grad.zero_()
+
+
+def sparse_optimizer(model, masks: dict[str, torch.Tensor], optimizer_cls=torch.optim.AdamW, **kwargs):
+    """A torch.optim.Optimizer that runs optimizer_cls(**kwargs) on the masked elements only (see SparseOptimizer)."""
+    return SparseOptimizer(model, masks, optimizer_cls, **kwargs)
