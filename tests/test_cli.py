@@ -39,17 +39,26 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert (out / "metrics.json").read_text() == '{"keep": true}'
 
 
+TWO_TASKS = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
+             "world: {train_examples: 16, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
+
+
 def test_short_run_writes_metrics_in_the_schema(tmp_path):
+    import math
+
+    import torch
+
+    import piece_mm as pm
+
     seq = tmp_path / "two.yaml"
-    seq.write_text("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
-                   "world: {train_examples: 16, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
+    seq.write_text(TWO_TASKS)
     out = tmp_path / "run"
     r = _run("piece_mm.train", "--model", "qwen2-vl", "--tasks", str(seq), "--max-steps", "2", "--batch-size", "4",
              "--output", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m) == {"model", "method", "seed", "tasks", "scores", "general", "summary", "trainable", "time_s"}
-    assert m["model"] == "qwen2-vl" and m["method"] == "seqft" and m["seed"] == 0
+    assert {"model", "method", "seed", "tasks", "scores", "general", "summary", "trainable", "time_s"} <= set(m)
+    assert m["model"] == "qwen2-vl" and m["method"] == "piece-f" and m["seed"] == 0  # piece-f is the default
     assert m["tasks"] == ["color", "shape"]
     assert len(m["scores"]) == 3 and all(len(row) == 2 for row in m["scores"])
     assert all(0.0 <= v <= 1.0 for row in m["scores"] for v in row)
@@ -61,15 +70,61 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     assert m["summary"]["OP"] == pytest.approx(sum(R[2]) / 2)
     assert m["summary"]["caption_retention"] == pytest.approx(
         m["general"]["after"][-1]["CIDEr"] / m["general"]["before"]["CIDEr"])
+
+    # trainable = the chosen weights per component: exactly k = floor(fraction x scorable elements)
+    from piece_mm.select import load_budget
+    base, _ = pm.load_model("qwen2-vl")
+    parts = pm.split_components(base)
+    params = dict(base.named_parameters())
+    fr = load_budget("default")["fractions"]
+    for c in ("vision", "projector", "llm"):
+        n = sum(params[x].numel() for x in parts[c])
+        assert m["trainable"][c] == (max(1, math.floor(fr[c] * n)) if fr[c] > 0 else 0), c
     t = m["trainable"]
-    assert set(t) == {"vision", "projector", "llm", "total"} and t["total"] == t["vision"] + t["projector"] + t["llm"]
-    assert min(t["vision"], t["projector"], t["llm"]) > 0
-    for f in ("report.md", "score_matrix.png", "cider.png", "model/config.json"):
+    assert t["total"] == t["vision"] + t["projector"] + t["llm"] > 0
+    assert [s["task"] for s in m["selection"]] == ["color", "shape"] and len(m["mask_jaccard"]) == 2
+    for f in ("report.md", "score_matrix.png", "cider.png", "selection.png", "model/config.json",
+              "masks/1-color.safetensors", "masks/2-shape.safetensors", "deltas/2-shape.safetensors"):
         assert (out / f).is_file(), f
+    assert "Chosen weights" in (out / "report.md").read_text()
+    # the base model plus the task deltas, in order, is the tuned model, bit for bit
+    for i, task in enumerate(m["tasks"]):
+        pm.apply_delta(base, pm.load_delta(out / "deltas" / f"{i + 1}-{task}.safetensors"))
+    tuned, _ = pm.load_model(str(out / "model"))
+    assert all(torch.equal(p, q) for p, q in zip(base.state_dict().values(), tuned.state_dict().values()))
     # the saved final model is a checkpoint the standalone retention check can read
     r = _run("eval.captioning", "--model", str(out / "model"), "--baseline", "qwen2-vl", "--eval-limit", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "CIDEr" in r.stdout and "retention" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [["--method", "seqft"], ["--budget", "paper-global"], ["--method", "piece-s"]])
+def test_other_methods_and_budgets_run_end_to_end(tmp_path, extra):
+    seq = tmp_path / "two.yaml"
+    seq.write_text(TWO_TASKS)
+    out = tmp_path / "run"
+    r = _run("piece_mm.train", "--model", "llava", "--tasks", str(seq), "--max-steps", "2", "--batch-size", "4",
+             "--eval-limit", "4", "--output", str(out), *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    t = m["trainable"]
+    if extra[1] == "seqft":
+        assert min(t["vision"], t["projector"], t["llm"]) > 0 and "selection" not in m
+    elif extra[1] == "paper-global":
+        import piece_mm as pm
+        base, _ = pm.load_model("llava")
+        n = sum(p.numel() for name, p in base.named_parameters() if "embed" not in name)
+        assert t["total"] == int(0.001 * n)
+    else:
+        assert m["method"] == "piece-s" and t["llm"] > 0
+
+
+def test_bad_budget_one_line_exit_2(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("fractions: {vision: 0.0, llm: -0.5}\n")
+    r = _run("piece_mm.train", "--budget", str(bad), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "fractions.llm" in r.stderr and "-0.5" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
 def test_captioning_cli_bad_data_exit_2(tmp_path):

@@ -1,0 +1,102 @@
+"""python -m piece_mm.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava] [--jobs 2]
+
+Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
+for SeqFT), each through the ordinary CLI in its own process, and writes sweep.json, table.md and frontier.png:
+caption retention against own-task accuracy (mean of R[i][i]), one point per setting. A setting whose run already
+finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it stopped."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from tasks.errors import InputError
+
+GRID_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+
+
+def settings(grid: dict) -> list[dict]:
+    """One dict per run: tag, method, lr, steps and (sparse methods) the budget fields to write."""
+    out = []
+    for method in grid.get("methods", ["piece-f"]):
+        for llm, proj, vis, lr, steps in itertools.product(grid["llm"], grid.get("projector", [0.0]),
+                                                           grid.get("vision", [0.0]), grid["lr"], grid["steps"]):
+            budget = {"fractions": {"vision": vis, "projector": proj, "llm": llm}}
+            tag = f"{method}-llm{llm:g}-proj{proj:g}-vis{vis:g}-lr{lr:g}-s{steps}"
+            out.append({"tag": tag, "method": method, "lr": lr, "steps": steps, "budget": budget})
+    for lr, steps in itertools.product(grid.get("seqft_lr", []), grid.get("seqft_steps", grid["steps"])):
+        out.append({"tag": f"seqft-lr{lr:g}-s{steps}", "method": "seqft", "lr": lr, "steps": steps, "budget": None})
+    return out
+
+
+def _run_one(model: str, s: dict, out: Path, eval_limit: int | None, threads: int) -> dict:
+    run_dir = out / "runs" / s["tag"]
+    if not (run_dir / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "piece_mm.train", "--model", model, "--method", s["method"], "--lr", str(s["lr"]),
+               "--steps", str(s["steps"]), "--output", str(run_dir)]
+        if s["budget"]:
+            bpath = out / "budgets" / f"{s['tag']}.yaml"
+            bpath.parent.mkdir(parents=True, exist_ok=True)
+            bpath.write_text(yaml.safe_dump(s["budget"]))
+            cmd += ["--budget", str(bpath)]
+        if eval_limit:
+            cmd += ["--eval-limit", str(eval_limit)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"sweep setting {s['tag']} failed:\n{r.stderr[-2000:]}")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    R = m["scores"]
+    own = [R[i + 1][i] for i in range(len(m["tasks"]))]
+    return {**{k: s[k] for k in ("tag", "method", "lr", "steps")}, "fractions": (s["budget"] or {}).get("fractions"),
+            "own_task": sum(own) / len(own), "min_own_task": min(own), **m["summary"],
+            "VQA_retention": m["general"]["after"][-1].get("VQA", float("nan")) /
+            max(m["general"]["before"].get("VQA", float("nan")), 1e-9), "trainable": m["trainable"]["total"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llava")
+    ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"), help="grid YAML (default: configs/sweeps/world.yaml)")
+    ap.add_argument("--output", type=Path, help="default: results/sweep-<model>")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
+    args = ap.parse_args(argv)
+    try:
+        path = Path(args.grid)
+        if not path.is_file():
+            raise InputError(f"--grid {args.grid!r}: file not found")
+        grid = yaml.safe_load(path.read_text())
+        for f in ("llm", "lr", "steps"):
+            if not isinstance(grid, dict) or not isinstance(grid.get(f), list) or not grid[f]:
+                raise InputError(f"{path}: field {f!r} must be a non-empty list")
+        if args.jobs < 1:
+            raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
+    except (InputError, yaml.YAMLError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    out = args.output or Path("results") / f"sweep-{args.model}"
+    out.mkdir(parents=True, exist_ok=True)
+    todo = settings(grid)
+    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    print(f"{len(todo)} settings on {args.model}, {args.jobs} at a time -> {out}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda s: _run_one(args.model, s, out, grid.get("eval_limit"), threads), todo))
+    for r in rows:
+        print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
+              f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
+    from eval.report import write_sweep
+    write_sweep(out, args.model, rows, {"grid": str(path), "command": "python -m piece_mm.sweep " +
+                                        " ".join(argv if argv is not None else sys.argv[1:])})
+    print(f"wrote {out / 'sweep.json'}, {out / 'table.md'}, {out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
