@@ -36,11 +36,11 @@ def settings(grid: dict) -> list[dict]:
     return out
 
 
-def _run_one(model: str, s: dict, out: Path, eval_limit: int | None, threads: int) -> dict:
+def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None, threads: int) -> dict:
     run_dir = out / "runs" / s["tag"]
     if not (run_dir / "metrics.json").is_file():
         cmd = [sys.executable, "-m", "piece_mm.train", "--model", model, "--method", s["method"], "--lr", str(s["lr"]),
-               "--steps", str(s["steps"]), "--output", str(run_dir)]
+               "--steps", str(s["steps"]), "--tasks", tasks, "--output", str(run_dir)]
         if s["budget"]:
             bpath = out / "budgets" / f"{s['tag']}.yaml"
             bpath.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llava")
     ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"), help="grid YAML (default: configs/sweeps/world.yaml)")
     ap.add_argument("--output", type=Path, help="default: results/sweep-<model>")
+    ap.add_argument("--tasks", default="world", help="sequence YAML or name (default: world)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
     args = ap.parse_args(argv)
     try:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     print(f"{len(todo)} settings on {args.model}, {args.jobs} at a time -> {out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda s: _run_one(args.model, s, out, grid.get("eval_limit"), threads), todo))
+        rows = list(pool.map(lambda s: _run_one(args.model, args.tasks, s, out, grid.get("eval_limit"), threads), todo))
     for r in rows:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)

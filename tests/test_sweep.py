@@ -1,0 +1,32 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
+    from piece_mm.sweep import settings
+    grid = {"llm": [0.01, 0.1], "lr": [1e-3], "steps": [2], "seqft_lr": [1e-4]}
+    assert [s["method"] for s in settings(grid)] == ["piece-f", "piece-f", "seqft"]
+    (tmp_path / "grid.yaml").write_text(json.dumps({**grid, "eval_limit": 3}))
+    (tmp_path / "seq.yaml").write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
+                                       "world: {train_examples: 8, test_examples: 4}\ngeneral: {captions: 3, vqa: 3}\n")
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "piece_mm.sweep", "--model", "llava", "--grid", str(tmp_path / "grid.yaml"),
+           "--tasks", str(tmp_path / "seq.yaml"), "--output", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "sweep.json").read_text())["settings"]
+    assert len(rows) == 3 and (out / "frontier.png").stat().st_size > 0 and "seqft" in (out / "table.md").read_text()
+    for row in rows:  # each point is read from its own run's metrics.json
+        m = json.loads((out / "runs" / row["tag"] / "metrics.json").read_text())
+        assert row["caption_retention"] == m["summary"]["caption_retention"]
+        assert row["own_task"] == (m["scores"][1][0] + m["scores"][2][1]) / 2
+    small, big = rows[0]["trainable"], rows[1]["trainable"]
+    assert 0 < small < big
+    # finished settings are read back, not rerun
+    mtime = (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime == mtime
