@@ -7,14 +7,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
-    from piece_mm.sweep import settings
+    from eval.sweep import settings
     grid = {"llm": [0.01, 0.1], "lr": [1e-3], "steps": [2], "seqft_lr": [1e-4]}
     assert [s["method"] for s in settings(grid)] == ["piece-f", "piece-f", "seqft"]
     (tmp_path / "grid.yaml").write_text(json.dumps({**grid, "eval_limit": 3}))
     (tmp_path / "seq.yaml").write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                                        "world: {train_examples: 8, test_examples: 4}\ngeneral: {captions: 3, vqa: 3}\n")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "piece_mm.sweep", "--model", "llava", "--grid", str(tmp_path / "grid.yaml"),
+    cmd = [sys.executable, "-m", "eval.sweep", "--model", "llava", "--grid", str(tmp_path / "grid.yaml"),
            "--tasks", str(tmp_path / "seq.yaml"), "--output", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,9 +1,10 @@
-"""python -m piece_mm.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava] [--jobs 2]
+"""python -m eval.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava] [--jobs 2]
 
 Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
 for SeqFT), each through the ordinary CLI in its own process, and writes sweep.json, table.md and frontier.png:
 caption retention against own-task accuracy (mean of R[i][i]), one point per setting. A setting whose run already
-finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it stopped."""
+finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it stopped.
+It drives the training CLI the way a user would, in subprocesses, and imports no training code."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m piece_mm.sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
     ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"), help="grid YAML (default: configs/sweeps/world.yaml)")
     ap.add_argument("--output", type=Path, help="default: results/sweep-<model>")
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
     from eval.report import write_sweep
-    write_sweep(out, args.model, rows, {"grid": str(path), "command": "python -m piece_mm.sweep " +
+    write_sweep(out, args.model, rows, {"grid": str(path), "command": "python -m eval.sweep " +
                                         " ".join(argv if argv is not None else sys.argv[1:])})
     print(f"wrote {out / 'sweep.json'}, {out / 'table.md'}, {out / 'frontier.png'}")
     return 0
