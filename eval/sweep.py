@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
     from eval.report import write_sweep
-    write_sweep(out, args.model, rows, {"grid": str(path), "command": "python -m eval.sweep " +
+    write_sweep(out, args.model, rows, {"grid": os.path.relpath(path), "command": "python -m eval.sweep " +
                                         " ".join(argv if argv is not None else sys.argv[1:])})
     print(f"wrote {out / 'sweep.json'}, {out / 'table.md'}, {out / 'frontier.png'}")
     return 0
