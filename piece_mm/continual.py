@@ -63,9 +63,9 @@ for _name in ("piece-f", "piece-s", "magnitude", "random"):
 SPARSE_METHODS = ("piece-f", "piece-s", "magnitude", "random")
 
 
-def component_counts(model) -> dict:
+def component_counts(model, rules: dict | None = None) -> dict:
     """Trainable elements per component (token embeddings counted with the LLM)."""
-    parts = split_components(model, exclude=())
+    parts = split_components(model, exclude=(), rules=rules)
     params = dict(model.named_parameters())
     counts = {c: sum(params[n].numel() for n in names if params[n].requires_grad) for c, names in parts.items()}
     counts["total"] = sum(counts.values())
@@ -148,7 +148,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             log(f"{task.name}: tuning {summ['total']:,} weights (" +
                 ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
         else:
-            counts = component_counts(model)
+            counts = component_counts(model, (budget or {}).get("components"))
         trainable = {k: max(trainable[k], counts[k]) for k in counts}
         loss = train_task(model, processor, task, opt, steps, batch_size, seed * 1000 + i,
                           desc=f"task {i + 1}/{len(seq.tasks)} {task.name}")

@@ -149,7 +149,11 @@ def load_budget(name) -> dict:
     unknown = sorted(set(raw) - set(BUDGET_DEFAULTS))
     if unknown:
         raise InputError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(BUDGET_DEFAULTS)}")
-    b = {**BUDGET_DEFAULTS, **raw, "path": str(path)}
+    try:  # shown in logs and metrics.json: relative to the working directory where it can be
+        shown = str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    b = {**BUDGET_DEFAULTS, **raw, "path": shown}
     fr = b["fractions"]
     if not isinstance(fr, dict) or set(fr) - set(COMPONENTS):
         raise InputError(f"{path}: fractions is {fr!r}; expected a mapping over {', '.join(COMPONENTS)}")

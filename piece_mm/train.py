@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from piece_mm.components import split_components
     from piece_mm.continual import METHODS, SPARSE_METHODS, run
     from piece_mm.models import load_model
     from piece_mm.select import load_budget
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
         torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
         torch.manual_seed(args.seed)
         model, processor = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        # every parameter must have a component before anything is written (a model family the rules do not know)
+        split_components(model, exclude=budget["exclude"] if budget else (), rules=(budget or {}).get("components"))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
