@@ -31,6 +31,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._targets.append((p, idx, compact))
         if not self._targets:
             raise ValueError("sparse_optimizer: the masks select no element")
+        self._gathered = False
         self.inner = optimizer_cls([c for _, _, c in self._targets], **kwargs)
         super().__init__([c for _, _, c in self._targets], self.inner.defaults)
         # One set of groups and state, shared with the inner optimizer: LR schedulers, state_dict / load_state_dict
@@ -51,16 +52,21 @@ class SparseOptimizer(torch.optim.Optimizer):
         for p, idx, c in self._targets:
             c.copy_(p.reshape(-1)[idx])  # picks up any outside change to the weights (e.g. a loaded checkpoint)
             c.grad = None if p.grad is None else p.grad.reshape(-1)[idx].to(c.dtype)
+        self._gathered = True  # step() uses these (possibly clipped) compact gradients as they are
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the selected elements' gradient, the gradient this optimizer actually follows
-        (clip_grad_norm_ over the model's dense gradients would count elements that never move)."""
+        (clip_grad_norm_ over the model's dense gradients would count elements that never move). The norm is taken
+        over the concatenated compact gradient, so clipping matches clipping that one vector exactly."""
         self._gather_grads()
-        norm = torch.nn.utils.clip_grad_norm_(self.compact_params(), max_norm)
-        for (p, idx, c) in self._targets:
-            if c.grad is not None:
-                p.grad.reshape(-1).index_copy_(0, idx, c.grad.to(p.grad.dtype))
+        grads = [c.grad for c in self.compact_params() if c.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for g in grads:
+            g.mul_(coef)
         return norm
 
     def step(self, closure=None):
@@ -68,8 +74,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._gather_grads()
+        if not self._gathered:
+            self._gather_grads()
         self.inner.step()
+        self._gathered = False
         with torch.no_grad():
             for p, idx, c in self._targets:
                 if p.is_contiguous():
@@ -79,6 +87,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._gathered = False
         for p, _, c in self._targets:
             for t in (p, c):
                 if t.grad is not None:
