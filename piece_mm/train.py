@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     output.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model} / {args.method}{' (budget ' + budget['path'] + ')' if budget else ''}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
+    via = f" (budget {budget['path']})" if budget else ""
+    print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
           f"{steps} steps x batch {batch_size} at lr {lr:g} -> {output}", flush=True)
     metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output, seed=args.seed,
                   steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit, budget=budget,
