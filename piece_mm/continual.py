@@ -58,9 +58,9 @@ def _sparse_method(estimator: str):
     return make
 
 
-for _name in ("piece-f", "piece-s", "magnitude", "random"):
+SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random")
+for _name in SPARSE_METHODS:
     register(_name)(_sparse_method(_name))
-SPARSE_METHODS = ("piece-f", "piece-s", "magnitude", "random")
 
 
 def component_counts(model, rules: dict | None = None) -> dict:

@@ -57,6 +57,12 @@ def piece_s(model, batches, params, **_):
     return {n: s[n].abs_().div_(sq[n].add_(1.0).sqrt_()) for n in params}
 
 
+@register("grad-magnitude")
+def grad_magnitude(model, batches, params, **_):
+    """|Σ_b g_b|: ablation, the first-order term without PIECE-S's normalisation."""
+    return {n: t.abs_() for n, t in _grad_sums(model, batches, params, want_sum=True)[0].items()}
+
+
 @register("magnitude")
 def magnitude(model, batches, params, **_):
     """|θ|: ablation that ignores the task."""

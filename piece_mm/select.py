@@ -12,12 +12,12 @@ from tasks.errors import InputError
 
 
 def _order_key(t: torch.Tensor) -> torch.Tensor:
-    """int64 keys with the same order as the float32 values (NaN refused), so a threshold can be found by bisection
+    """int32 keys with the same order as the float32 values (NaN refused), so a threshold can be found by bisection
     over integers without concatenating a component's scores."""
     if torch.isnan(t).any():
         raise ValueError("select_masks: scores contain NaN")
-    i = t.float().contiguous().view(torch.int32).long()  # flat view below; [numel]
-    return torch.where(i < 0, i ^ 0x7FFFFFFF, i).view(-1)  # negative floats: reverse their bit order
+    i = t.float().contiguous().view(torch.int32).view(-1)  # [numel]; int32 keeps the keys as small as the scores
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)  # negative floats: reverse their bit order, sign bit kept
 
 
 def _top_k(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, torch.Tensor]:

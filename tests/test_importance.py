@@ -39,6 +39,7 @@ def test_piece_scores_match_the_formulas_and_change_nothing(tiny):
     model.train()
     f = pm.estimate_importance(model, batches, "piece-f", names=names)
     s = pm.estimate_importance(model, batches, "piece-s", names=names)
+    gm = pm.estimate_importance(model, batches, "grad-magnitude", names=names)
     assert model.training  # mode restored
     model.eval()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # bit-identical
@@ -49,6 +50,7 @@ def test_piece_scores_match_the_formulas_and_change_nothing(tiny):
         assert _rel_err(f[n], ref_sq[n]) < 1e-4, n
         expect = ref_s[n].abs() / torch.sqrt(ref_sq[n] + 1)  # the literal +1 of the reference code
         assert _rel_err(s[n], expect) < 1e-4, n
+        assert _rel_err(gm[n], ref_s[n].abs()) < 1e-4, n
     assert sum(f[n].sum().item() for n in names) > 0
 
 
@@ -64,7 +66,7 @@ def test_magnitude_random_and_registry(tiny):
     with pytest.raises(KeyError, match="no-such"):
         pm.estimate_importance(model, [], "no-such")
     from piece_mm.importance import ESTIMATORS
-    assert {"piece-f", "piece-s", "magnitude", "random"} <= set(ESTIMATORS)
+    assert {"piece-f", "piece-s", "grad-magnitude", "magnitude", "random"} <= set(ESTIMATORS)
 
 
 def test_scoring_batch_size_one_is_per_sample(tiny):
