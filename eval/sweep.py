@@ -23,6 +23,10 @@ from tasks.errors import InputError
 GRID_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
 
 
+class SettingFailed(RuntimeError):
+    pass
+
+
 def settings(grid: dict) -> list[dict]:
     """One dict per run: tag, method, lr, steps and (sparse methods) the budget fields to write."""
     out = []
@@ -51,8 +55,9 @@ def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None,
             cmd += ["--eval-limit", str(eval_limit)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"sweep setting {s['tag']} failed:\n{r.stderr[-2000:]}")
+        if r.returncode != 0:  # the run's own last line says what was wrong (file, field, value for bad input)
+            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+            raise SettingFailed(f"setting {s['tag']}: {last}")
     m = json.loads((run_dir / "metrics.json").read_text())
     R = m["scores"]
     own = [R[i + 1][i] for i in range(len(m["tasks"]))]
@@ -78,6 +83,10 @@ def main(argv=None) -> int:
         for f in ("llm", "lr", "steps"):
             if not isinstance(grid, dict) or not isinstance(grid.get(f), list) or not grid[f]:
                 raise InputError(f"{path}: field {f!r} must be a non-empty list")
+        for f in ("llm", "projector", "vision", "lr", "steps", "seqft_lr", "seqft_steps"):
+            for v in grid.get(f, []) if isinstance(grid.get(f, []), list) else [grid[f]]:
+                if not isinstance(v, (int, float)) or isinstance(v, bool):  # YAML reads 1e-3 (no dot) as a string
+                    raise InputError(f"{path}: {f} holds {v!r}; expected numbers (write 1.0e-3, not 1e-3)")
         if args.jobs < 1:
             raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
     except (InputError, yaml.YAMLError) as e:
@@ -88,8 +97,13 @@ def main(argv=None) -> int:
     todo = settings(grid)
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     print(f"{len(todo)} settings on {args.model}, {args.jobs} at a time -> {out}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda s: _run_one(args.model, args.tasks, s, out, grid.get("eval_limit"), threads), todo))
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(lambda s: _run_one(args.model, args.tasks, s, out, grid.get("eval_limit"), threads),
+                                 todo))
+    except SettingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for r in rows:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)

@@ -87,7 +87,6 @@ def apply_delta(model, delta: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> N
         p = params[n]
         if idx.numel() and (idx.min() < 0 or idx.max() >= p.numel()):
             raise InputError(f"delta: indices for {n!r} fall outside its {p.numel()} elements")
-        flat = p.data.view(-1) if p.is_contiguous() else None
-        if flat is None:
+        if not p.is_contiguous():
             raise InputError(f"delta: parameter {n!r} is not contiguous")
-        flat.index_copy_(0, idx.to(p.device), vals.to(device=p.device, dtype=p.dtype))
+        p.data.view(-1).index_copy_(0, idx.to(p.device), vals.to(device=p.device, dtype=p.dtype))

@@ -30,3 +30,17 @@ def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
     mtime = (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime == mtime
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    def sweep(grid):
+        (tmp_path / "grid.yaml").write_text(grid)
+        return subprocess.run([sys.executable, "-m", "eval.sweep", "--model", "llava", "--grid",
+                               str(tmp_path / "grid.yaml"), "--output", str(tmp_path / "sweep")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    r = sweep("llm: [2.0]\nlr: [1e-3]\nsteps: [2]\n")  # YAML reads 1e-3 as a string
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "lr holds '1e-3'" in r.stderr
+    r = sweep("llm: [2.0]\nlr: [1.0e-3]\nsteps: [2]\n")  # the run refuses the budget; the sweep passes it on
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "fractions.llm is 2.0" in r.stderr
