@@ -38,6 +38,9 @@ def seqft(model, processor, task, cfg):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
 
 
+PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
+
+
 def _sparse_method(estimator: str):
     def make(model, processor, task, cfg):
         """Score the task's training examples on the current model, pick the top weights per component within the
@@ -45,10 +48,11 @@ def _sparse_method(estimator: str):
         b = cfg["budget"]
         parts = split_components(model, exclude=b["exclude"], rules=b["components"])
         examples = task.train[: b["score_examples"]]
-        bs = b["score_batch_size"]
+        per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
+        bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
         batches = (collate(processor, examples[i:i + bs]) for i in range(0, len(examples), bs))
         scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
-                                     seed=cfg["seed"])
+                                     seed=cfg["seed"], per_sample=per_sample)
         masks = select_masks(scores, parts, budget_arg(b), pool=b["pool"])
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
@@ -152,6 +156,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         trainable = {k: max(trainable[k], counts[k]) for k in counts}
         loss = train_task(model, processor, task, opt, steps, batch_size, seed * 1000 + i,
                           desc=f"task {i + 1}/{len(seq.tasks)} {task.name}")
+        if hasattr(opt, "close"):
+            opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
         if masks is not None:
             save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
         scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, f"eval {task.name}")

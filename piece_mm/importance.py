@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from piece_mm.persample import PerSample
+
 ESTIMATORS: dict[str, Callable] = {}
 
 
@@ -18,15 +20,22 @@ def register(name: str):
     return deco
 
 
-def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool):
+def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per_sample: bool = False):
     """One pass: (Σ_b g_b, Σ_b g_b²) per parameter (float32), g_b = ∂ loss_b / ∂θ, gradients zeroed between batches,
-    no optimizer step. Σ g_b is None unless asked for."""
+    no optimizer step. Σ g_b is None unless asked for.
+
+    per_sample: each sample of a batch is its own b (its loss the mean over its answer tokens), computed exactly from
+    one batched pass (piece_mm/persample.py) instead of a batch-1 loop."""
     device = next(iter(params.values())).device
     sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     s = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if want_sum else None
+    scorer = PerSample(model, params) if per_sample else None
     n_batches = 0
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if scorer is not None:
+            n_batches += scorer.add(batch, sq, s)
+            continue
         for p in params.values():
             p.grad = None
         model(**batch).loss.backward()
@@ -44,23 +53,24 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool):
 
 
 @register("piece-f")
-def piece_f(model, batches, params, **_):
+def piece_f(model, batches, params, per_sample: bool = False, **_):
     """PIECE-F: Σ_b g_b² (the empirical Fisher diagonal, unnormalised)."""
-    return _grad_sums(model, batches, params, want_sum=False)[1]
+    return _grad_sums(model, batches, params, want_sum=False, per_sample=per_sample)[1]
 
 
 @register("piece-s")
-def piece_s(model, batches, params, **_):
+def piece_s(model, batches, params, per_sample: bool = False, **_):
     """PIECE-S: |Σ_b g_b| / sqrt(Σ_b g_b² + 1). The +1 is literal, as in the authors' code: it damps weights whose
     gradients are large but disagree in sign across batches."""
-    s, sq = _grad_sums(model, batches, params, want_sum=True)
+    s, sq = _grad_sums(model, batches, params, want_sum=True, per_sample=per_sample)
     return {n: s[n].abs_().div_(sq[n].add_(1.0).sqrt_()) for n in params}
 
 
 @register("grad-magnitude")
-def grad_magnitude(model, batches, params, **_):
+def grad_magnitude(model, batches, params, per_sample: bool = False, **_):
     """|Σ_b g_b|: ablation, the first-order term without PIECE-S's normalisation."""
-    return {n: t.abs_() for n, t in _grad_sums(model, batches, params, want_sum=True)[0].items()}
+    s = _grad_sums(model, batches, params, want_sum=True, per_sample=per_sample)[0]
+    return {n: t.abs_() for n, t in s.items()}
 
 
 @register("magnitude")
@@ -81,7 +91,9 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
     """{param name: float32 score tensor shaped like the param} for `names` (default: every parameter).
 
     `batches` is any iterable of dicts that model(**batch) accepts, with labels; each dict is one scoring batch, so
-    the batch size of the scoring pass is the size of these dicts (1 = per-sample). Scoring runs in eval mode (no
+    the batch size of the scoring pass is the size of these dicts (1 = per-sample). With per_sample=True every sample
+    of a dict counts as its own batch of 1, computed exactly in one batched pass (the fast way to score per-sample).
+    Scoring runs in eval mode (no
     dropout, deterministic); weights are never written and the mode and requires_grad flags are restored."""
     if method not in ESTIMATORS:
         raise KeyError(f"importance method {method!r}: unknown; known: {', '.join(sorted(ESTIMATORS))}")

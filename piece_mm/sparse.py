@@ -3,8 +3,15 @@
 The inner optimizer (any torch.optim class) runs on compact leaf tensors that hold just the selected elements, so
 its state (Adam moments, ...) exists only for them, weight decay touches only them, and the result is by
 construction the inner optimizer run on the compact vector. After each step the compact values are scattered back;
-nothing else in the parameter is ever written, so unselected elements stay bit-identical."""
+nothing else in the parameter is ever written, so unselected elements stay bit-identical.
+
+Memory: a hook that runs right after autograd accumulates a parameter's gradient gathers the selected elements into
+the compact gradient (adding to it, so micro-batch accumulation works) and drops the dense gradient at once. During
+backward at most the dense gradient being gathered is alive, not one per parameter. A consequence: dense `.grad` of
+masked parameters stays None, so clip through `clip_grad_norm_` here, not over model.parameters()."""
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -31,7 +38,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._targets.append((p, idx, compact))
         if not self._targets:
             raise ValueError("sparse_optimizer: the masks select no element")
-        self._gathered = False
+        me = weakref.ref(self)  # the hooks must not keep a discarded optimizer (and its state) alive
+        self._hooks = [p.register_post_accumulate_grad_hook(_gather_hook(me, i)) for i, (p, _, _) in
+                       enumerate(self._targets)]
         self.inner = optimizer_cls([c for _, _, c in self._targets], **kwargs)
         super().__init__([c for _, _, c in self._targets], self.inner.defaults)
         # One set of groups and state, shared with the inner optimizer: LR schedulers, state_dict / load_state_dict
@@ -48,18 +57,23 @@ class SparseOptimizer(torch.optim.Optimizer):
         return [c for _, _, c in self._targets]
 
     @torch.no_grad()
-    def _gather_grads(self) -> None:
-        for p, idx, c in self._targets:
-            c.copy_(p.reshape(-1)[idx])  # picks up any outside change to the weights (e.g. a loaded checkpoint)
-            c.grad = None if p.grad is None else p.grad.reshape(-1)[idx].to(c.dtype)
-        self._gathered = True  # step() uses these (possibly clipped) compact gradients as they are
+    def _gather(self, i: int) -> None:
+        p, idx, c = self._targets[i]
+        g = p.grad.reshape(-1)[idx].to(c.dtype)  # [k]
+        c.grad = g if c.grad is None else c.grad.add_(g)
+        p.grad = None
+
+    def close(self) -> None:
+        """Remove the gradient hooks from the model's parameters (the next task's optimizer brings its own)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the selected elements' gradient, the gradient this optimizer actually follows
         (clip_grad_norm_ over the model's dense gradients would count elements that never move). The norm is taken
         over the concatenated compact gradient, so clipping matches clipping that one vector exactly."""
-        self._gather_grads()
         grads = [c.grad for c in self.compact_params() if c.grad is not None]
         if not grads:
             return torch.tensor(0.0)
@@ -74,10 +88,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._gathered:
-            self._gather_grads()
+        with torch.no_grad():
+            for i, (p, idx, c) in enumerate(self._targets):
+                if p.grad is not None:  # a gradient written by hand, not by backward: gather it as backward would
+                    self._gather(i)
+                c.copy_(p.reshape(-1)[idx])  # picks up any outside change to the weights (e.g. a loaded checkpoint)
         self.inner.step()
-        self._gathered = False
         with torch.no_grad():
             for p, idx, c in self._targets:
                 if p.is_contiguous():
@@ -87,7 +103,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._gathered = False
         for p, _, c in self._targets:
             for t in (p, c):
                 if t.grad is not None:
@@ -95,6 +110,14 @@ class SparseOptimizer(torch.optim.Optimizer):
                         t.grad = None
                     else:
                         t.grad.zero_()
+
+
+def _gather_hook(ref, i: int):
+    def hook(p):
+        opt = ref()
+        if opt is not None and p.grad is not None and opt._targets[i][0] is p:  # not a deep copy's parameter
+            opt._gather(i)
+    return hook
 
 
 def sparse_optimizer(model, masks: dict[str, torch.Tensor], optimizer_cls=torch.optim.AdamW, **kwargs):

@@ -134,3 +134,32 @@ def test_captioning_cli_bad_data_exit_2(tmp_path):
     assert r.returncode == 2 and "image_id" in r.stderr and r.stderr.strip().count("\n") == 0
     r = _run("eval.captioning", "--model", "llava", "--eval-limit", "0")
     assert r.returncode == 2 and "--eval-limit" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_per_sample_budget_scores_like_the_batch_1_loop(tmp_path):
+    """score_batch_size: 1 runs the exact batched per-sample path; task 1's mask equals the one chosen from
+    batch-1-loop scores of the same base model on the same examples."""
+    import piece_mm as pm
+    from piece_mm.batching import collate
+    from piece_mm.delta import load_masks
+    from tasks.sequence import load_sequence
+
+    seq = tmp_path / "two.yaml"
+    seq.write_text(TWO_TASKS)
+    budget = tmp_path / "ps.yaml"
+    budget.write_text("fractions: {vision: 0.01, projector: 0.01, llm: 0.01}\nscore_examples: 12\n"
+                      "score_batch_size: 1\n")
+    out = tmp_path / "run"
+    r = _run("piece_mm.train", "--model", "llava", "--tasks", str(seq), "--max-steps", "2", "--batch-size", "4",
+             "--eval-limit", "4", "--output", str(out), "--budget", str(budget))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "batch-1 loop" not in r.stderr  # every parameter covered by the batched rules
+    model, processor = pm.load_model("llava")
+    task = load_sequence(seq).tasks[0]
+    parts = pm.split_components(model)
+    names = [n for c in parts.values() for n in c]
+    scores = pm.estimate_importance(model, [collate(processor, [e]) for e in task.train[:12]], "piece-f", names=names)
+    expect = pm.select_masks(scores, parts, {"vision": 0.01, "projector": 0.01, "llm": 0.01})
+    got = load_masks(next((out / "masks").glob("1-*.safetensors")))
+    shared = sum(len(set(got[n].tolist()) & set(expect[n].tolist())) for n in expect)
+    assert shared >= 0.99 * sum(len(v) for v in expect.values())

@@ -115,3 +115,50 @@ def test_corrupt_delta_is_a_one_line_input_error(tmp_path):
         pm.load_delta(bad)
     with pytest.raises(InputError, match="not found"):
         pm.load_delta(tmp_path / "missing.safetensors")
+
+
+def test_micro_batch_accumulation_is_bit_exact_and_keeps_no_dense_gradient(tiny):
+    """Two micro-batches per step. Dense gradients are dropped as soon as they are gathered (at most one alive at a
+    time during backward), and the result still equals AdamW on the one compact vector, bit for bit."""
+    _, base, processor = tiny
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    batches, masks = _setup(model, processor)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    params = list(model.parameters())
+    alive = []
+    for p in params:
+        if p.requires_grad:  # runs after the optimizer's own hook on the same parameter
+            p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+
+    ref_params = dict(ref.named_parameters())
+    order = list(masks)
+    vec = torch.cat([ref_params[n].detach().reshape(-1)[masks[n]] for n in order]).requires_grad_(True)
+    ref_opt = torch.optim.AdamW([vec], lr=1e-3, weight_decay=0.1)
+    model.train()
+    ref.train()
+    for step in range(4):
+        for b in batches:  # micro-batches: gradients accumulate over both before the step
+            (model(**b).loss / 2).backward()
+            (ref(**b).loss / 2).backward()
+        assert all(p.grad is None for p in params)
+        opt.step()
+        opt.zero_grad()
+        vec.grad = torch.cat([ref_params[n].grad.reshape(-1)[masks[n]] for n in order])
+        ref_opt.step()
+        ref.zero_grad()
+        with torch.no_grad():
+            for n, chunk in zip(order, vec.split([masks[n].numel() for n in order])):
+                ref_params[n].view(-1)[masks[n]] = chunk
+    assert alive and max(alive) == 0
+    for n, p in model.named_parameters():
+        sel = torch.zeros(p.numel(), dtype=torch.bool)
+        if n in masks:
+            sel[masks[n]] = True
+        flat = p.detach().reshape(-1)
+        assert torch.equal(flat[~sel], w0[n].reshape(-1)[~sel]), n
+        assert torch.equal(flat[sel], ref_params[n].detach().reshape(-1)[sel]), n
+
+    opt.close()  # hooks gone: backward leaves the dense gradient where autograd put it again
+    model(**batches[0]).loss.backward()
+    assert any(p.grad is not None for p in params)
