@@ -29,8 +29,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# Per-sample gradients are materialised for this many elements at most at a time (chunks of samples).
-CHUNK_ELEMENTS = 1 << 23
 IGNORE_INDEX = -100
 
 
@@ -102,7 +100,8 @@ def _by_sample(t: torch.Tensor, counts: list[int], feat_dims: int = 1):
 
 
 class _Recorder:
-    """Hooks on the modules that own scored parameters; accumulates Σ_n G_n² (and Σ_n G_n for the check)."""
+    """Hooks on the modules that own scored parameters (per-sample parts, from each call's input and output
+    gradient) and on the parameters themselves (the check against autograd's batch gradient, once it is complete)."""
 
     def __init__(self, model, params: dict[str, torch.nn.Parameter]):
         by_id = {id(p): n for n, p in params.items()}
@@ -123,24 +122,55 @@ class _Recorder:
                                 if not owners or any(kind is None for _, kind, _ in owners)}
         self.modules = {id(m): (m, kind) for n in params if n not in self.static_fallback
                         for m, kind, _ in self.owners[n]}
+        self.probes: dict[str, torch.Tensor] = {}  # random vectors for the cheap check of weight matrices
 
     @contextmanager
-    def batch(self, B: int, patches: torch.Tensor | None, sq: dict, covered: bool):
-        """Hooks for one batch. sq (filled lazily) receives Σ_n G_n² of covered parameters, .sums Σ_n G_n for the
-        check; .failed names parameters a rule could not score (rows not assignable, reused modules, odd convs)."""
-        self.B, self.patches, self.sq = B, patches, sq
-        self.sums, self.floor = {}, {}
+    def batch(self, B: int, patches: torch.Tensor | None, covered: bool, sq: dict, s: dict | None):
+        """Hooks for one batch. Checked contributions go into sq (Σ_n G_n²) and s (autograd's Σ_n g_n); .failed
+        names the parameters a rule could not score (rows not assignable, reused modules, a failed check)."""
+        self.B, self.patches, self.sq, self.s = B, patches, sq, s
+        self.local, self.sums, self.floor = {}, {}, {}  # this batch's parts, until the check passes
         self.calls = {n: 0 for n in self.params}
-        self.failed: set[str] = set()
-        handles = []
+        self.failed: set[str] = set(self.params) if not covered else set(self.static_fallback)
+        handles = [p.register_post_accumulate_grad_hook(self._post(n)) for n, p in self.params.items()]
         if covered:
-            for m, kind in self.modules.values():
-                handles.append(m.register_forward_hook(self._forward_hook(kind)))
+            handles += [m.register_forward_hook(self._forward_hook(kind)) for m, kind in self.modules.values()]
         try:
             yield self
+            for n in list(self.local):  # hooks saw a call but no gradient arrived: it must all be zero
+                self._settle(n, None)
         finally:
             for h in handles:
                 h.remove()
+
+    def _post(self, n: str):
+        def hook(p):
+            grad, p.grad = p.grad, None  # the dense gradient is not kept past this point
+            self._settle(n, grad)
+        return hook
+
+    def _settle(self, n: str, grad: torch.Tensor | None) -> None:
+        local, sums = self.local.pop(n, None), self.sums.pop(n, None)
+        if n in self.failed:
+            return
+        if self.calls[n] != 1:  # tied or reused: per-sample parts would have to be summed before squaring
+            self.failed.add(n)
+            return
+        grad = torch.zeros_like(self.sq[n]) if grad is None else grad.float()
+        if local is None:
+            local, sums = torch.zeros_like(grad), torch.zeros_like(grad)
+        probe = self.probes.get(n)
+        batch_sum = grad.reshape(grad.shape[0], -1) @ probe if probe is not None and sums.dim() == 1 and \
+            grad.dim() > 1 else grad
+        # Guard: the per-sample parts must add up to autograd's batch gradient. A gradient that is zero in exact
+        # arithmetic (an attention key bias) is rounding noise on both sides, hence the floor.
+        tol = 1e-3 * batch_sum.abs().max().item() + 1e-4 * self.floor.get(n, 0.0) + 1e-12
+        if (sums - batch_sum).abs().max().item() > tol:
+            self.failed.add(n)
+            return
+        self.sq[n].add_(local)
+        if self.s is not None:
+            self.s[n].add_(grad)
 
     def _local_params(self, module):
         return [(n, local) for n in self.params if n not in self.static_fallback
@@ -162,70 +192,75 @@ class _Recorder:
         return hook
 
     def _backward(self, module, kind, mine, x, g, counts):
+        g, x = g.float(), x.float()
         for n, local in mine:
-            if n in self.failed:
+            if n in self.failed or self.calls[n] != 1:
                 continue
-            if self.calls[n] != 1:  # tied or reused: per-sample parts would have to be summed before squaring
-                self.failed.add(n)
-                continue
-            p = self.params[n]
-            sq = self.sq.setdefault(n, torch.zeros_like(p, dtype=torch.float32))
-            s = self.sums.setdefault(n, torch.zeros_like(sq))
-            # Rounding scale of a sum over rows: Σ_r |g_r| (times max |x| for weights). The check's floor.
-            floor = g.abs().reshape(-1, g.shape[-1]).sum(0).max().item()
-            if local.endswith("weight") and kind in ("linear", "conv"):
-                floor *= x.abs().max().item()
-            self.floor[n] = max(self.floor.get(n, 0.0), floor)
+            sq = self.local.setdefault(n, torch.zeros_like(self.sq[n]))
             try:
                 if kind == "embedding":
-                    self._embedding(module, x.long(), g.float(), counts, sq, s)
-                    continue
-                if local == "position_embedding.weight":  # vision embeddings: output row t adds weight[ids[t]]
+                    s = self.sums.setdefault(n, torch.zeros_like(sq))
+                    self._embedding(module, x.long(), g, counts, sq, s)
+                    self._floor(n, g.abs().reshape(-1, g.shape[-1]).sum(0).max().item())
+                elif local == "position_embedding.weight":  # vision embeddings: output row t adds weight[ids[t]]
                     ids = module.position_ids.reshape(1, -1).expand(g.shape[0], -1)
                     if ids.shape[1] != g.shape[1]:
                         raise _Uncovered
-                    self._embedding(module.position_embedding, ids, g.float(), counts, sq, s)
-                    continue
-                for G in self._per_sample(module, kind, local, x, g, counts, sq.shape):  # [c, *param shape]
-                    sq.add_(G.square().sum(0))
-                    s.add_(G.sum(0))
+                    s = self.sums.setdefault(n, torch.zeros_like(sq))
+                    self._embedding(module.position_embedding, ids, g, counts, sq, s)
+                    self._floor(n, g.abs().reshape(-1, g.shape[-1]).sum(0).max().item())
+                elif kind in ("linear", "conv") and local == "weight":
+                    self._matrix(n, module, kind, x, g, counts, sq)
+                else:
+                    t = self._rows(module, kind, local, x, g, counts)  # [rows, *param shape]: per-row parts
+                    s = self.sums.setdefault(n, torch.zeros_like(sq))
+                    for part in _by_sample(t, counts, sq.dim()):  # [c, rows, *shape]
+                        G = part.sum(1)  # [c, *shape] per-sample gradients
+                        sq.add_(G.square().sum(0))
+                        s.add_(G.sum(0))
+                    self._floor(n, t.abs().reshape(-1, *sq.shape).sum(0).max().item())
             except _Uncovered:
                 self.failed.add(n)
 
-    def _per_sample(self, module, kind, local, x, g, counts, shape):
-        """Yield per-sample gradient chunks [c, *shape] of `local` for one call of `module`."""
-        g = g.float()
-        x = x.float()
+    def _floor(self, n, value):
+        self.floor[n] = max(self.floor.get(n, 0.0), value)
+
+    def _matrix(self, n, module, kind, x, g, counts, sq):
+        """Weights of Linear / conv: G_n = Σ_rows g_r ⊗ x_r, one sample at a time (mm + addcmul stays in cache; a
+        [B, out, in] bmm result does not). The check uses a random probe v: (Σ_n G_n) v = Σ_r g_r (x_r · v)."""
+        if kind == "conv":
+            x, g = self._conv_rows(module, x, g)
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # [R, in], [R, out]
+        for xb, gb in zip(_by_sample(x, counts), _by_sample(g, counts)):  # [c, rows, in], [c, rows, out]
+            for j in range(xb.shape[0]):
+                G = torch.mm(gb[j].reshape(-1, gb.shape[-1]).T, xb[j].reshape(-1, xb.shape[-1]))  # [out, in]
+                sq.view(G.shape).addcmul_(G, G)
+        v = self.probes.get(n)
+        if v is None:
+            gen = torch.Generator().manual_seed(len(self.probes))
+            v = self.probes[n] = torch.randn(x2.shape[1], generator=gen).to(x2.device)
+        xv = x2 @ v  # [R]
+        s = self.sums.setdefault(n, torch.zeros(g2.shape[1], device=g2.device))
+        s.add_(g2.T @ xv)
+        self._floor(n, (g2.abs().T @ xv.abs()).max().item())
+
+    def _rows(self, module, kind, local, x, g, counts):
+        """Per-row gradient parts of a vector parameter (bias, norm weight, class token), rows grouped by sample."""
         if kind == "vision_embeddings":
             if local != "class_embedding" or counts != [1] * len(counts):
                 raise _Uncovered
-            yield g[:, 0]  # [B, D]: the class token is each image's first row
-            return
-        if kind in ("layernorm", "rmsnorm"):
-            nd = len(shape)
-            if local == "bias":
-                t = g
-            elif kind == "layernorm":
-                t = g * F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-            elif isinstance(module, torch.nn.RMSNorm):
-                t = g * F.rms_norm(x, module.normalized_shape, None, module.eps)
-            else:
-                t = g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
-            for part in _by_sample(t, counts, nd):
-                yield part.sum(1)
-            return
-        # Linear-like: rows x_r [in], g_r [out]; a convolution becomes a Linear over its patches.
-        if kind == "conv":
-            x, g = self._conv_rows(module, x, g)
+            return g[:, :1]  # [B, 1, D]: the class token is each image's first row
         if local == "bias":
-            for part in _by_sample(g, counts):
-                yield part.sum(1)
-            return
-        step = max(1, CHUNK_ELEMENTS // (g.shape[-1] * x.shape[-1]))
-        for xb, gb in zip(_by_sample(x, counts), _by_sample(g, counts)):  # [c, rows, in], [c, rows, out]
-            for i in range(0, xb.shape[0], step):
-                G = torch.bmm(gb[i:i + step].transpose(1, 2), xb[i:i + step])  # [c, out, in]
-                yield G.reshape(G.shape[0], *shape)
+            if kind == "conv":
+                return g.movedim(1, -1)  # [N, *spatial, out]
+            return g
+        if kind == "layernorm":
+            return g * F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if kind == "rmsnorm":
+            if isinstance(module, torch.nn.RMSNorm):
+                return g * F.rms_norm(x, module.normalized_shape, None, module.eps)
+            return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
+        raise _Uncovered
 
     @staticmethod
     def _conv_rows(module, x, g):
@@ -280,32 +315,12 @@ class PerSample:
         images = _images_per_sample(self.model, batch)  # [B] or None
         covered = images is None or bool((images == 1).all())
         patches = batch["image_grid_thw"].prod(-1) if covered and "image_grid_thw" in batch else None
-        local: dict[str, torch.Tensor] = {}
-        with self.recorder.batch(B, patches, local, covered) as rec:
-            for p in self.params.values():
-                p.grad = None
-            sample_losses(self.model, batch).sum().backward()
-        loop = set(self.params) if not covered else self.recorder.static_fallback | rec.failed
-        for n, p in self.params.items():
-            if n in loop:
-                continue
-            batch_grad = p.grad.float() if p.grad is not None else torch.zeros_like(sq[n])
-            got = rec.sums.get(n, torch.zeros_like(batch_grad))
-            # Guard: the per-sample gradients must add up to autograd's batch gradient.
-            # A gradient that is zero in exact arithmetic (an attention key bias) is rounding noise in both sums,
-            # hence the floor on the scale of the summed rows.
-            tol = 1e-3 * batch_grad.abs().max().item() + 1e-4 * rec.floor.get(n, 0.0) + 1e-12
-            if (got - batch_grad).abs().max() > tol:
-                loop.add(n)
-                continue
-            if n in local:
-                sq[n].add_(local[n])
-            if s is not None:
-                s[n].add_(batch_grad)
         for p in self.params.values():
             p.grad = None
-        if loop:
-            self._loop(batch, B, images, sorted(loop), sq, s)
+        with self.recorder.batch(B, patches, covered, sq, s) as rec:
+            sample_losses(self.model, batch).sum().backward()
+        if rec.failed:
+            self._loop(batch, B, images, sorted(rec.failed), sq, s)
         return B
 
     def _loop(self, batch, B, images, names, sq, s):

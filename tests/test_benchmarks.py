@@ -1,0 +1,30 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path):
+    """A smoke run on the toy preset: the schema, and per-sample scores equal to the loop's (no timing asserted:
+    ratios on a shared machine belong to the real run, recorded in benchmarks/RESULTS.md)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--rounds", "1", "--output", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    steps, fisher = {"floor", "fullft", "lora", "shira", "sparse"}, {"loop", "per_sample", "batched"}
+    assert set(res["step_time_s"]) == steps and set(res["peak_mem_mb"]) == steps
+    assert set(res["fisher_time_s"]) == fisher
+    assert all(v > 0 for v in res["step_time_s"].values())
+    assert res["fisher_max_rel_err"] <= 1e-4
+    assert set(res["ratios"]) == {"sparse_vs_floor_time", "sparse_vs_shira_time", "sparse_vs_lora_mem",
+                                  "sparse_vs_fullft_mem", "loop_vs_per_sample_fisher", "per_sample_vs_batched_fisher"}
+    assert "| sparse |" in (tmp_path / "table.md").read_text()
+
+
+def test_bad_rounds_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--rounds", "0", "--output", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--rounds" in r.stderr
+    assert not (tmp_path / "results.json").exists()
