@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from piece_mm.persample import PerSample
+from piece_mm.sparse import gather_paused
 
 ESTIMATORS: dict[str, Callable] = {}
 
@@ -111,7 +112,8 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
             p.requires_grad_(n in params)  # only the scored weights hold a gradient
             p.grad = None
         model.eval()
-        scores = ESTIMATORS[method](model, batches, params, **options)
+        with gather_paused():  # a live sparse optimizer's hooks would take the dense gradients scoring reads
+            scores = ESTIMATORS[method](model, batches, params, **options)
     finally:
         for n, p in all_params.items():
             p.requires_grad_(flags[n])

@@ -6,7 +6,7 @@ sample that row belongs to. A forward hook keeps each module's input and a hook 
 per-sample weight gradients are then closed-form:
 
 - Linear, and convolutions seen as Linear over their patches (Conv2d through unfold; any ConvNd whose kernel covers
-  its whole input, as Qwen's Conv3d patch embedding): G_n = Σ_rows g_r ⊗ x_r  (einsum/bmm, chunked over samples);
+  its whole input, as Qwen's Conv3d patch embedding): G_n = Σ_rows g_r ⊗ x_r, one mm per sample;
 - LayerNorm / RMSNorm (torch's and transformers' `variance_epsilon` kind): G_n = Σ_rows g_r ⊙ x̂_r;
 - Embedding: G_n[v] = Σ_{rows of n with index v} g_r (segment sums, never a [B, vocab, dim] tensor);
 - biases: Σ_rows g_r;

@@ -12,8 +12,22 @@ masked parameters stays None, so clip through `clip_grad_norm_` here, not over m
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import torch
+
+_paused = 0  # > 0 while importance scoring needs the dense gradients that the gather hooks would take away
+
+
+@contextmanager
+def gather_paused():
+    """Dense gradients stay where autograd puts them, even on parameters of a live sparse optimizer."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -115,7 +129,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 def _gather_hook(ref, i: int):
     def hook(p):
         opt = ref()
-        if opt is not None and p.grad is not None and opt._targets[i][0] is p:  # not a deep copy's parameter
+        if not _paused and opt is not None and p.grad is not None and opt._targets[i][0] is p:  # not a deep copy's parameter
             opt._gather(i)
     return hook
 

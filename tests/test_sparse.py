@@ -162,3 +162,21 @@ def test_micro_batch_accumulation_is_bit_exact_and_keeps_no_dense_gradient(tiny)
     opt.close()  # hooks gone: backward leaves the dense gradient where autograd put it again
     model(**batches[0]).loss.backward()
     assert any(p.grad is not None for p in params)
+
+
+def test_scoring_next_to_a_live_sparse_optimizer_sees_the_full_gradients(tiny):
+    """The optimizer's gather hooks drop dense gradients; importance scoring pauses them, so its scores are the same
+    with an optimizer alive on the model as without one."""
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    batches, masks = _setup(model, processor)
+    names = list(masks)
+    before = pm.estimate_importance(model, batches, "piece-f", names=names)
+    opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-3)
+    for per_sample in (False, True):
+        during = pm.estimate_importance(model, batches, "piece-f", names=names, per_sample=per_sample)
+        assert all(during[n].sum() > 0 for n in names)
+    during = pm.estimate_importance(model, batches, "piece-f", names=names)
+    assert all(torch.equal(before[n], during[n]) for n in names)
+    model(**batches[0]).loss.backward()  # and the hooks work again afterwards
+    assert all(p.grad is None for p in model.parameters()) and opt.compact_params()[0].grad is not None
