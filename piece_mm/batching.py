@@ -60,14 +60,17 @@ def collate(processor, examples: Sequence[Example]) -> dict:
     return batch
 
 
-def training_batches(processor, examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> Iterator[dict]:
-    """`steps` batches drawn in epochs of a seeded shuffle; the order depends on the seed alone."""
+def training_batches(processor, examples: Sequence[Example], batch_size: int, steps: int, seed: int,
+                     start: int = 0) -> Iterator[dict]:
+    """`steps` batches drawn in epochs of a seeded shuffle; the order depends on the seed alone. `start` skips the
+    first batches without building them (a resumed run continues the same order)."""
     rng = random.Random(seed)
     order: list[int] = []
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < batch_size:
             perm = list(range(len(examples)))
             rng.shuffle(perm)
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
-        yield collate(processor, [examples[i] for i in idx])
+        if step >= start:
+            yield collate(processor, [examples[i] for i in idx])

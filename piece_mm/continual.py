@@ -14,14 +14,17 @@ from tqdm import tqdm
 
 from piece_mm.batching import collate, training_batches
 from piece_mm.components import split_components
-from piece_mm.delta import save_delta, save_masks
+from piece_mm import checkpoint
+from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
 from piece_mm.sparse import sparse_optimizer
 from tasks.base import exact_match
+from tasks.errors import InputError
 from tasks.sequence import Sequence
 
-# name -> fn(model, processor, task, cfg) -> torch.optim.Optimizer over the weights the method tunes for this task
+# name -> fn(model, processor, task, cfg, masks=None) -> torch.optim.Optimizer over the weights the method tunes for
+# this task. Sparse methods choose their masks unless given them (a resumed task reuses the ones saved at its start).
 METHODS: dict[str, Callable] = {}
 
 
@@ -33,7 +36,7 @@ def register(name: str):
 
 
 @register("seqft")
-def seqft(model, processor, task, cfg):
+def seqft(model, processor, task, cfg, masks=None):
     """Full fine-tuning, AdamW recreated for each task."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
 
@@ -42,22 +45,27 @@ PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sam
 
 
 def _sparse_method(estimator: str):
-    def make(model, processor, task, cfg):
+    def make(model, processor, task, cfg, masks=None):
         """Score the task's training examples on the current model, pick the top weights per component within the
         budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
         b = cfg["budget"]
         parts = split_components(model, exclude=b["exclude"], rules=b["components"])
+        if masks is None:
+            masks = _choose(model, processor, task, cfg, parts)
+        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
+                               weight_decay=b["weight_decay"])
+        opt.parts = parts
+        return opt
+
+    def _choose(model, processor, task, cfg, parts):
+        b = cfg["budget"]
         examples = task.train[: b["score_examples"]]
         per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
         batches = (collate(processor, examples[i:i + bs]) for i in range(0, len(examples), bs))
         scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                      seed=cfg["seed"], per_sample=per_sample)
-        masks = select_masks(scores, parts, budget_arg(b), pool=b["pool"])
-        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
-                               weight_decay=b["weight_decay"])
-        opt.parts = parts
-        return opt
+        return select_masks(scores, parts, budget_arg(b), pool=b["pool"])
     make.__name__ = estimator
     return make
 
@@ -94,17 +102,21 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
     return scores, general, samples
 
 
-def train_task(model, processor, task, opt, steps: int, batch_size: int, seed: int, desc: str) -> float:
-    """`steps` optimizer steps on the task with a cosine schedule and 10 % warmup; returns the last loss."""
+def make_scheduler(opt, steps: int):
+    """Cosine schedule with 10 % warmup."""
     from transformers import get_cosine_schedule_with_warmup
+    return get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
 
-    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
+
+def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
+               start: int = 0, on_step=None) -> float:
+    """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss."""
     device = next(model.parameters()).device
     model.train()
     loss_value = float("nan")
-    bar = tqdm(training_batches(processor, task.train, batch_size, steps, seed), total=steps, desc=desc,
-               file=sys.stderr, leave=False, mininterval=2)
-    for step, batch in enumerate(bar):
+    bar = tqdm(training_batches(processor, task.train, batch_size, steps, seed, start=start), initial=start,
+               total=steps, desc=desc, file=sys.stderr, leave=False, mininterval=2)
+    for step, batch in enumerate(bar, start=start):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
@@ -118,64 +130,126 @@ def train_task(model, processor, task, opt, steps: int, batch_size: int, seed: i
         loss_value = loss.item()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step(step + 1, loss_value)
     model.eval()
     return loss_value
 
 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
-        log=print) -> dict:
+        log=print, checkpoint_every: int = 50, resume_from: tuple | None = None) -> dict:
+    """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
+    `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
+    resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
+    never stopped (the caller checks it with check_resume first)."""
     from eval.cl_metrics import summary
     from eval.report import write_report
 
     if method not in METHODS:
         raise KeyError(method)
     t0 = time.time()
-    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
-    selection, all_masks = [], []
     names = [t.name for t in seq.tasks]
-    trainable = {"vision": 0, "projector": 0, "llm": 0, "total": 0}
-    scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
-    R, before, after, all_samples = [scores], general, [], [samples]
-    log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  VQA {general.get('VQA', float('nan')):.3f}")
-    for i, task in enumerate(seq.tasks):
-        torch.manual_seed(seed * 1000 + i)
-        cfg["seed"] = seed * 1000 + i
-        opt = METHODS[method](model, processor, task, cfg)
-        masks = getattr(opt, "masks", None)
-        if masks is not None:
-            summ = mask_summary(masks, opt.parts)
-            counts = {c: summ[c]["chosen"] for c in opt.parts} | {"total": summ["total"]}
-            selection.append({"task": task.name, **summ})
-            all_masks.append(masks)
-            save_masks(masks, output / "masks" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
-            log(f"{task.name}: tuning {summ['total']:,} weights (" +
-                ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
+    config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget)
+    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
+    train_state = None
+    if resume_from is not None:
+        st, where = resume_from
+        check_resume(st, config, output)
+        train_state = checkpoint.restore(where, model)
+        log(f"resuming from {where}: task {st['task'] + 1}, step {st['step']}" if st["in_task"] else
+            f"resuming from {where}: before task {st['task'] + 1}")
+    else:
+        scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
+        log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
+            f"VQA {general.get('VQA', float('nan')):.3f}")
+        st = {"config": config, "task": 0, "step": 0, "in_task": False, "R": [scores], "before": general,
+              "after": [], "samples": [samples], "selection": [], "loss": None, "time_s": 0.0,
+              "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
+        checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
+    elapsed = st["time_s"] - t0  # + time.time() = the run's time, over every process that worked on it
+
+    for i in range(st["task"], len(seq.tasks)):
+        task = seq.tasks[i]
+        mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
+        if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
+            masks = load_masks(mask_file) if method in SPARSE_METHODS else None
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i}, masks=masks)
+            sched = make_scheduler(opt, steps)
+            if train_state["optimizer"] is not None:
+                opt.load_state_dict(train_state["optimizer"])
+                sched.load_state_dict(train_state["scheduler"])
+            checkpoint.set_rng_state(train_state["rng"])
+            start = st["step"]
         else:
-            counts = component_counts(model, (budget or {}).get("components"))
-        trainable = {k: max(trainable[k], counts[k]) for k in counts}
-        loss = train_task(model, processor, task, opt, steps, batch_size, seed * 1000 + i,
-                          desc=f"task {i + 1}/{len(seq.tasks)} {task.name}")
+            torch.manual_seed(seed * 1000 + i)
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i})
+            sched = make_scheduler(opt, steps)
+            start = 0
+            masks = getattr(opt, "masks", None)
+            if masks is not None:
+                summ = mask_summary(masks, opt.parts)
+                counts = {c: summ[c]["chosen"] for c in opt.parts} | {"total": summ["total"]}
+                st["selection"].append({"task": task.name, **summ})
+                save_masks(masks, mask_file, {"task": task.name})
+                log(f"{task.name}: tuning {summ['total']:,} weights (" +
+                    ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
+            else:
+                counts = component_counts(model, (budget or {}).get("components"))
+            st["trainable"] = {k: max(st["trainable"][k], counts[k]) for k in counts}
+            st.update(task=i, step=0, in_task=True)
+
+        def on_step(done, loss, opt=opt, sched=sched):
+            if done == steps or (checkpoint_every and done % checkpoint_every == 0):
+                st.update(step=done, loss=loss, time_s=elapsed + time.time())
+                checkpoint.save(output, st, model, opt, sched)
+
+        if start < steps:
+            st["loss"] = train_task(model, processor, task, opt, sched, steps, batch_size, seed * 1000 + i,
+                                    desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step)
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
+        masks = getattr(opt, "masks", None)
         if masks is not None:
             save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
         scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, f"eval {task.name}")
-        R.append(scores)
-        after.append(general)
-        all_samples.append(samples)
-        log(f"after {task.name}: loss {loss:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
+        st["R"].append(scores)
+        st["after"].append(general)
+        st["samples"].append(samples)
+        log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
             f"VQA {general.get('VQA', float('nan')):.3f}")
+        st.update(task=i + 1, step=0, in_task=False, time_s=elapsed + time.time())
+        checkpoint.save(output, st, model)
+
+    R = st["R"]
     metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names, "scores": R,
-               "general": {"before": before, "after": after}, "summary": summary(R, before, after),
-               "trainable": trainable, "time_s": time.time() - t0}
-    if selection:
+               "general": {"before": st["before"], "after": st["after"]},
+               "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
+               "time_s": elapsed + time.time()}
+    if st["selection"]:
+        all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
         metrics["budget"] = budget["path"]
-        metrics["selection"] = selection
+        metrics["selection"] = st["selection"]
         metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
     _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
-    write_report(output, metrics, all_samples)
+    write_report(output, metrics, st["samples"])
+    checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
     return metrics
+
+
+def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget) -> dict:
+    """What a resumed run must share with the run it continues (as JSON would hold it)."""
+    return json.loads(json.dumps({"model": model_name, "method": method, "seed": seed, "steps": steps,
+                                  "batch_size": batch_size, "lr": lr, "eval_limit": eval_limit, "tasks": task_names,
+                                  "budget": budget}))
+
+
+def check_resume(state: dict, now: dict, output: Path) -> None:
+    saved = state["config"]
+    for key in now:
+        if saved.get(key) != now[key]:
+            raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
+                             f"{now[key]!r}")
 
 
 def _fmt(xs) -> str:

@@ -32,6 +32,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, help="cap on training steps per task, for quick runs")
     ap.add_argument("--eval-limit", type=int, help="cap on examples scored per task and captions per stage")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --output from its last checkpoint (same flags as the first call)")
+    ap.add_argument("--checkpoint-every", type=int, default=50,
+                    help="also checkpoint every N steps inside a task (default: 50; 0 = only at task boundaries)")
     return ap.parse_args(argv)
 
 
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
     import torch
 
     from piece_mm.components import split_components
-    from piece_mm.continual import METHODS, SPARSE_METHODS, run
+    from piece_mm import checkpoint
+    from piece_mm.continual import METHODS, SPARSE_METHODS, check_resume, run, run_config
     from piece_mm.models import load_model
     from piece_mm.select import load_budget
     from tasks.errors import InputError
@@ -71,9 +76,24 @@ def main(argv=None) -> int:
         lr = args.lr or (budget or {}).get("lr") or float(seq.train.get("lr", 1e-3))
         stem = Path(args.model).name if os.sep in args.model else args.model.replace("/", "_")
         output = args.output or Path("runs") / f"{stem}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.checkpoint_every < 0:
+            raise InputError(f"--checkpoint-every: {args.checkpoint_every}; expected 0 or a positive int")
         if (output / "metrics.json").exists():
+            if args.resume:
+                print(f"{output}: the run has finished (metrics.json); nothing to resume")
+                return 0
             raise InputError(f"--output {str(output)!r}: already holds a finished run (metrics.json); "
                              "choose another directory")
+        if (output / "checkpoint.json").exists() and not args.resume:
+            raise InputError(f"--output {str(output)!r}: holds an unfinished run (checkpoint.json); pass --resume "
+                             "to continue it, or choose another directory")
+        if args.resume and args.output is None:
+            raise InputError("--resume: needs the --output of the run to continue")
+        # A damaged checkpoint, or other flags than the run had, stop here: before anything is loaded or written.
+        found = checkpoint.load(output) if args.resume else None
+        if found is not None:
+            check_resume(found[0], run_config(args.model, args.method, args.seed, steps, batch_size, lr,
+                                              args.eval_limit, [t.name for t in seq.tasks], budget), output)
         torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
         torch.manual_seed(args.seed)
         model, processor = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -86,9 +106,14 @@ def main(argv=None) -> int:
     via = f" (budget {budget['path']})" if budget else ""
     print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
           f"{steps} steps x batch {batch_size} at lr {lr:g} -> {output}", flush=True)
-    metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output, seed=args.seed,
-                  steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit, budget=budget,
-                  log=lambda s: print(s, flush=True))
+    try:
+        metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output,
+                      seed=args.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
+                      budget=budget, log=lambda s: print(s, flush=True), checkpoint_every=args.checkpoint_every,
+                      resume_from=found)
+    except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
     s = metrics["summary"]

@@ -1,0 +1,102 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
+       "world: {train_examples: 32, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
+
+
+def _args(seq, out, *extra):
+    return [sys.executable, "-m", "piece_mm.train", "--model", "llava", "--tasks", str(seq), "--max-steps", "40",
+            "--batch-size", "4", "--eval-limit", "4", "--checkpoint-every", "2", "--output", str(out), *extra]
+
+
+def _state(out: Path):
+    try:
+        where = out / json.loads((out / "checkpoint.json").read_text())["checkpoint"]
+        return json.loads((where / "state.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and the same run killed with SIGKILL inside task 2 (a copy kept for corruption)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    seq = tmp / "two.yaml"
+    seq.write_text(SEQ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(_args(seq, tmp / "whole"), capture_output=True, text=True, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = tmp / "killed"
+    proc = subprocess.Popen(_args(seq, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = _state(killed)
+        if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed inside task 2")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    spare = tmp / "spare"
+    shutil.copytree(killed, spare)
+    return seq, tmp / "whole", killed, spare, env
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(runs):
+    seq, whole, killed, _, env = runs
+    r = subprocess.run(_args(seq, killed, "--resume"), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in ("scores", "general", "summary", "trainable", "selection", "mask_jaccard"):
+        assert a[key] == b[key], key
+    for f in ("deltas/1-color.safetensors", "deltas/2-shape.safetensors", "masks/2-shape.safetensors"):
+        assert (whole / f).read_bytes() == (killed / f).read_bytes(), f  # bit-identical tuned values
+    assert not (killed / "checkpoint.json").exists()  # finished: checkpoints are removed
+    again = subprocess.run(_args(seq, killed, "--resume"), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(runs, tmp_path, damage):
+    seq, _, _, spare, env = runs
+    out = tmp_path / "run"
+    shutil.copytree(spare, out)
+    where = out / json.loads((out / "checkpoint.json").read_text())["checkpoint"]
+    model = where / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    if damage == "truncate":
+        model.write_bytes(data[: len(data) // 2])
+    else:
+        data[-100] ^= 0xFF
+        model.write_bytes(bytes(data))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = subprocess.run(_args(seq, out, "--resume"), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors" in lines[0] and "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+def test_an_unfinished_run_needs_resume_and_the_same_flags(runs, tmp_path):
+    seq, _, _, spare, env = runs
+    out = tmp_path / "run"
+    shutil.copytree(spare, out)
+    r = subprocess.run(_args(seq, out), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(_args(seq, out, "--resume", "--lr", "0.5"), capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 2 and "lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
