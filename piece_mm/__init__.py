@@ -6,5 +6,13 @@ from piece_mm.models import load_model
 from piece_mm.select import select_masks
 from piece_mm.sparse import sparse_optimizer
 
+
+def __getattr__(name):  # PieceCallback imports transformers' Trainer machinery: only when asked for
+    if name == "PieceCallback":
+        from piece_mm.trainer import PieceCallback
+        return PieceCallback
+    raise AttributeError(f"module 'piece_mm' has no attribute {name!r}")
+
+
 __all__ = ["load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
-           "save_delta", "load_delta", "apply_delta"]
+           "save_delta", "load_delta", "apply_delta", "PieceCallback"]

@@ -61,9 +61,10 @@ def collate(processor, examples: Sequence[Example]) -> dict:
 
 
 def training_batches(processor, examples: Sequence[Example], batch_size: int, steps: int, seed: int,
-                     start: int = 0) -> Iterator[dict]:
+                     start: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict]:
     """`steps` batches drawn in epochs of a seeded shuffle; the order depends on the seed alone. `start` skips the
-    first batches without building them (a resumed run continues the same order)."""
+    first batches without building them (a resumed run continues the same order). With world > 1 each batch holds
+    this process's share (every world-th example) of the global batch."""
     rng = random.Random(seed)
     order: list[int] = []
     for step in range(steps):
@@ -73,4 +74,4 @@ def training_batches(processor, examples: Sequence[Example], batch_size: int, st
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
         if step >= start:
-            yield collate(processor, [examples[i] for i in idx])
+            yield collate(processor, [examples[i] for i in idx[rank::world]])

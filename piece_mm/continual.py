@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from piece_mm.batching import collate, training_batches
+from piece_mm.batching import IGNORE_INDEX, collate, training_batches
 from piece_mm.components import split_components
-from piece_mm import checkpoint
+from piece_mm import checkpoint, dist
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
@@ -62,7 +62,8 @@ def _sparse_method(estimator: str):
         examples = task.train[: b["score_examples"]]
         per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
-        batches = (collate(processor, examples[i:i + bs]) for i in range(0, len(examples), bs))
+        chunks = dist.share([examples[i:i + bs] for i in range(0, len(examples), bs)])  # this process's batches
+        batches = (collate(processor, c) for c in chunks)
         scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                      seed=cfg["seed"], per_sample=per_sample)
         return select_masks(scores, parts, budget_arg(b), pool=b["pool"])
@@ -114,12 +115,29 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
     device = next(model.parameters()).device
     model.train()
     loss_value = float("nan")
-    bar = tqdm(training_batches(processor, task.train, batch_size, steps, seed, start=start), initial=start,
-               total=steps, desc=desc, file=sys.stderr, leave=False, mininterval=2)
+    world = dist.world()
+    bar = tqdm(training_batches(processor, task.train, batch_size, steps, seed, start=start, rank=dist.rank(),
+                                world=world), initial=start, total=steps, desc=desc, file=sys.stderr, leave=False,
+               mininterval=2, disable=not dist.is_main())
     for step, batch in enumerate(bar, start=start):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss = model(**batch).loss
-        loss.backward()
+        if world == 1:
+            loss = model(**batch).loss
+            loss.backward()
+        else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
+            dist.sum_([count])
+            loss = model(**batch, num_items_in_batch=count.to(device)).loss
+            loss.backward()
+            grads = []
+            for p in (opt.compact_params() if hasattr(opt, "compact_params") else
+                      [q for g in opt.param_groups for q in g["params"]]):
+                if p.grad is None:  # every process must send the same buffer
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            dist.sum_(grads)
+            loss = loss.detach().reshape(1)
+            dist.sum_([loss])
         if hasattr(opt, "clip_grad_norm_"):  # sparse: clip by the norm of the gradient it actually follows
             opt.clip_grad_norm_(1.0)
         else:
@@ -142,7 +160,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
-    never stopped (the caller checks it with check_resume first)."""
+    never stopped (the caller checks it with check_resume first).
+
+    Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
+    returns the metrics (the others return None)."""
     from eval.cl_metrics import summary
     from eval.report import write_report
 
@@ -152,6 +173,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
+    main = dist.is_main()
     train_state = None
     if resume_from is not None:
         st, where = resume_from
@@ -160,13 +182,16 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         log(f"resuming from {where}: task {st['task'] + 1}, step {st['step']}" if st["in_task"] else
             f"resuming from {where}: before task {st['task'] + 1}")
     else:
-        scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
-        log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
-            f"VQA {general.get('VQA', float('nan')):.3f}")
-        st = {"config": config, "task": 0, "step": 0, "in_task": False, "R": [scores], "before": general,
-              "after": [], "samples": [samples], "selection": [], "loss": None, "time_s": 0.0,
+        st = {"config": config, "task": 0, "step": 0, "in_task": False, "R": [], "before": None,
+              "after": [], "samples": [], "selection": [], "loss": None, "time_s": 0.0,
               "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
-        checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
+        if main:
+            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
+            log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
+                f"VQA {general.get('VQA', float('nan')):.3f}")
+            st.update(R=[scores], before=general, samples=[samples])
+            checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
+        dist.barrier()
     elapsed = st["time_s"] - t0  # + time.time() = the run's time, over every process that worked on it
 
     for i in range(st["task"], len(seq.tasks)):
@@ -191,7 +216,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                 summ = mask_summary(masks, opt.parts)
                 counts = {c: summ[c]["chosen"] for c in opt.parts} | {"total": summ["total"]}
                 st["selection"].append({"task": task.name, **summ})
-                save_masks(masks, mask_file, {"task": task.name})
+                if main:
+                    save_masks(masks, mask_file, {"task": task.name})
                 log(f"{task.name}: tuning {summ['total']:,} weights (" +
                     ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
             else:
@@ -200,7 +226,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             st.update(task=i, step=0, in_task=True)
 
         def on_step(done, loss, opt=opt, sched=sched):
-            if done == steps or (checkpoint_every and done % checkpoint_every == 0):
+            if main and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
                 st.update(step=done, loss=loss, time_s=elapsed + time.time())
                 checkpoint.save(output, st, model, opt, sched)
 
@@ -210,17 +236,24 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
         masks = getattr(opt, "masks", None)
-        if masks is not None:
-            save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors", {"task": task.name})
-        scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, f"eval {task.name}")
-        st["R"].append(scores)
-        st["after"].append(general)
-        st["samples"].append(samples)
-        log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
-            f"VQA {general.get('VQA', float('nan')):.3f}")
-        st.update(task=i + 1, step=0, in_task=False, time_s=elapsed + time.time())
-        checkpoint.save(output, st, model)
+        st.update(task=i + 1, step=0, in_task=False)
+        if main:
+            if masks is not None:
+                save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
+                           {"task": task.name})
+            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
+                                                f"eval {task.name}")
+            st["R"].append(scores)
+            st["after"].append(general)
+            st["samples"].append(samples)
+            log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
+                f"VQA {general.get('VQA', float('nan')):.3f}")
+            st["time_s"] = elapsed + time.time()
+            checkpoint.save(output, st, model)
+        dist.barrier()  # the others wait while the first process evaluates
 
+    if not main:
+        return None
     R = st["R"]
     metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names, "scores": R,
                "general": {"before": st["before"], "after": st["after"]},

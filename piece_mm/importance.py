@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from piece_mm import dist
 from piece_mm.persample import PerSample
 from piece_mm.sparse import gather_paused
 
@@ -48,7 +49,11 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
             if s is not None:
                 s[n].add_(g)
         n_batches += 1
-    if n_batches == 0:
+    # Under several processes each passes its own share of the batches: the sums are summed across them, so every
+    # process ends with the same scores (and chooses the same mask).
+    count = torch.tensor([float(n_batches)])
+    dist.sum_([count] + list(sq.values()) + (list(s.values()) if s is not None else []))
+    if count.item() == 0:
         raise ValueError("estimate_importance: `batches` yielded nothing")
     return s, sq
 

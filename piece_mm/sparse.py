@@ -44,6 +44,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 p.requires_grad_(False)  # no selected element: no dense gradient is ever kept for it
                 p.grad = None
                 continue
+            _require_whole(n, p)
             idx = idx.to(device=p.device, dtype=torch.int64)  # flat indices, sorted
             if idx.min() < 0 or idx.max() >= p.numel():
                 raise IndexError(f"sparse_optimizer: mask for {n!r} indexes outside its {p.numel()} elements")
@@ -124,6 +125,18 @@ class SparseOptimizer(torch.optim.Optimizer):
                         t.grad = None
                     else:
                         t.grad.zero_()
+
+
+def _require_whole(name: str, p) -> None:
+    """Flat indices address a whole parameter. A shard (FSDP2's DTensor, FSDP1's FlatParameter, DeepSpeed ZeRO-3's
+    partitioned parameter) holds only part of it, so it is refused rather than indexed wrongly."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()
+    if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter" or hasattr(p, "ds_id"):
+        raise TypeError(f"sparse_optimizer: parameter {name!r} is sharded ({type(p).__name__}); sparse tuning needs "
+                        "whole parameters on every process: use data parallelism (configs/accelerate/ddp.yaml)")
 
 
 def _gather_hook(ref, i: int):

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     import torch
 
     from piece_mm.components import split_components
-    from piece_mm import checkpoint
+    from piece_mm import checkpoint, dist
     from piece_mm.continual import METHODS, SPARSE_METHODS, check_resume, run, run_config
     from piece_mm.models import load_model
     from piece_mm.select import load_budget
@@ -61,6 +61,14 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
+                os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            raise InputError("accelerate config: FSDP / DeepSpeed shard the parameters, and this CLI's sparse tuning "
+                             "needs whole ones; launch with configs/accelerate/ddp.yaml (see README)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            state = dist.init()  # the process group `accelerate launch` describes
+            if args.device.startswith("cuda"):
+                args.device = str(state.device)  # one GPU per process
         if args.method not in METHODS:
             raise InputError(f"--method {args.method!r}: unknown; known: {', '.join(sorted(METHODS))}")
         for flag, v in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--max-steps", args.max_steps),
@@ -73,6 +81,9 @@ def main(argv=None) -> int:
         if args.max_steps:
             steps = min(steps, args.max_steps)
         batch_size = args.batch_size or int(seq.train.get("batch_size", 16))
+        if batch_size < dist.world():
+            raise InputError(f"--batch-size {batch_size}: the global batch is split over {dist.world()} processes; "
+                             f"expected at least {dist.world()}")
         lr = args.lr or (budget or {}).get("lr") or float(seq.train.get("lr", 1e-3))
         stem = Path(args.model).name if os.sep in args.model else args.model.replace("/", "_")
         output = args.output or Path("runs") / f"{stem}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -102,18 +113,25 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    dist.barrier()  # every process has checked the output dir before the first one writes to it
     output.mkdir(parents=True, exist_ok=True)
+    main_process = dist.is_main()
     via = f" (budget {budget['path']})" if budget else ""
-    print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks ({', '.join(t.name for t in seq.tasks)}), "
-          f"{steps} steps x batch {batch_size} at lr {lr:g} -> {output}", flush=True)
+    if main_process:
+        print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks "
+              f"({', '.join(t.name for t in seq.tasks)}), {steps} steps x batch {batch_size} at lr {lr:g}"
+              + (f" over {dist.world()} processes" if dist.world() > 1 else "") + f" -> {output}", flush=True)
     try:
         metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output,
                       seed=args.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
-                      budget=budget, log=lambda s: print(s, flush=True), checkpoint_every=args.checkpoint_every,
+                      budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
+                      checkpoint_every=args.checkpoint_every,
                       resume_from=found)
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not main_process:
+        return 0
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
     s = metrics["summary"]

@@ -22,10 +22,20 @@ def test_hf_trainer_with_the_sparse_optimizer_and_a_scheduler(tmp_path):
     sched = get_linear_schedule_with_warmup(opt, 1, 6)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
                              use_cpu=True, save_strategy="no", logging_steps=1, remove_unused_columns=False,
-                             dataloader_num_workers=0, disable_tqdm=True)
+                             dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=0.0)
+    clip = pm.PieceCallback(max_grad_norm=1e-3)  # tiny, so that clipping certainly bites
+    seen = []
+    inner_step = opt.inner.step  # spy: the compact gradient as the inner optimizer receives it
+
+    def spy():
+        seen.append(torch.linalg.vector_norm(torch.cat([c.grad for c in opt.compact_params()])).item())
+        return inner_step()
+    opt.inner.step = spy
     trainer = Trainer(model=model, args=args, train_dataset=ex, data_collator=lambda b: collate(processor, b),
-                      optimizers=(opt, sched))
+                      optimizers=(opt, sched), callbacks=[clip])
     trainer.train()
+    assert len(seen) == 4 and max(seen) <= 1e-3 * (1 + 1e-4) and clip.last_norm > 1e-3  # clipped before each step
+    assert not opt._hooks  # hooks removed at the end of training
     assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] < 1e-3
     moved = 0
     for (n, p), q in zip(model.named_parameters(), base.parameters()):
@@ -35,3 +45,16 @@ def test_hf_trainer_with_the_sparse_optimizer_and_a_scheduler(tmp_path):
         assert torch.equal(p.detach().reshape(-1)[~sel], q.detach().reshape(-1)[~sel]), n
         moved += int((p.detach().reshape(-1)[sel] != q.detach().reshape(-1)[sel]).sum())
     assert moved > 0
+
+
+def test_the_trainer_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "examples/trainer_piece.py", "--steps", "12", "--output", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "every other weight bit-identical: True" in r.stdout
+    assert pm.load_delta(tmp_path / "size-delta.safetensors")

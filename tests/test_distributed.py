@@ -1,0 +1,83 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
+       "world: {train_examples: 16, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
+
+
+def _train(out, seq, launcher=(), env=None):
+    cmd = [*launcher, "-m", "piece_mm.train"] if launcher else [sys.executable, "-m", "piece_mm.train"]
+    return subprocess.run([*cmd, "--model", "llava", "--tasks", str(seq), "--max-steps", "4", "--batch-size", "4",
+                           "--eval-limit", "4", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_two_processes_choose_the_same_masks_and_take_the_same_steps(tmp_path):
+    """accelerate launch, 2 CPU processes (accelerate's torchrun path; its --cpu path starts MPI or one process):
+    importance sums and compact gradients are summed across them, so masks and tuned values match one process."""
+    from piece_mm.delta import load_delta, load_masks
+
+    seq = tmp_path / "two.yaml"
+    seq.write_text(SEQ)
+    one = _train(tmp_path / "one", seq)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _train(tmp_path / "two", seq, launcher=("accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                                                    "--num_machines", "1", "--mixed_precision", "no",
+                                                    "--dynamo_backend", "no"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "over 2 processes" in two.stdout and two.stdout.count("OP ") == 1  # one writer
+    for f in ("1-color", "2-shape"):
+        a, b = load_masks(tmp_path / "one" / "masks" / f"{f}.safetensors"), \
+            load_masks(tmp_path / "two" / "masks" / f"{f}.safetensors")
+        total = sum(v.numel() for v in a.values())
+        shared = sum(len(set(a[n].tolist()) & set(b.get(n, a[n][:0]).tolist())) for n in a)
+        assert shared >= 0.999 * total, f
+        da, db = load_delta(tmp_path / "one" / "deltas" / f"{f}.safetensors"), \
+            load_delta(tmp_path / "two" / "deltas" / f"{f}.safetensors")
+        for n, (idx, vals) in da.items():
+            if torch.equal(idx, db[n][0]):
+                assert torch.allclose(vals, db[n][1], atol=1e-4), n  # same steps up to summation order
+
+
+def test_sharding_configs_are_refused_in_one_line(tmp_path):
+    seq = tmp_path / "two.yaml"
+    seq.write_text(SEQ)
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        r = _train(tmp_path / var, seq, env={var: "true"})
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "ddp.yaml" in r.stderr, var
+        assert not (tmp_path / var).exists()
+
+
+def test_sparse_optimizer_refuses_a_sharded_parameter(tmp_path):
+    """A DTensor (FSDP2's parameter) holds a shard: flat indices of the whole parameter would address the wrong
+    elements, so it is refused with a clear error."""
+    code = f"""
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor, Shard
+import piece_mm as pm
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+lin = torch.nn.Linear(4, 4)
+lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
+try:
+    pm.sparse_optimizer(lin, {{"weight": torch.tensor([0, 5])}}, torch.optim.AdamW)
+except TypeError as e:
+    print("refused:", e)
+dist.destroy_process_group()
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "refused: sparse_optimizer: parameter 'weight' is sharded (DTensor)" in r.stdout, r.stderr[-2000:]
+
+
+def test_dist_helpers_are_the_identity_for_one_process():
+    from piece_mm import dist
+    t = torch.arange(4.0)
+    dist.sum_([t])
+    assert dist.world() == 1 and dist.rank() == 0 and dist.is_main() and torch.equal(t, torch.arange(4.0))
+    assert dist.share([1, 2, 3]) == [1, 2, 3]
