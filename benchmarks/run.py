@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -220,8 +221,12 @@ def run(preset: str, rounds: int) -> dict:
     fisher = fisher_runners(preset)
     ref, fast = fisher["loop"](), fisher["per_sample"]()
     fisher_time = timed_rounds(fisher, rounds)
-    mem = {m: _memory_in_subprocess(m, preset) for m in STEP_METHODS}
-    fisher_mem = {m: _memory_in_subprocess(m, preset) for m in FISHER_METHODS}
+    # Two children at a time: each measures its own peak resident set, which the other cannot touch.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = dict(zip(STEP_METHODS + FISHER_METHODS,
+                         pool.map(lambda m: _memory_in_subprocess(m, preset), STEP_METHODS + FISHER_METHODS)))
+    mem = {m: peaks[m] for m in STEP_METHODS}
+    fisher_mem = {m: peaks[m] for m in FISHER_METHODS}
     return {
         "preset": preset, "params": n_params, "tuned_weights": n_tuned, "batch": BATCH, "tokens": TOKENS,
         "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from piece_mm import checkpoint, dist
 from piece_mm.batching import IGNORE_INDEX, collate, training_batches
 from piece_mm.components import split_components
-from piece_mm import checkpoint, dist
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from piece_mm.components import split_components
     from piece_mm import checkpoint, dist
+    from piece_mm.components import split_components
     from piece_mm.continual import METHODS, SPARSE_METHODS, check_resume, run, run_config
     from piece_mm.models import load_model
     from piece_mm.select import load_budget
