@@ -125,16 +125,15 @@ class _Recorder:
         self.probes: dict[str, torch.Tensor] = {}  # random vectors for the cheap check of weight matrices
 
     @contextmanager
-    def batch(self, B: int, patches: torch.Tensor | None, covered: bool, sq: dict, s: dict | None):
+    def batch(self, B: int, patches: torch.Tensor | None, sq: dict, s: dict | None):
         """Hooks for one batch. Checked contributions go into sq (Σ_n G_n²) and s (autograd's Σ_n g_n); .failed
         names the parameters a rule could not score (rows not assignable, reused modules, a failed check)."""
         self.B, self.patches, self.sq, self.s = B, patches, sq, s
         self.local, self.sums, self.floor = {}, {}, {}  # this batch's parts, until the check passes
         self.calls = {n: 0 for n in self.params}
-        self.failed: set[str] = set(self.params) if not covered else set(self.static_fallback)
+        self.failed: set[str] = set(self.static_fallback)
         handles = [p.register_post_accumulate_grad_hook(self._post(n)) for n, p in self.params.items()]
-        if covered:
-            handles += [m.register_forward_hook(self._forward_hook(kind)) for m, kind in self.modules.values()]
+        handles += [m.register_forward_hook(self._forward_hook(kind)) for m, kind in self.modules.values()]
         try:
             yield self
             for n in list(self.local):  # hooks saw a call but no gradient arrived: it must all be zero
@@ -313,11 +312,13 @@ class PerSample:
         """Score one batch; returns its number of samples."""
         B = batch["input_ids"].shape[0]
         images = _images_per_sample(self.model, batch)  # [B] or None
-        covered = images is None or bool((images == 1).all())
-        patches = batch["image_grid_thw"].prod(-1) if covered and "image_grid_thw" in batch else None
+        if images is not None and not bool((images == 1).all()):  # rows cannot be told apart: all by the loop
+            self._loop(batch, B, images, sorted(self.params), sq, s)
+            return B
+        patches = batch["image_grid_thw"].prod(-1) if "image_grid_thw" in batch else None
         for p in self.params.values():
             p.grad = None
-        with self.recorder.batch(B, patches, covered, sq, s) as rec:
+        with self.recorder.batch(B, patches, sq, s) as rec:
             sample_losses(self.model, batch).sum().backward()
         if rec.failed:
             self._loop(batch, B, images, sorted(rec.failed), sq, s)

@@ -103,3 +103,34 @@ def test_a_reused_module_is_not_guessed_at():
     with pytest.warns(UserWarning, match="lin.weight"):
         f = pm.estimate_importance(model, [collate(processor, ex)], "piece-f", names=names, per_sample=True)
     assert _max_rel_err(f, _loop_reference(model, ex, processor, names)[1])[0] < 1e-4
+
+
+def test_a_text_only_sample_sends_the_batch_to_the_loop_with_the_right_split():
+    """Images not one per sample (here: the second sample is text only): rows cannot be assigned, so the whole batch
+    is scored per sample by the loop, each sample with its own images; the result still equals the reference."""
+    model, processor = pm.load_model("llava")
+    ex = world.task_set("size", "train", 2, seed=4)
+    batch = collate(processor, ex)
+    tok = model.config.image_token_id
+    ids = batch["input_ids"][1]
+    keep = ids != tok
+    text_only = {k: v[1:2] for k, v in batch.items() if k != "pixel_values"}
+    n = int(keep.sum())
+    for k in ("input_ids", "attention_mask", "labels"):  # drop sample 2's image tokens, pad at the right
+        row = torch.full_like(batch[k][1], {"input_ids": 0, "attention_mask": 0, "labels": -100}[k])
+        row[:n] = batch[k][1][keep]
+        batch[k][1] = row
+        text_only[k] = row[None]
+    batch["pixel_values"] = batch["pixel_values"][:1]
+    first = {k: v[:1] for k, v in batch.items()}
+    names = ["lm_head.weight", "model.multi_modal_projector.linear_1.weight"]
+    with pytest.warns(UserWarning, match="batch-1 loop"):
+        f = pm.estimate_importance(model, [batch], "piece-f", names=names, per_sample=True)
+    params = dict(model.named_parameters())
+    ref = {nm: torch.zeros_like(params[nm]) for nm in names}
+    for one in (first, text_only):
+        for nm, g in zip(names, torch.autograd.grad(model(**one).loss, [params[nm] for nm in names],
+                                                    allow_unused=True)):
+            if g is not None:
+                ref[nm] += g * g
+    assert _max_rel_err(f, ref)[0] < 1e-4
