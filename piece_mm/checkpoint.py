@@ -55,8 +55,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
 
 
-def save(output: Path, state: dict, model, opt=None, sched=None) -> Path:
-    """Write a checkpoint of the run at `state` and point checkpoint.json to it."""
+def save(output: Path, state: dict, model, opt=None, sched=None, weights_unchanged: bool = False) -> Path:
+    """Write a checkpoint of the run at `state` and point checkpoint.json to it. weights_unchanged: the weights are
+    those of the latest checkpoint, which are then hard-linked rather than written (and hashed) again."""
     output = Path(output)
     root = output / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -64,12 +65,18 @@ def save(output: Path, state: dict, model, opt=None, sched=None) -> Path:
     tmp = root / f"{number}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_model_tensors(model), str(tmp / "model.safetensors"))
+    previous = _latest(output) if weights_unchanged else None
+    files = {}
+    if previous is not None:  # its size and hash were recorded when it was written
+        os.link(previous[1] / "model.safetensors", tmp / "model.safetensors")
+        files["model.safetensors"] = previous[0]["files"]["model.safetensors"]
+    else:
+        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
     torch.save({"optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None, "rng": rng_state()},
                tmp / "train.pt")
-    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-             for f in ("model.safetensors", "train.pt")}
+    for f in ("model.safetensors", "train.pt"):
+        files.setdefault(f, {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)})
     (tmp / "state.json").write_text(json.dumps({**state, "files": files}))
     for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
@@ -83,6 +90,15 @@ def save(output: Path, state: dict, model, opt=None, sched=None) -> Path:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _latest(output: Path) -> tuple[dict, Path] | None:
+    """(state, dir) of the latest checkpoint this run wrote, unverified (it was hashed when written)."""
+    pointer = Path(output) / POINTER
+    if not pointer.exists():
+        return None
+    where = Path(output) / json.loads(pointer.read_text())["checkpoint"]
+    return json.loads((where / "state.json").read_text()), where
 
 
 def load(output: Path) -> tuple[dict, Path] | None:

@@ -249,7 +249,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
                 f"VQA {general.get('VQA', float('nan')):.3f}")
             st["time_s"] = elapsed + time.time()
-            checkpoint.save(output, st, model)
+            # the checkpoint of training's last step holds these very weights: link them, do not write them again
+            checkpoint.save(output, st, model, weights_unchanged=True)
         dist.barrier()  # the others wait while the first process evaluates
 
     if not main:

@@ -3,20 +3,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQ = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
-       "world: {train_examples: 32, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
 
 
 def _args(seq, out, *extra):
-    return [sys.executable, "-m", "piece_mm.train", "--model", "llava", "--tasks", str(seq), "--max-steps", "40",
-            "--batch-size", "4", "--eval-limit", "4", "--checkpoint-every", "2", "--output", str(out), *extra]
+    from conftest import short_run_args
+    return short_run_args(seq, out, *extra)
 
 
 def _state(out: Path):
@@ -28,14 +25,11 @@ def _state(out: Path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, uninterrupted_run):
     """An uninterrupted run, and the same run killed with SIGKILL inside task 2 (a copy kept for corruption)."""
     tmp = tmp_path_factory.mktemp("resume")
-    seq = tmp / "two.yaml"
-    seq.write_text(SEQ)
+    seq, whole = uninterrupted_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(_args(seq, tmp / "whole"), capture_output=True, text=True, env=env, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-2000:]
     killed = tmp / "killed"
     proc = subprocess.Popen(_args(seq, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 600
@@ -51,7 +45,7 @@ def runs(tmp_path_factory):
     assert not (killed / "metrics.json").exists()
     spare = tmp / "spare"
     shutil.copytree(killed, spare)
-    return seq, tmp / "whole", killed, spare, env
+    return seq, whole, killed, spare, env
 
 
 def test_resume_after_kill_9_gives_the_uninterrupted_result(runs):
@@ -100,3 +94,19 @@ def test_an_unfinished_run_needs_resume_and_the_same_flags(runs, tmp_path):
     r = subprocess.run(_args(seq, out, "--resume", "--lr", "0.5"), capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 2 and "lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_with_unchanged_weights_links_them(tmp_path):
+    import torch
+
+    from piece_mm import checkpoint
+    lin = torch.nn.Linear(3, 2)
+    first = checkpoint.save(tmp_path, {"step": 1}, lin)
+    inode = (first / "model.safetensors").stat().st_ino
+    second = checkpoint.save(tmp_path, {"step": 2}, lin, weights_unchanged=True)
+    assert not first.exists() and (second / "model.safetensors").stat().st_ino == inode  # linked, not rewritten
+    state, where = checkpoint.load(tmp_path)  # size and sha256 still verify
+    assert state["step"] == 2 and where == second
+    other = torch.nn.Linear(3, 2)
+    checkpoint.restore(where, other)
+    assert torch.equal(other.weight, lin.weight) and torch.equal(other.bias, lin.bias)
