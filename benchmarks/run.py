@@ -78,7 +78,6 @@ def fixed_batch(model, n: int = BATCH) -> dict:
 
 
 def llm_linear_weights(model) -> dict[str, torch.nn.Parameter]:
-    import re
     return {n: p for n, p in model.named_parameters() if re.fullmatch(LLM_LINEAR + r"\.weight", n)}
 
 

@@ -11,12 +11,13 @@ from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_wa
 import piece_mm as pm
 from piece_mm.batching import collate
 from tasks import world
+from tasks.base import exact_match
 
 
 def accuracy(model, processor, examples):
     from eval.generate import generate
     answers = generate(model, processor, examples, batch_size=32, max_new_tokens=8)
-    return sum(a.strip() == ex.answer for a, ex in zip(answers, examples)) / len(examples)
+    return sum(exact_match(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples)
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Data parallelism for processes started by `accelerate launch` (e.g. `--cpu --num_processes 2`).
+"""Data parallelism for processes started by `accelerate launch` (on CPU: `--multi_gpu --num_processes 2`, which
+runs gloo; accelerate's `--cpu --num_processes 2` starts a single process unless MPI is used).
 
 Every process holds the whole model and takes its share of each global batch. Gradients, or for the sparse optimizer
 only its compact gradients, and the importance sums are summed across processes, so every process takes the same

@@ -122,6 +122,11 @@ class _Recorder:
                                 if not owners or any(kind is None for _, kind, _ in owners)}
         self.modules = {id(m): (m, kind) for n in params if n not in self.static_fallback
                         for m, kind, _ in self.owners[n]}
+        self.scored_by = {key: [] for key in self.modules}  # module id -> [(param name, local name)] it scores
+        for n in params:
+            if n not in self.static_fallback:
+                for m, _, local in self.owners[n]:
+                    self.scored_by[id(m)].append((n, local))
         self.probes: dict[str, torch.Tensor] = {}  # random vectors for the cheap check of weight matrices
 
     @contextmanager
@@ -171,16 +176,12 @@ class _Recorder:
         if self.s is not None:
             self.s[n].add_(grad)
 
-    def _local_params(self, module):
-        return [(n, local) for n in self.params if n not in self.static_fallback
-                for m, _, local in self.owners[n] if m is module]
-
     def _forward_hook(self, kind):
         def hook(module, args, out):
             if not torch.is_tensor(out) or not out.requires_grad or not args or not torch.is_tensor(args[0]):
                 return
             x = args[0].detach()
-            mine = self._local_params(module)
+            mine = self.scored_by[id(module)]
             for n, _ in mine:
                 self.calls[n] += 1
             counts = _row_counts(x.shape[0], self.B, self.patches)
@@ -305,7 +306,6 @@ class PerSample:
     def __init__(self, model, params: dict[str, torch.nn.Parameter]):
         self.model, self.params = model, params
         self.recorder = _Recorder(model, params)
-        self.looped: set[str] = set()  # every parameter the batch-1 loop had to score, for the caller to see
         self._warned: set[str] = set()
 
     def add(self, batch: dict, sq: dict, s: dict | None) -> int:
@@ -330,7 +330,6 @@ class PerSample:
             warnings.warn(f"per-sample scoring: {len(new)} parameter(s) not covered by the batched rules "
                           f"(e.g. {new[0]!r}) are scored by a batch-1 loop", stacklevel=4)
             self._warned.update(new)
-        self.looped.update(names)
         params = [self.params[n] for n in names]
         for one in split_samples(batch, B, images):
             grads = torch.autograd.grad(sample_losses(self.model, one).sum(), params, allow_unused=True)

@@ -142,7 +142,8 @@ def _require_whole(name: str, p) -> None:
 def _gather_hook(ref, i: int):
     def hook(p):
         opt = ref()
-        if not _paused and opt is not None and p.grad is not None and opt._targets[i][0] is p:  # not a deep copy's parameter
+        # `is p`: a deep copy of the model carries this hook over to parameters the optimizer does not own
+        if not _paused and opt is not None and p.grad is not None and opt._targets[i][0] is p:
             opt._gather(i)
     return hook
 
