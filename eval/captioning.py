@@ -2,7 +2,8 @@
 
     python -m eval.captioning --model llava                       # built-in held-out world captions
     python -m eval.captioning --model runs/x/model --baseline llava   # + retention per metric
-    python -m eval.captioning --model <dir> --data captions_val.json --images val2014
+    python -m eval.captioning --model <dir> --data captions_val.json --images val2014 \
+        [--format karpathy] [--clip-model ViT-B-32 --clip-weights <file>] [--spice --corenlp <dir>]
 """
 from __future__ import annotations
 
@@ -20,11 +21,47 @@ from tasks.base import Example, exact_match
 METRIC_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
-def _spice_available() -> bool:
-    """SPICE needs Stanford CoreNLP jars that pycocoevalcap downloads on first use; offline they are absent."""
+CORENLP_ENV = "PIECE_MM_CORENLP"  # a dir holding the Stanford CoreNLP 3.6.0 jars that SPICE needs
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_spice_warned = False
+
+
+def corenlp_dir(configured: str | Path | None = None) -> Path | None:
+    """The first of: the configured dir, $PIECE_MM_CORENLP, pycocoevalcap's spice/lib, that holds both CoreNLP jars.
+    (pycocoevalcap would download them on first use; offline that cannot work, so it is never asked to.)"""
     import pycocoevalcap
     lib = Path(list(pycocoevalcap.__path__)[0]) / "spice" / "lib"
-    return any(p.name.startswith("stanford-corenlp-3.6.0") for p in lib.glob("*.jar"))
+    for d in (configured, os.environ.get(CORENLP_ENV), lib):
+        if d and all((Path(d) / j).is_file() for j in CORENLP_JARS):
+            return Path(d)
+    return None
+
+
+def _warn_spice(reason: str) -> None:
+    global _spice_warned
+    if not _spice_warned:
+        from tqdm import tqdm
+        tqdm.write(f"warning: SPICE skipped: {reason}", file=sys.stderr)  # not into a progress bar's line
+        _spice_warned = True
+
+
+def spice_score(gts: dict, res: dict, corenlp: Path) -> float:
+    """Mean SPICE F-score through pycocoevalcap's SPICE jar, with the CoreNLP jars taken from `corenlp`."""
+    import json
+    import subprocess
+
+    import pycocoevalcap
+    spice_dir = Path(list(pycocoevalcap.__path__)[0]) / "spice"
+    classpath = [spice_dir / "spice-1.0.jar", *(Path(corenlp) / j for j in CORENLP_JARS),
+                 *sorted((spice_dir / "lib").glob("*.jar"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        inp.write_text(json.dumps([{"image_id": k, "test": res[k][0], "refs": gts[k]} for k in sorted(gts)]))
+        subprocess.run(["java", "-Xmx8G", "-cp", os.pathsep.join(map(str, classpath)), "edu.anu.spice.SpiceScorer",
+                        str(inp), "-out", str(out), "-subset", "-silent"], check=True, capture_output=True,
+                       timeout=3600)
+        scores = [item["scores"]["All"]["f"] for item in json.loads(out.read_text())]
+    return float(sum(float(x) for x in scores) / len(scores))
 
 
 @contextlib.contextmanager
@@ -46,10 +83,12 @@ def _quiet():
             os.close(saved)
 
 
-def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool = False) -> dict:
+def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool | str | Path = False,
+                   ) -> dict:
     """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr of `predictions` against their reference lists.
 
-    SPICE is added only when asked and its CoreNLP models are present (they cannot be fetched offline)."""
+    SPICE is added when asked (spice=True, or a CoreNLP dir) and the CoreNLP jars are found (corenlp_dir). Otherwise,
+    or if SPICE fails, one warning line is printed (once per process) and the other metrics are returned."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -75,19 +114,33 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
                 meteor.close()
         out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-        if spice and _spice_available():
-            from pycocoevalcap.spice.spice import Spice
-            out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    if spice is not False and spice is not None:
+        corenlp = corenlp_dir(None if spice is True else spice)
+        if corenlp is None:
+            _warn_spice(f"no Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) in "
+                        f"{'' if spice is True else str(spice) + ', '}${CORENLP_ENV} or pycocoevalcap's spice/lib")
+        else:
+            try:
+                out["SPICE"] = spice_score(gts, res, corenlp)
+            except Exception as e:  # SPICE is optional: it must never end an evaluation
+                detail = getattr(e, "stderr", b"") or b""
+                last = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
+                _warn_spice(f"{type(e).__name__} running SPICE with {corenlp}" + (f": {last[0][:160]}" if last else ""))
     return out
 
 
 def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[Example], batch_size: int = 64,
-                   progress=None) -> tuple[dict, list[str]]:
-    """Caption metrics on `captions` (their `refs`) plus general-VQA exact-match accuracy on `vqa`."""
+                   progress=None, clip=None, spice=False) -> tuple[dict, list[str]]:
+    """Caption metrics on `captions` (their `refs`), CLIPScore / RefCLIPScore with a `clip` scorer
+    (eval/clipscore.py), SPICE as in caption_scores, plus general-VQA exact-match accuracy on `vqa`."""
     from eval.generate import generate
+    from tasks.base import load_image
 
     preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=24, progress=progress)
-    scores = caption_scores(preds, [ex.refs or (ex.answer,) for ex in captions])
+    refs = [ex.refs or (ex.answer,) for ex in captions]
+    scores = caption_scores(preds, refs, spice=spice)
+    if clip is not None:
+        scores.update(clip.score([load_image(ex) for ex in captions], preds, refs))
     if vqa:
         answers = generate(model, processor, vqa, batch_size=batch_size, max_new_tokens=8, progress=progress)
         scores["VQA"] = sum(exact_match(a, ex.answer) for a, ex in zip(answers, vqa)) / len(vqa)
@@ -95,16 +148,20 @@ def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[
 
 
 def _load(name: str, device: str):
-    from piece_mm.models import load_model  # loading only: eval never imports training code
+    from piece_mm.models import (
+        load_model,  # loading only: eval never imports training code
+    )
 
     model, processor = load_model(name)
     return model.to(device), processor
 
 
 def main(argv=None) -> int:
+    from eval.clipscore import load_clip
     from eval.generate import generate
     from tasks import world
-    from tasks.coco import load_coco_captions
+    from tasks.base import load_image
+    from tasks.coco import load_coco_captions, load_karpathy
     from tasks.errors import InputError
 
     ap = argparse.ArgumentParser(prog="python -m eval.captioning", description="Caption metrics of a model, and its "
@@ -113,9 +170,16 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", help="a second model; prints metric(model) / metric(baseline) per metric")
     ap.add_argument("--data", type=Path, help="COCO-captions JSON ({images, annotations}); default: world held-out")
     ap.add_argument("--images", type=Path, help="image dir for --data")
+    ap.add_argument("--format", choices=("coco-captions", "karpathy"), default="coco-captions",
+                    help="the layout of --data (karpathy: dataset_coco.json style, its test split)")
+    ap.add_argument("--clip-model", help="CLIPScore: an open_clip architecture (with --clip-weights) or a local "
+                    "open_clip dir (default: the tiny world CLIP for the world's captions)")
+    ap.add_argument("--clip-weights", help="local weights file for --clip-model")
     ap.add_argument("--eval-limit", type=int, default=100, help="number of images to caption")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--spice", action="store_true", help="also SPICE, if its CoreNLP models are installed")
+    ap.add_argument("--spice", action="store_true", help=f"also SPICE, if the CoreNLP 3.6.0 jars are found "
+                    f"(--corenlp, ${CORENLP_ENV} or pycocoevalcap's spice/lib); else one warning line")
+    ap.add_argument("--corenlp", type=Path, help="dir with the CoreNLP jars for --spice")
     args = ap.parse_args(argv)
     try:
         if args.eval_limit < 1:
@@ -123,14 +187,22 @@ def main(argv=None) -> int:
         if args.data:
             if not args.images:
                 raise InputError("--images: required with --data")
-            examples = load_coco_captions(args.data, args.images, limit=args.eval_limit)
+            load = load_karpathy if args.format == "karpathy" else load_coco_captions
+            examples = load(args.data, args.images, limit=args.eval_limit)
         else:
             examples = world.caption_set(world.HELDOUT_CAPTION_SEED, args.eval_limit, prompt=world.CAPTION_EVAL_PROMPT)
+        clip = None
+        if args.clip_model or args.clip_weights or not args.data:
+            clip = load_clip(args.clip_model, args.clip_weights, device=args.device)
+        spice = (args.corenlp or True) if args.spice else False
         results = {}
         for name in [args.model] + ([args.baseline] if args.baseline else []):
             model, processor = _load(name, args.device)
             preds = generate(model, processor, examples, max_new_tokens=24)
-            results[name] = caption_scores(preds, [ex.refs for ex in examples], spice=args.spice)
+            results[name] = caption_scores(preds, [ex.refs for ex in examples], spice=spice)
+            if clip is not None:
+                results[name].update(clip.score([load_image(ex) for ex in examples], preds,
+                                                [ex.refs for ex in examples]))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,15 +5,16 @@ from typing import Sequence
 
 import torch
 
-from tasks.base import Example, chat_messages
+from tasks.base import Example, chat_messages, load_image
 
 
 def prompt_batch(processor, examples: Sequence[Example]) -> dict:
     """The prompts alone, rendered by the model's chat template and left-padded so new tokens line up at the end."""
     tok = processor.tokenizer
-    prompts = [processor.apply_chat_template(chat_messages(ex.prompt, with_image=ex.image is not None),
+    prompts = [processor.apply_chat_template(chat_messages(ex.prompt, with_image=ex.image is not None,
+                                                           history=ex.history, image_first=ex.image_first),
                                              add_generation_prompt=True, tokenize=False) for ex in examples]
-    images = [ex.image for ex in examples if ex.image is not None] or None
+    images = [im for im in map(load_image, examples) if im is not None] or None
     side = tok.padding_side
     tok.padding_side = "left"
     try:

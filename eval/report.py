@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "VQA")
+CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "VQA")
 
 
 def _stages(tasks: list[str]) -> list[str]:
@@ -118,7 +118,9 @@ def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str
              "## Summary", "", "| OP | BWT | FWT | caption retention (CIDEr) |", "|---|---|---|---|",
              f"| {s['OP']:.3f} | {s['BWT']:+.3f} | {s['FWT']:+.3f} | {s['caption_retention']:.3f} |", "",
              "Trainable weights: " + ", ".join(f"{k} {v:,}" for k, v in metrics["trainable"].items()), "",
-             "## Score matrix", "", "Row = stage, column = task evaluated (normalised exact match).", "",
+             "## Score matrix", "", "Row = stage, column = task evaluated, by its metric (" +
+             ", ".join(f"{t}: {m}" for t, m in zip(tasks, metrics.get("task_metrics", ["exact"] * len(tasks)))) +
+             "; exact = normalised exact match, vqa = VQA accuracy, contains = answer words in the reply).", "",
              "| stage | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for stage, row in zip(_stages(tasks), R):
         lines.append(f"| {stage} | " + " | ".join(f"{v:.3f}" for v in row) + " |")

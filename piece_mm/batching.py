@@ -6,44 +6,58 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tasks.base import Example, chat_messages
+from tasks.base import Example, chat_messages, load_image
 
 IGNORE_INDEX = -100
 
 
-def _answer_suffix(processor, prompt: str, answer: str) -> tuple[str, str]:
-    """Render the prompt (with the generation cue) and the text the template appends for the assistant's answer.
-
-    The answer suffix is whatever the full conversation adds after the prompt (answer + end-of-turn token), so the
-    label mask follows the model's own template instead of a hard-coded one."""
-    prompt_text = processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
-    full_text = processor.apply_chat_template(chat_messages(prompt, answer), add_generation_prompt=False,
-                                              tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("chat template: the rendered conversation does not start with the rendered prompt; "
-                         f"prompt={prompt_text!r} full={full_text!r}")
-    return prompt_text, full_text[len(prompt_text):]
+def _pieces(processor, ex: Example) -> list[tuple[str, bool]]:
+    """The conversation rendered by the model's own chat template, cut into pieces in order: each user turn (with
+    the generation cue) untrained, each assistant reply (answer + end-of-turn) trained. The cuts are where each
+    longer rendering extends the shorter one, so the label mask follows the template instead of a hard-coded one."""
+    turns = list(ex.history) + [(ex.prompt, ex.answer)]
+    with_image = ex.image is not None
+    pieces, done = [], ""
+    for k, (user, reply) in enumerate(turns):
+        history = tuple(turns[:k])
+        asked = processor.apply_chat_template(chat_messages(user, None, with_image, history, ex.image_first),
+                                              add_generation_prompt=True, tokenize=False)
+        answered = processor.apply_chat_template(chat_messages(user, reply, with_image, history, ex.image_first),
+                                                 add_generation_prompt=False, tokenize=False)
+        if not (asked.startswith(done) and answered.startswith(asked)):
+            raise ValueError("chat template: a longer conversation does not extend the shorter one; "
+                             f"prompt={asked!r} full={answered!r}")
+        pieces += [(asked[len(done):], False), (answered[len(asked):], True)]
+        done = answered
+    return pieces
 
 
 def collate(processor, examples: Sequence[Example]) -> dict:
-    """Training batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 outside the answer), plus the
-    processor's image tensors (pixel_values, and image_grid_thw / image_sizes where the family uses them)."""
+    """Training batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 outside the assistant replies),
+    plus the processor's image tensors (pixel_values, and image_grid_thw / image_sizes where the family uses them).
+    Text-only examples (image None) may share a batch with pictured ones."""
     tok = processor.tokenizer
-    prompts, suffixes = zip(*(_answer_suffix(processor, ex.prompt, ex.answer) for ex in examples))
-    enc = processor(images=[ex.image for ex in examples], text=list(prompts), return_tensors="pt", padding=True)
+    pieces = [_pieces(processor, ex) for ex in examples]
+    images = [im for im in map(load_image, examples) if im is not None] or None
+    # the first piece holds the image placeholder: the processor expands it; the rest is plain text
+    enc = processor(images=images, text=[p[0][0] for p in pieces], return_tensors="pt", padding=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    # Per-token tensors besides input_ids (Qwen's mm_token_type_ids) are carried along; answer tokens get 0 (text).
+    # Per-token tensors besides input_ids (Qwen's mm_token_type_ids) are carried along; later pieces get 0 (text).
     per_token = [k for k, v in enc.items() if k not in ("input_ids", "attention_mask")
                  and torch.is_tensor(v) and v.shape == enc["input_ids"].shape]
     rows, labels, extras = [], [], {k: [] for k in per_token}
-    for i, suffix in enumerate(suffixes):
-        keep = enc["attention_mask"][i].bool()  # the unpadded prompt, image tokens expanded
-        prompt_ids = enc["input_ids"][i][keep]
-        answer_ids = torch.tensor(tok(suffix, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        rows.append(torch.cat([prompt_ids, answer_ids]))
-        labels.append(torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]))
+    for i, ps in enumerate(pieces):
+        keep = enc["attention_mask"][i].bool()  # the unpadded first turn, image tokens expanded
+        ids, lab = [enc["input_ids"][i][keep]], [torch.full((int(keep.sum()),), IGNORE_INDEX, dtype=torch.long)]
+        for text, trained in ps[1:]:
+            t = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            ids.append(t)
+            lab.append(t if trained else torch.full_like(t, IGNORE_INDEX))
+        rows.append(torch.cat(ids))
+        labels.append(torch.cat(lab))
         for k in per_token:
-            extras[k].append(torch.cat([enc[k][i][keep], torch.zeros_like(answer_ids, dtype=enc[k].dtype)]))
+            rest = len(rows[-1]) - int(keep.sum())
+            extras[k].append(torch.cat([enc[k][i][keep], torch.zeros(rest, dtype=enc[k].dtype)]))
     length = max(len(r) for r in rows)
     batch = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in per_token}
     batch["input_ids"] = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -19,7 +19,7 @@ from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
 from piece_mm.sparse import sparse_optimizer
-from tasks.base import exact_match
+from tasks.base import METRICS
 from tasks.errors import InputError
 from tasks.sequence import Sequence
 
@@ -85,8 +85,10 @@ def component_counts(model, rules: dict | None = None) -> dict:
     return counts
 
 
-def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size: int, desc: str):
-    """(task scores in sequence order, general metrics, the first captions with their references)."""
+def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size: int, desc: str, clip=None,
+             spice=None):
+    """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
+    scorer, SPICE with a CoreNLP dir `spice`); the first captions with their references)."""
     from eval.captioning import general_scores
     from eval.generate import generate
 
@@ -97,8 +99,10 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
         scores = []
         for task, examples in zip(seq.tasks, tests):
             answers = generate(model, processor, examples, batch_size=batch_size, max_new_tokens=8, progress=bar)
-            scores.append(sum(exact_match(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples))
-        general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar)
+            score = METRICS[task.metric]
+            scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
+        general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
+                                        clip=clip, spice=spice)
     samples = [(p, ex.refs[0]) for p, ex in zip(preds[:3], caps)]
     return scores, general, samples
 
@@ -156,11 +160,14 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
-        log=print, checkpoint_every: int = 50, resume_from: tuple | None = None) -> dict:
+        log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True) -> dict:
     """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
     never stopped (the caller checks it with check_resume first).
+
+    `clip` (eval/clipscore.py) adds CLIPScore / RefCLIPScore to the general metrics; `spice` (True, or a CoreNLP
+    dir) adds SPICE where its jars are found (else one warning line).
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
@@ -171,7 +178,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         raise KeyError(method)
     t0 = time.time()
     names = [t.name for t in seq.tasks]
-    config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget)
+    config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
+                        clip.name if clip is not None else None)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
     main = dist.is_main()
     train_state = None
@@ -186,9 +194,9 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
               "after": [], "samples": [], "selection": [], "loss": None, "time_s": 0.0,
               "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
         if main:
-            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before")
-            log(f"before: scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
-                f"VQA {general.get('VQA', float('nan')):.3f}")
+            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before",
+                                                clip, spice)
+            log(f"before: scores {_fmt(scores)}  {_general(general)}")
             st.update(R=[scores], before=general, samples=[samples])
             checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
         dist.barrier()
@@ -242,12 +250,11 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                 save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
                            {"task": task.name})
             scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
-                                                f"eval {task.name}")
+                                                f"eval {task.name}", clip, spice)
             st["R"].append(scores)
             st["after"].append(general)
             st["samples"].append(samples)
-            log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  CIDEr {general['CIDEr']:.3f}  "
-                f"VQA {general.get('VQA', float('nan')):.3f}")
+            log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  {_general(general)}")
             st["time_s"] = elapsed + time.time()
             # the checkpoint of training's last step holds these very weights: link them, do not write them again
             checkpoint.save(output, st, model, weights_unchanged=True)
@@ -256,7 +263,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     if not main:
         return None
     R = st["R"]
-    metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names, "scores": R,
+    metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names,
+               "task_metrics": [t.metric for t in seq.tasks], "scores": R,
                "general": {"before": st["before"], "after": st["after"]},
                "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
                "time_s": elapsed + time.time()}
@@ -271,11 +279,11 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     return metrics
 
 
-def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget) -> dict:
+def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None) -> dict:
     """What a resumed run must share with the run it continues (as JSON would hold it)."""
     return json.loads(json.dumps({"model": model_name, "method": method, "seed": seed, "steps": steps,
                                   "batch_size": batch_size, "lr": lr, "eval_limit": eval_limit, "tasks": task_names,
-                                  "budget": budget}))
+                                  "budget": budget, "clip": clip}))
 
 
 def check_resume(state: dict, now: dict, output: Path) -> None:
@@ -284,6 +292,10 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
+
+
+def _general(g: dict) -> str:
+    return "  ".join(f"{k} {g[k]:.3f}" for k in ("CIDEr", "CLIPScore", "VQA") if k in g)
 
 
 def _fmt(xs) -> str:

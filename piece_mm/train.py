@@ -34,6 +34,9 @@ def parse_args(argv=None):
     ap.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --output from its last checkpoint (same flags as the first call)")
+    ap.add_argument("--clip-model", help="CLIPScore model: an open_clip architecture (with --clip-weights) or a "
+                    "local open_clip dir (default: the tiny world CLIP when the general set is the world's)")
+    ap.add_argument("--clip-weights", help="local weights file for --clip-model")
     ap.add_argument("--checkpoint-every", type=int, default=50,
                     help="also checkpoint every N steps inside a task (default: 50; 0 = only at task boundaries)")
     return ap.parse_args(argv)
@@ -45,6 +48,21 @@ def _check_positive(flag: str, value, kind=int):
         return
     if not isinstance(value, kind) or value <= 0:
         raise InputError(f"{flag}: {value!r}; expected a positive {kind.__name__}")
+
+
+def _clip_scorer(args, seq):
+    """The CLIPScore model: as given, else the tiny world CLIP for the world's captions, else none (a CLIP trained
+    on the toy world says nothing about real photos)."""
+    from eval.clipscore import WORLD_CLIP, load_clip
+
+    if args.clip_model or args.clip_weights:
+        return load_clip(args.clip_model, args.clip_weights, device=args.device)
+    if seq.general_format == "world" and (WORLD_CLIP / "open_clip_config.json").is_file():
+        return load_clip(device=args.device)
+    if seq.general_format != "world":
+        print(f"note: no CLIPScore: the {seq.general_format} caption set needs --clip-model/--clip-weights",
+              file=sys.stderr)
+    return None
 
 
 def main(argv=None) -> int:
@@ -100,11 +118,13 @@ def main(argv=None) -> int:
                              "to continue it, or choose another directory")
         if args.resume and args.output is None:
             raise InputError("--resume: needs the --output of the run to continue")
+        clip = _clip_scorer(args, seq)
         # A damaged checkpoint, or other flags than the run had, stop here: before anything is loaded or written.
         found = checkpoint.load(output) if args.resume else None
         if found is not None:
             check_resume(found[0], run_config(args.model, args.method, args.seed, steps, batch_size, lr,
-                                              args.eval_limit, [t.name for t in seq.tasks], budget), output)
+                                              args.eval_limit, [t.name for t in seq.tasks], budget,
+                                              clip.name if clip else None), output)
         torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
         torch.manual_seed(args.seed)
         model, processor = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -126,7 +146,7 @@ def main(argv=None) -> int:
                       seed=args.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
                       budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
                       checkpoint_every=args.checkpoint_every,
-                      resume_from=found)
+                      resume_from=found, clip=clip, spice=seq.corenlp or True)
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python -m piece_mm.zoo build llava        # writes piece_mm/checkpoints/llava (config, safetensors, tokenizer, ...)
     python -m piece_mm.zoo build qwen2-vl
+    python -m piece_mm.zoo build clip-world   # the tiny CLIP behind CLIPScore on the world
 
 The models are the real transformers classes with tiny configs (configs/models/<alias>.yaml) and a word-level
 tokenizer over the world's vocabulary. Pretraining mixes captioning (several phrasings) with general VQA, so the base
@@ -70,10 +71,19 @@ def _word_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, kn
 
 def build_untrained(alias: str, cfg: dict):
     """A randomly initialised tiny model of the real class, with its processor."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     size = cfg["image_size"]
     # The word-knowledge vocabulary is there only when pretraining teaches it (configs/models: knowledge_fraction).
@@ -176,16 +186,90 @@ def build(alias: str, out: Path | None = None, steps: int | None = None) -> Path
     return out
 
 
+def build_clip(alias: str, out: Path | None = None, steps: int | None = None) -> Path:
+    """The tiny world CLIP (configs/models/clip-world.yaml): open_clip's CLIP with a custom config and a word-level
+    tokenizer, trained contrastively on world images and captions, saved in open_clip's local-dir layout."""
+    import json
+    import tempfile
+
+    import open_clip
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from eval.clipscore import PROMPT
+
+    cfg = model_config(alias)
+    p = cfg["pretrain"]
+    if steps is not None:
+        p["steps"] = steps
+    torch.set_flush_denormal(True)
+    torch.manual_seed(p["seed"])
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = world.vocabulary(knowledge=False) + PROMPT.lower().split()
+    # </s> last: open_clip's text tower pools at the argmax token id, which must be the end of text
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<pad>", "<unk>"] + words + ["</s>"]))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    model_cfg = json.loads(json.dumps(cfg["model_cfg"]))
+    model_cfg["text_cfg"].update(vocab_size=len(vocab), pad_id=vocab["<pad>"], hf_tokenizer_name="local-dir")
+    out = Path(out) if out else CHECKPOINT_DIR / alias
+    with tempfile.TemporaryDirectory() as tmp:  # the dir is complete (weights too) only when training is done
+        tok.save_pretrained(tmp)
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                    "preprocess_cfg": cfg["preprocess_cfg"]}))
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp}", load_weights=False)
+        tokenize = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    data = world.caption_set(seed=p["seed"] * 10 + 5, n=p["steps"] * p["batch_size"] // 8)  # each seen ~8 times
+    images = torch.stack([preprocess(ex.image) for ex in data])  # [N, 3, H, W]
+    texts = tokenize([PROMPT + ex.answer for ex in data])  # [N, context]
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.1, betas=(0.9, 0.98))
+    sched = get_cosine_schedule_with_warmup(opt, p["warmup"], p["steps"])
+    g = torch.Generator().manual_seed(p["seed"])
+    t0 = time.time()
+    model.train()
+    for step in (bar := tqdm(range(p["steps"]), desc="pretrain clip", file=sys.stderr, mininterval=5)):
+        idx = torch.randint(len(data), (p["batch_size"],), generator=g)
+        image_features, text_features, logit_scale = model(images[idx], texts[idx])[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # at most 100, as in CLIP
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                           "preprocess_cfg": cfg["preprocess_cfg"]}, indent=1))
+    print(f"built {alias}: {sum(q.numel() for q in model.parameters()):,} parameters, {p['steps']} steps in "
+          f"{time.time() - t0:.0f}s -> {out}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m piece_mm.zoo", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build and pretrain a tiny checkpoint")
-    b.add_argument("alias", help="llava or qwen2-vl (configs/models/<alias>.yaml)")
+    b.add_argument("alias", help="llava, qwen2-vl or clip-world (configs/models/<alias>.yaml)")
     b.add_argument("--output", type=Path, default=None, help="default: piece_mm/checkpoints/<alias>")
     b.add_argument("--steps", type=int, default=None, help="override the config's pretraining steps")
     args = ap.parse_args(argv)
     try:
-        build(args.alias, args.output, args.steps)
+        if model_config(args.alias).get("family") == "open_clip":
+            build_clip(args.alias, args.output, args.steps)
+        else:
+            build(args.alias, args.output, args.steps)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,25 +3,53 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from tasks.errors import InputError
+
+IMAGE_TOKEN = "<image>"  # LLaVA-JSON's placeholder for where the picture goes
 
 
 @dataclass
 class Example:
-    image: Image.Image | None
-    prompt: str
-    answer: str
+    image: Image.Image | Path | None  # a decoded picture, a file opened when needed, or None (text-only)
+    prompt: str  # the last user turn
+    answer: str  # the last assistant turn: the target, and what a test prediction is scored against
     refs: tuple = field(default=())  # reference captions, for captioning examples
+    answers: tuple = field(default=())  # every annotator's answer (VQA-v2), for the vqa metric
+    history: tuple = field(default=())  # earlier ((user, assistant), ...) turns; training learns every answer
+    image_first: bool = True  # the image comes before the first user turn's text (False: after it)
 
 
-def chat_messages(prompt: str, answer: str | None = None, with_image: bool = True) -> list[dict]:
-    """The conversation that a processor's chat template renders: one user turn, optionally the assistant's reply."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    msgs = [{"role": "user", "content": content}]
-    if answer is not None:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+def load_image(ex: Example) -> Image.Image | None:
+    """The example's picture as RGB; a file that cannot be decoded is bad input (named in the error)."""
+    if ex.image is None or isinstance(ex.image, Image.Image):
+        return ex.image
+    try:
+        with Image.open(ex.image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{ex.image}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise InputError(f"{ex.image}: not a readable image ({e})") from None
+
+
+def chat_messages(prompt: str, answer: str | None = None, with_image: bool = True, history: tuple = (),
+                  image_first: bool = True) -> list[dict]:
+    """The conversation that a processor's chat template renders: the earlier turns, the last user turn, and
+    optionally the assistant's reply. The image goes into the first user turn."""
+    msgs = []
+    for k, (user, reply) in enumerate(list(history) + [(prompt, answer)]):
+        content = [{"type": "text", "text": user}]
+        if k == 0 and with_image:
+            content.insert(0 if image_first else 1, {"type": "image"})
+        msgs.append({"role": "user", "content": content})
+        if reply is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
     return msgs
 
 
@@ -37,3 +65,28 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, answer: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def contains_match(prediction: str, answer: str) -> float:
+    """1 if the answer appears in the prediction as whole words ("it is red" contains "red", not "reddish")."""
+    a = normalize_answer(answer)
+    return float(bool(a) and f" {a} " in f" {normalize_answer(prediction)} ")
+
+
+def vqa_accuracy(prediction: str, answers) -> float:
+    """VQA accuracy: min(#annotators who gave the predicted answer / 3, 1), answers compared normalised."""
+    p = normalize_answer(prediction)
+    return min(sum(normalize_answer(a) == p for a in answers) / 3.0, 1.0)
+
+
+def most_common_answer(answers) -> str:
+    """The training target of a VQA question: its most frequent answer (ties: the first given)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+# metric name -> fn(prediction, example) -> score in [0, 1]
+METRICS = {
+    "exact": lambda pred, ex: exact_match(pred, ex.answer),
+    "contains": lambda pred, ex: contains_match(pred, ex.answer),
+    "vqa": lambda pred, ex: vqa_accuracy(pred, ex.answers or (ex.answer,)),
+}

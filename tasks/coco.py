@@ -1,54 +1,68 @@
-"""COCO-captions files ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}) as Examples."""
+"""Caption sets for measuring retained general ability, as Examples whose `refs` are the reference captions.
+
+- coco-captions: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
+- karpathy: dataset_coco.json style, {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]};
+  the images of one split (default "test") are used.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from PIL import Image
 
 from tasks.base import Example
 from tasks.errors import InputError
+from tasks.jsonio import check_image, field, records
 
 CAPTION_PROMPT = "describe the image"
 
 
-def load_coco_captions(path: Path, images: Path, limit: int | None = None,
-                       prompt: str = CAPTION_PROMPT) -> list[Example]:
-    path, images = Path(path), Path(images)
-    if not path.is_file():
-        raise InputError(f"{path}: captions file not found")
+def _images_dir(images: Path) -> Path:
+    images = Path(images)
     if not images.is_dir():
         raise InputError(f"{images}: image directory not found")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: top level is {type(data).__name__}; expected an object with images, annotations")
-    for field in ("images", "annotations"):
-        if not isinstance(data.get(field), list):
-            raise InputError(f"{path}: field '{field}' is {data.get(field)!r:.60}; expected a list")
+    return images
+
+
+def load_coco_captions(path: Path, images: Path, limit: int | None = None,
+                       prompt: str = CAPTION_PROMPT) -> list[Example]:
+    path, images = Path(path), _images_dir(images)
+    data = records(path, ("images", "annotations"), "captions file")
     files = {}
-    for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
-            raise InputError(f"{path}: images[{i}] is {im!r:.80}; expected {{'id', 'file_name'}}")
-        files[im["id"]] = im["file_name"]
+    for im in data["images"]:
+        files[field(path, im, "id", (int, str))] = field(path, im, "file_name", str)
     refs: dict = {}
-    for i, a in enumerate(data["annotations"]):
-        if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
-            raise InputError(f"{path}: annotations[{i}].caption is {a!r:.80}; expected a string")
-        if a.get("image_id") not in files:
-            raise InputError(f"{path}: annotations[{i}].image_id is {a.get('image_id')!r}; no image has that id")
-        refs.setdefault(a["image_id"], []).append(a["caption"])
+    for a in data["annotations"]:
+        caption = field(path, a, "caption", str)
+        image_id = field(path, a, "image_id", (int, str))
+        if image_id not in files:
+            raise InputError(f"{path}: {a.where}: field 'image_id' is {image_id!r}; no entry of 'images' has that id")
+        refs.setdefault(image_id, []).append(caption)
     if not refs:
         raise InputError(f"{path}: field 'annotations' holds no captions")
     out = []
     for image_id in list(refs)[:limit]:
-        f = images / files[image_id]
-        if not f.is_file():
-            raise InputError(f"{path}: image {files[image_id]!r} (id {image_id!r}) not found in {images}")
-        with Image.open(f) as im:
-            img = im.convert("RGB")
-        out.append(Example(img, prompt, refs[image_id][0], refs=tuple(refs[image_id])))
+        f = check_image(images / files[image_id], f"{path}: image id {image_id!r}")
+        out.append(Example(f, prompt, refs[image_id][0], refs=tuple(refs[image_id])))
+    return out
+
+
+def load_karpathy(path: Path, images: Path, split: str = "test", limit: int | None = None,
+                  prompt: str = CAPTION_PROMPT) -> list[Example]:
+    path, images = Path(path), _images_dir(images)
+    out = []
+    for im in records(path, ("images",), "captions file")["images"]:
+        if field(path, im, "split", str) != split:
+            continue
+        name = field(path, im, "filename", str)
+        sents = field(path, im, "sentences", list, "a non-empty list of {raw}")
+        caps = [s.get("raw") for s in sents if isinstance(s, dict)]
+        if not caps or len(caps) != len(sents) or not all(isinstance(c, str) for c in caps):
+            raise InputError(f"{path}: {im.where}: field 'sentences' is {sents!r:.60}; expected a non-empty list of "
+                             "{raw: string}")
+        if len(out) == limit:
+            continue
+        sub = im.get("filepath", "")
+        f = images / sub / name if (images / sub / name).is_file() else images / name
+        out.append(Example(check_image(f, f"{path}: {im.where}"), prompt, caps[0], refs=tuple(caps)))
+    if not out:
+        raise InputError(f"{path}: no image has split {split!r}")
     return out

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import yaml
 
-from tasks import world
-from tasks.base import Example
+from tasks import coco, hf_dataset, llava_json, vqa_v2, world
+from tasks.base import METRICS, Example
 from tasks.errors import InputError
 
 SEQUENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "sequences"
-FORMATS = ("world",)
+FORMATS = ("world", "llava-json", "vqa-v2", "hf-dataset")
+GENERAL_FORMATS = ("world", "coco-captions", "karpathy")
+# each format's split keys (required, optional); paths are relative to the sequence YAML
+SPLIT_KEYS = {"llava-json": (("data",), ("images", "limit")),
+              "vqa-v2": (("questions", "annotations", "images"), ("limit",)),
+              "hf-dataset": (("path",), ("split", "limit"))}
+TASK_KEYS = {"name", "format", "train", "test", "metric", "question_types", "columns"}
 
 
 @dataclass
@@ -19,7 +25,7 @@ class Task:
     name: str
     train: list[Example]
     test: list[Example]
-    metric: str = "exact"
+    metric: str = "exact"  # a key of tasks.base.METRICS
 
 
 @dataclass
@@ -27,8 +33,10 @@ class Sequence:
     path: Path
     tasks: list[Task]
     captions: list[Example]  # general captioning, held out
-    vqa: list[Example]  # general VQA, held out
+    vqa: list[Example]  # general VQA, held out (the built-in world only)
     train: dict = field(default_factory=dict)  # CLI defaults: steps, batch_size, lr
+    general_format: str = "world"
+    corenlp: Path | None = None  # Stanford CoreNLP 3.6.0 jars for SPICE (general.corenlp)
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -48,37 +56,123 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
         with open(path) as f:
             cfg = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
+            from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), list) or not cfg["tasks"]:
         raise InputError(f"{path}: field 'tasks' must be a non-empty list")
     w = cfg.get("world") or {}
     n_train, n_test = _positive(path, "world.train_examples", w.get("train_examples", 1000)), \
         _positive(path, "world.test_examples", w.get("test_examples", 200))
+    root = path.parent
     tasks, names = [], set()
     for i, t in enumerate(cfg["tasks"]):
+        at = f"{path}: tasks[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            raise InputError(f"{path}: tasks[{i}] is {t!r:.60}; expected a mapping with a 'name'")
+            raise InputError(f"{at} is {t!r:.60}; expected a mapping with a 'name'")
         fmt = t.get("format", "world")
         if fmt not in FORMATS:
-            raise InputError(f"{path}: tasks[{i}].format is {fmt!r}; expected one of {', '.join(FORMATS)}")
+            raise InputError(f"{at}.format is {fmt!r}; expected one of {', '.join(FORMATS)}")
+        unknown = sorted(set(t) - TASK_KEYS)
+        if unknown:
+            raise InputError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TASK_KEYS))}")
         if t["name"] in names:
-            raise InputError(f"{path}: tasks[{i}].name {t['name']!r} appears twice")
+            raise InputError(f"{at}.name {t['name']!r} appears twice")
         names.add(t["name"])
-        if t["name"] not in world.TASKS:
-            raise InputError(f"{path}: tasks[{i}].name is {t['name']!r}; world tasks are "
-                             f"{', '.join(sorted(world.TASKS))}")
-        tasks.append(Task(t["name"], world.task_set(t["name"], "train", n_train, seed),
-                          world.task_set(t["name"], "test", n_test), t.get("metric", "exact")))
+        metric = t.get("metric", "vqa" if fmt == "vqa-v2" else "exact")
+        if metric not in METRICS:
+            raise InputError(f"{at}.metric is {metric!r}; expected one of {', '.join(METRICS)}")
+        if fmt == "world":
+            if t["name"] not in world.TASKS:
+                raise InputError(f"{at}.name is {t['name']!r}; world tasks are {', '.join(sorted(world.TASKS))}")
+            train, test = (world.task_set(t["name"], "train", n_train, seed), world.task_set(t["name"], "test", n_test))
+        else:
+            train, test = (_load_split(fmt, t, s, root, at) for s in ("train", "test"))
+        tasks.append(Task(t["name"], train, test, metric))
     g = cfg.get("general") or {"format": "world"}
-    if g.get("format", "world") != "world":
-        raise InputError(f"{path}: general.format is {g.get('format')!r}; expected one of {', '.join(FORMATS)}")
-    captions = world.caption_set(world.HELDOUT_CAPTION_SEED, _positive(path, "general.captions", g.get("captions", 100)),
-                                 prompt=world.CAPTION_EVAL_PROMPT)
-    vqa = world.general_vqa_set(world.HELDOUT_VQA_SEED, _positive(path, "general.vqa", g.get("vqa", 200), zero=True))
+    if not isinstance(g, dict):
+        raise InputError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
+    gfmt = g.get("format", "world")
+    if gfmt not in GENERAL_FORMATS:
+        raise InputError(f"{path}: general.format is {gfmt!r}; expected one of {', '.join(GENERAL_FORMATS)}")
+    if gfmt == "world":
+        captions = world.caption_set(world.HELDOUT_CAPTION_SEED, _positive(path, "general.captions",
+                                                                           g.get("captions", 100)),
+                                     prompt=world.CAPTION_EVAL_PROMPT)
+        vqa = world.general_vqa_set(world.HELDOUT_VQA_SEED, _positive(path, "general.vqa", g.get("vqa", 200),
+                                                                      zero=True))
+    else:
+        at = f"{path}: general"
+        data, images = (_file(root, _required(at, g, k), f"{at}.{k}") for k in ("data", "images"))
+        limit = _limit(at, g)
+        if gfmt == "coco-captions":
+            captions = coco.load_coco_captions(data, images, limit=limit)
+        else:
+            split = g.get("split", "test")
+            captions = coco.load_karpathy(data, images, split=str(split), limit=limit)
+        vqa = []
+    corenlp = g.get("corenlp")
+    if corenlp is not None:
+        corenlp = _file(root, corenlp, f"{path}: general.corenlp")
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
         raise InputError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
-    return Sequence(path, tasks, captions, vqa, train)
+    return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp)
+
+
+def _required(at: str, spec: dict, key: str):
+    if key not in spec:
+        raise InputError(f"{at}: required field {key!r} is missing")
+    return spec[key]
+
+
+def _file(root: Path, value, at: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{at} is {value!r:.60}; expected a path")
+    p = root / value
+    if not p.exists():
+        raise InputError(f"{at}: {str(p)!r} not found")
+    return p
+
+
+def _limit(at: str, spec: dict) -> int | None:
+    v = spec.get("limit")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise InputError(f"{at}.limit is {v!r}; expected a positive integer")
+    return v
+
+
+def _load_split(fmt: str, t: dict, split: str, root: Path, at: str) -> list[Example]:
+    spec = _required(at, t, split)
+    at = f"{at}.{split}"
+    if not isinstance(spec, dict):
+        raise InputError(f"{at} is {spec!r:.60}; expected a mapping")
+    required, optional = SPLIT_KEYS[fmt]
+    unknown = sorted(set(spec) - set(required) - set(optional))
+    if unknown:
+        raise InputError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(required + optional)}")
+    p = {k: _file(root, _required(at, spec, k), f"{at}.{k}") for k in required}
+    limit = _limit(at, spec)
+    if fmt == "llava-json":
+        images = _file(root, spec["images"], f"{at}.images") if "images" in spec else None
+        out = llava_json.load(p["data"], images, limit)
+    elif fmt == "vqa-v2":
+        types = vqa_v2.resolve_types(t.get("question_types"), at.rsplit(".", 1)[0])
+        out = vqa_v2.load(p["questions"], p["annotations"], p["images"], types, at, limit)
+    else:
+        columns = t.get("columns") or {}
+        if not isinstance(columns, dict) or set(columns) - set(hf_dataset.COLUMNS):
+            raise InputError(f"{at.rsplit('.', 1)[0]}.columns is {columns!r:.80}; expected a mapping over "
+                             f"{', '.join(hf_dataset.COLUMNS)}")
+        split_name = spec.get("split")
+        out = hf_dataset.load(p["path"], None if split_name is None else str(split_name), columns, at, limit)
+    if not out:
+        raise InputError(f"{at}: the split is empty (no examples" + (" of the chosen question_types"
+                                                                     if fmt == "vqa-v2" else "") + ")")
+    return out
 
 
 def _positive(path, field_name, value, zero=False) -> int:
