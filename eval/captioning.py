@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import os
@@ -83,6 +84,35 @@ def _quiet():
             os.close(saved)
 
 
+_meteor = None  # one METEOR process per Python process: its first score loads paraphrase tables (~7 s), later ones
+                # take milliseconds, and a run scores captions after every task
+
+
+def _meteor_score(gts: dict, res: dict) -> float:
+    global _meteor
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    for attempt in (0, 1):
+        if _meteor is None:
+            _meteor = Meteor()
+            atexit.register(_close_meteor)
+        try:
+            return float(_meteor.compute_score(gts, res)[0])
+        except Exception:  # the Java process died (or was left in a bad state): start a fresh one, once
+            _close_meteor()
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _close_meteor() -> None:
+    global _meteor
+    if _meteor is not None:
+        with contextlib.suppress(Exception):
+            _meteor.close()
+        _meteor = None
+
+
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool | str | Path = False,
                    ) -> dict:
     """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr of `predictions` against their reference lists.
@@ -91,7 +121,6 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     or if SPICE fails, one warning line is printed (once per process) and the other metrics are returned."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -106,12 +135,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
         out = {}
         bleu, _ = Bleu(4).compute_score(gts, res)
         out.update({f"BLEU_{n + 1}": float(b) for n, b in enumerate(bleu)})
-        meteor = Meteor()
-        try:
-            out["METEOR"] = float(meteor.compute_score(gts, res)[0])
-        finally:
-            with contextlib.suppress(Exception):
-                meteor.close()
+        out["METEOR"] = _meteor_score(gts, res)
         out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if spice is not False and spice is not None:
