@@ -72,9 +72,16 @@ def load_clip(model: str | None = None, weights: str | None = None, device: str 
     if Path(model).is_dir():
         if not (Path(model) / "open_clip_config.json").is_file():
             raise InputError(f"--clip-model {model!r}: directory has no open_clip_config.json")
+        if not any(f.suffix in (".safetensors", ".bin", ".pth") for f in Path(model).iterdir()):
+            raise InputError(f"--clip-model {model!r}: directory has no weights file (.safetensors, .bin or .pth)")
         name = f"local-dir:{model}"
-        m, _, pre = open_clip.create_model_and_transforms(name, device=device)
-        return CLIPScorer(m, pre, open_clip.get_tokenizer(name), str(model), device)
+        try:
+            m, _, pre = open_clip.create_model_and_transforms(name, device=device)
+            tok = open_clip.get_tokenizer(name)
+        except Exception as e:  # a damaged config, weights of another shape, a missing tokenizer
+            raise InputError(f"--clip-model {model!r}: not loadable as an open_clip dir ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        return CLIPScorer(m, pre, tok, str(model), device)
     if model.replace("/", "-") not in open_clip.list_models():
         raise InputError(f"--clip-model {model!r}: not an open_clip architecture nor a local dir "
                          f"(e.g. ViT-B-32, ViT-B-16, RN50)")

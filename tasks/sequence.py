@@ -17,6 +17,8 @@ GENERAL_FORMATS = ("world", "coco-captions", "karpathy")
 SPLIT_KEYS = {"llava-json": (("data",), ("images", "limit")),
               "vqa-v2": (("questions", "annotations", "images"), ("limit",)),
               "hf-dataset": (("path",), ("split", "limit"))}
+GENERAL_KEYS = {"world": ("captions", "vqa"), "coco-captions": ("data", "images", "limit"),
+                "karpathy": ("data", "images", "split", "limit")}
 TASK_KEYS = {"name", "format", "train", "test", "metric", "question_types", "columns"}
 
 
@@ -96,6 +98,10 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     if not isinstance(g, dict):
         raise InputError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
     gfmt = g.get("format", "world")
+    unknown = sorted(set(g) - {"format", "corenlp"} - set(GENERAL_KEYS.get(gfmt, ())))
+    if gfmt in GENERAL_KEYS and unknown:
+        raise InputError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
+                         f"{', '.join(('format', 'corenlp') + GENERAL_KEYS[gfmt])}")
     if gfmt not in GENERAL_FORMATS:
         raise InputError(f"{path}: general.format is {gfmt!r}; expected one of {', '.join(GENERAL_FORMATS)}")
     if gfmt == "world":

@@ -257,10 +257,14 @@ def test_clipscore_formula(world_clip):
 
 def test_load_clip_errors(tmp_path):
     from eval.clipscore import load_clip
+    cfg_only = tmp_path / "cfg"
+    cfg_only.mkdir()
+    (cfg_only / "open_clip_config.json").write_text('{"model_cfg": {}}')
     for kwargs, msg in [({"model": "ViT-Q-99", "weights": None}, "not an open_clip architecture"),
                         ({"model": "ViT-B-32", "weights": None}, "needs --clip-weights"),
                         ({"model": "ViT-B-32", "weights": str(tmp_path / "none.pt")}, "file not found"),
-                        ({"model": str(tmp_path), "weights": None}, "open_clip_config.json")]:
+                        ({"model": str(tmp_path), "weights": None}, "open_clip_config.json"),
+                        ({"model": str(cfg_only), "weights": None}, "no weights file")]:
         with pytest.raises(InputError, match=msg):
             load_clip(**kwargs)
 
