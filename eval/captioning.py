@@ -141,8 +141,9 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     if spice is not False and spice is not None:
         corenlp = corenlp_dir(None if spice is True else spice)
         if corenlp is None:
-            _warn_spice(f"no Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) in "
-                        f"{'' if spice is True else str(spice) + ', '}${CORENLP_ENV} or pycocoevalcap's spice/lib")
+            _warn_spice(f"no Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) found; name their dir with "
+                        f"general.corenlp (sequence YAML), --corenlp or ${CORENLP_ENV}"
+                        + (f" (looked in {spice})" if spice is not True else ""))
         else:
             try:
                 out["SPICE"] = spice_score(gts, res, corenlp)
