@@ -133,6 +133,13 @@ def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str
     if metrics.get("selection"):
         plot_selection(metrics, out_dir / "selection.png")
         lines += _selection_lines(metrics)
+    if metrics.get("trace_cosine"):
+        C = metrics["trace_cosine"]
+        lines += ["## TRACE: how alike the tasks' updates are", "",
+                  "Mean over tensors of cos(ΔW_i, ΔW_j), from each task's probe (count sketches). A tensor's "
+                  "specificity for a task is its mean cosine to the earlier tasks; the lower, the more task-specific.",
+                  "", "| task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for t, row in zip(tasks, C)] + [""]
     if samples:
         lines += ["## Sample captions", "", "| stage | caption | reference |", "|---|---|---|"]
         for stage, pairs in zip(_stages(tasks), samples):

@@ -5,6 +5,7 @@ from piece_mm.importance import estimate_importance
 from piece_mm.models import load_model
 from piece_mm.select import select_masks
 from piece_mm.sparse import sparse_optimizer
+from piece_mm.transfer import transfer_masks
 
 
 def __getattr__(name):  # PieceCallback imports transformers' Trainer machinery: only when asked for
@@ -15,4 +16,4 @@ def __getattr__(name):  # PieceCallback imports transformers' Trainer machinery:
 
 
 __all__ = ["load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
-           "save_delta", "load_delta", "apply_delta", "PieceCallback"]
+           "save_delta", "load_delta", "apply_delta", "transfer_masks", "PieceCallback"]

@@ -64,14 +64,21 @@ def _sparse_method(estimator: str):
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
         chunks = dist.share([examples[i:i + bs] for i in range(0, len(examples), bs)])  # this process's batches
         batches = (collate(processor, c) for c in chunks)
+        options = {"seed": cfg["seed"], "per_sample": per_sample}
+        if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
+            t = b["trace"]
+            options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
+                       "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
+                       "strength": t["strength"], "threshold": t["threshold"],
+                       "history": cfg.get("trace_history", []), "probe_out": cfg.get("trace_out")}
         scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
-                                     seed=cfg["seed"], per_sample=per_sample)
-        return select_masks(scores, parts, budget_arg(b), pool=b["pool"])
+                                     **options)
+        return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"])
     make.__name__ = estimator
     return make
 
 
-SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random")
+SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
 for _name in SPARSE_METHODS:
     register(_name)(_sparse_method(_name))
 
@@ -202,6 +209,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         dist.barrier()
     elapsed = st["time_s"] - t0  # + time.time() = the run's time, over every process that worked on it
 
+    # TRACE: each task's update signature, for the specificity of later tasks (saved, so a resumed run has them)
+    trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
+    history = [_load_tensors(f) for f in trace_files[:st["task"] + (1 if st["in_task"] else 0)]] \
+        if method == "trace" else []
     for i in range(st["task"], len(seq.tasks)):
         task = seq.tasks[i]
         mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
@@ -216,7 +227,13 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             start = st["step"]
         else:
             torch.manual_seed(seed * 1000 + i)
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i})
+            probe_out: dict = {}
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "trace_history": history,
+                                                                 "trace_out": probe_out})
+            if "sketch" in probe_out:
+                history.append(probe_out["sketch"])
+                if main:
+                    _save_tensors(probe_out["sketch"], trace_files[i])
             sched = make_scheduler(opt, steps)
             start = 0
             masks = getattr(opt, "masks", None)
@@ -273,6 +290,9 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         metrics["budget"] = budget["path"]
         metrics["selection"] = st["selection"]
         metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
+    if method == "trace":
+        from piece_mm.trace import cosine_matrix
+        metrics["trace_cosine"] = cosine_matrix([_load_tensors(f) for f in trace_files])
     _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
     write_report(output, metrics, st["samples"])
     checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
@@ -292,6 +312,19 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
 
 
 def _general(g: dict) -> str:

@@ -125,3 +125,4 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
             p.grad = grads[n]
         model.train(was_training)
     return {n: scores[n].float() for n in names}
+from piece_mm import trace as _trace  # noqa: E402,F401  registers "trace" (it builds on _grad_sums above)

@@ -49,14 +49,33 @@ def _top_k(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[st
     return out
 
 
+def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, torch.Tensor]:
+    """Whole tensors, in order of their mean score (ties: parameter order), each taken if it still fits in the k
+    elements left: at most k elements in all."""
+    order = sorted(range(len(names)), key=lambda i: (-float(scores[names[i]].float().mean()), i))
+    out, left = {}, k
+    for i in order:
+        n = names[i]
+        if 0 < scores[n].numel() <= left:
+            out[n] = torch.arange(scores[n].numel(), dtype=torch.int64)
+            left -= scores[n].numel()
+    return out
+
+
+GRANULARITIES = ("element", "tensor")
+
+
 def component_k(fraction: float, n_elements: int) -> int:
     """floor(fraction × elements), at least 1 where the fraction is > 0."""
     return max(1, math.floor(fraction * n_elements)) if fraction > 0 else 0
 
 
 def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], budget: dict | float,
-                 pool: str = "component") -> dict[str, torch.Tensor]:
+                 pool: str = "component", granularity: str = "element") -> dict[str, torch.Tensor]:
     """{param name: sorted 1-D int64 flat indices}; parameters with nothing chosen are omitted.
+
+    granularity="tensor" chooses whole parameter tensors (as the TRACE code does): in order of their mean score,
+    each one that still fits in the budget's k elements (so at most k are chosen).
 
     pool="component": top-k inside each component, k = floor(budget[c] × scorable elements of c) (≥ 1 if > 0).
     pool="global": one top-k over all scorable elements, k from the total budget: a float, or budget["total"], or the
@@ -67,6 +86,9 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
         if missing:
             raise KeyError(f"select_masks: no score for {missing[0]!r} ({c})")
     sizes = {c: sum(scores[n].numel() for n in names) for c, names in parts.items()}
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity: {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+    top = _top_k if granularity == "element" else _whole_tensors
     if pool == "component":
         if not isinstance(budget, dict):
             raise InputError(f"budget: {budget!r}; pool 'component' needs a fraction per component")
@@ -74,7 +96,7 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
         for c, names in parts.items():
             frac = float(budget.get(c, 0.0))
             _check_fraction(f"budget.{c}", frac)
-            masks.update(_top_k(scores, names, component_k(frac, sizes[c])))
+            masks.update(top(scores, names, component_k(frac, sizes[c])))
         return masks
     if pool == "global":
         if isinstance(budget, dict):
@@ -87,7 +109,7 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
             frac = float(budget)
         _check_fraction("budget.total", frac)
         names = [n for c in COMPONENTS for n in parts.get(c, [])]
-        return _top_k(scores, names, component_k(frac, sum(sizes.values())))
+        return top(scores, names, component_k(frac, sum(sizes.values())))
     raise InputError(f"pool: {pool!r}; expected 'component' or 'global'")
 
 
@@ -127,7 +149,11 @@ def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 BUDGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "budgets"
 BUDGET_DEFAULTS = {"fractions": {"vision": 0.0, "projector": 0.0, "llm": 0.001}, "pool": "component", "total": None,
                    "exclude": [r"embed_tokens\."], "components": {}, "score_examples": 1000,
-                   "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0}
+                   "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0,
+                   "granularity": "element", "trace": {}}
+# method="trace" options (piece_mm/trace.py); probe_steps None = a tenth of the task's training steps
+TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
+                  "strength": 1.0, "threshold": 0.5}
 
 
 def load_budget(name) -> dict:
@@ -176,7 +202,36 @@ def load_budget(name) -> dict:
         raise InputError(f"{path}: lr is {b['lr']!r}; expected a positive number")
     if not (isinstance(b["betas"], list) and len(b["betas"]) == 2 and all(0 <= x < 1 for x in b["betas"])):
         raise InputError(f"{path}: betas is {b['betas']!r}; expected [beta1, beta2] in [0, 1)")
+    if b["granularity"] not in GRANULARITIES:
+        raise InputError(f"{path}: granularity is {b['granularity']!r}; expected one of {', '.join(GRANULARITIES)}")
+    b["trace"] = _trace_options(path, b["trace"])
     return b
+
+
+def _trace_options(path, t) -> dict:
+    from piece_mm.trace import LEVELS, SPECIFICITY_RULES
+
+    if not isinstance(t, dict):
+        raise InputError(f"{path}: trace is {t!r:.60}; expected a mapping")
+    unknown = sorted(set(t) - set(TRACE_DEFAULTS))
+    if unknown:
+        raise InputError(f"{path}: trace.{unknown[0]} is not a trace option; known: {', '.join(TRACE_DEFAULTS)}")
+    t = {**TRACE_DEFAULTS, **t}
+    v = t["probe_steps"]
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise InputError(f"{path}: trace.probe_steps is {v!r}; expected a positive integer")
+    for f, lo, hi in (("probe_lr", 0.0, None), ("mix", 0.0, 1.0), ("strength", 0.0, None), ("threshold", -1.0, 1.0)):
+        v = t[f]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or (hi is not None and v > hi) or \
+                (f == "probe_lr" and v == 0):
+            top = hi if hi is not None else "inf"
+            raise InputError(f"{path}: trace.{f} is {v!r}; expected a number in [{lo}, {top}]")
+    if t["level"] not in LEVELS:
+        raise InputError(f"{path}: trace.level is {t['level']!r}; expected one of {', '.join(LEVELS)}")
+    if t["specificity"] not in SPECIFICITY_RULES:
+        raise InputError(f"{path}: trace.specificity is {t['specificity']!r}; expected one of "
+                         f"{', '.join(SPECIFICITY_RULES)}")
+    return t
 
 
 def budget_arg(b: dict):

@@ -98,7 +98,8 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     assert "CIDEr" in r.stdout and "retention" in r.stdout
 
 
-@pytest.mark.parametrize("extra", [["--method", "seqft"], ["--budget", "paper-global"], ["--method", "piece-s"]])
+@pytest.mark.parametrize("extra", [["--method", "seqft"], ["--budget", "paper-global"], ["--method", "piece-s"],
+                                   ["--method", "trace", "--budget", "trace-tensor"]])
 def test_other_methods_and_budgets_run_end_to_end(tmp_path, extra):
     seq = tmp_path / "two.yaml"
     seq.write_text(TWO_TASKS)
@@ -115,6 +116,15 @@ def test_other_methods_and_budgets_run_end_to_end(tmp_path, extra):
         base, _ = pm.load_model("llava")
         n = sum(p.numel() for name, p in base.named_parameters() if "embed" not in name)
         assert t["total"] == int(0.001 * n)
+    elif extra[1] == "trace":  # whole tensors, at most 10 % of the LLM; the task x task cosine of the probes
+        from safetensors.torch import load_file
+        masks = load_file(str(out / "masks" / "1-color.safetensors"))
+        import piece_mm as pm
+        params = dict(pm.load_model("llava")[0].named_parameters())
+        assert masks and all(v.numel() == params[n].numel() for n, v in masks.items())
+        C = m["trace_cosine"]
+        assert len(C) == 2 and C[0][0] == pytest.approx(1.0) and C[0][1] == pytest.approx(C[1][0])
+        assert "TRACE" in (out / "report.md").read_text() and (out / "trace" / "2-shape.safetensors").is_file()
     else:
         assert m["method"] == "piece-s" and t["llm"] > 0
 
