@@ -25,6 +25,9 @@ from tasks.sequence import Sequence
 
 # name -> fn(model, processor, task, cfg, masks=None) -> torch.optim.Optimizer over the weights the method tunes for
 # this task. Sparse methods choose their masks unless given them (a resumed task reuses the ones saved at its start).
+# cfg: lr, seed, steps, batch_size, budget, tasks (the whole sequence) and index (this task's place in it). The
+# optimizer may carry `train_examples`, which the task then trains on instead of its own examples (replay,
+# multitask); everything a method needs must follow from cfg, so a resumed task rebuilds it exactly.
 METHODS: dict[str, Callable] = {}
 
 
@@ -39,6 +42,47 @@ def register(name: str):
 def seqft(model, processor, task, cfg, masks=None):
     """Full fine-tuning, AdamW recreated for each task."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
+
+
+def _norm_params(model) -> list[str]:
+    """Names of the normalisation layers' parameters (LayerNorm, RMSNorm and the transformers variants)."""
+    return [f"{m_name}.{p_name}" if m_name else p_name
+            for m_name, m in model.named_modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+            for p_name, _ in m.named_parameters(recurse=False)]
+
+
+@register("ln")
+def ln(model, processor, task, cfg, masks=None):
+    """LayerNorm tuning: only the normalisation layers are trained (AdamW, recreated per task); every other weight
+    is frozen."""
+    norms = set(_norm_params(model))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in norms)
+    return torch.optim.AdamW([p for n, p in model.named_parameters() if n in norms], lr=cfg["lr"], weight_decay=0.0)
+
+
+REPLAY_FRACTION = 0.10  # of each earlier task's training examples, mixed into the current task's
+
+
+@register("replay")
+def replay(model, processor, task, cfg, masks=None):
+    """Full fine-tuning on the task's examples plus 10 % of each earlier task's (a seeded sample). It uses earlier
+    tasks' data, so it is a reference, not a competitor."""
+    import random
+    rng = random.Random(cfg["seed"])
+    extra = [ex for t in cfg["tasks"][:cfg["index"]] for ex in rng.sample(t.train, int(REPLAY_FRACTION * len(t.train)))]
+    opt = seqft(model, processor, task, cfg)
+    opt.train_examples = list(task.train) + extra
+    return opt
+
+
+@register("multitask")
+def multitask(model, processor, task, cfg, masks=None):
+    """Joint training on every task so far (full fine-tuning on the union of their examples): after the last task,
+    the multitask upper bound."""
+    opt = seqft(model, processor, task, cfg)
+    opt.train_examples = [ex for t in cfg["tasks"][:cfg["index"] + 1] for ex in t.train]
+    return opt
 
 
 PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
@@ -127,7 +171,8 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
     model.train()
     loss_value = float("nan")
     world = dist.world()
-    bar = tqdm(training_batches(processor, task.train, batch_size, steps, seed, start=start, rank=dist.rank(),
+    examples = getattr(opt, "train_examples", None) or task.train  # a method may train on more than the task's data
+    bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
                                 world=world), initial=start, total=steps, desc=desc, file=sys.stderr, leave=False,
                mininterval=2, disable=not dist.is_main())
     for step, batch in enumerate(bar, start=start):
@@ -187,7 +232,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
                         clip.name if clip is not None else None)
-    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget}
+    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks}
     main = dist.is_main()
     train_state = None
     if resume_from is not None:
@@ -218,7 +263,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
         if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             masks = load_masks(mask_file) if method in SPARSE_METHODS else None
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i}, masks=masks)
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i}, masks=masks)
             sched = make_scheduler(opt, steps)
             if train_state["optimizer"] is not None:
                 opt.load_state_dict(train_state["optimizer"])
@@ -228,8 +273,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         else:
             torch.manual_seed(seed * 1000 + i)
             probe_out: dict = {}
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "trace_history": history,
-                                                                 "trace_out": probe_out})
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i,
+                                                                 "trace_history": history, "trace_out": probe_out})
             if "sketch" in probe_out:
                 history.append(probe_out["sketch"])
                 if main:

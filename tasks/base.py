@@ -73,10 +73,27 @@ def contains_match(prediction: str, answer: str) -> float:
     return float(bool(a) and f" {a} " in f" {normalize_answer(prediction)} ")
 
 
+# As the official VQA evaluator does: number words become digits, and common contractions get their apostrophe.
+_NUMBERS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                              "nine", "ten"])} | {"none": "0"}
+_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
+                 "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "hasnt": "hasn't",
+                 "havent": "haven't", "shouldnt": "shouldn't", "wouldnt": "wouldn't", "couldnt": "couldn't",
+                 "im": "i'm", "ive": "i've", "youre": "you're", "theyre": "they're", "thats": "that's",
+                 "whats": "what's", "its": "it's", "lets": "let's"}
+
+
+def normalize_vqa(text: str) -> str:
+    """normalize_answer, then number words as digits and contractions spelled one way, so "two" = "2" and
+    "don't" = "dont", as in the official VQA evaluation."""
+    words = normalize_answer(text.replace("'", "")).split()
+    return " ".join(_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in words)
+
+
 def vqa_accuracy(prediction: str, answers) -> float:
-    """VQA accuracy: min(#annotators who gave the predicted answer / 3, 1), answers compared normalised."""
-    p = normalize_answer(prediction)
-    return min(sum(normalize_answer(a) == p for a in answers) / 3.0, 1.0)
+    """VQA accuracy: min(#annotators who gave the predicted answer / 3, 1), answers compared by normalize_vqa."""
+    p = normalize_vqa(prediction)
+    return min(sum(normalize_vqa(a) == p for a in answers) / 3.0, 1.0)
 
 
 def most_common_answer(answers) -> str:

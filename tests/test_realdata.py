@@ -75,9 +75,11 @@ def test_karpathy_test_split(data_root):
 
 def test_metrics_against_their_definitions():
     answers = ["two", "two", "2", "two", "three", "3", "three", "two", "two", "Two"]
-    assert base.vqa_accuracy("two", answers) == 1.0  # six annotators: min(6 / 3, 1)
-    assert base.vqa_accuracy("three", answers) == pytest.approx(2 / 3)
-    assert base.vqa_accuracy("2", answers) == pytest.approx(1 / 3) and base.vqa_accuracy("four", answers) == 0.0
+    assert base.vqa_accuracy("two", answers) == 1.0  # seven annotators ("2" is "two"): min(7 / 3, 1)
+    assert base.vqa_accuracy("3", answers) == 1.0 and base.vqa_accuracy("Three.", answers) == 1.0  # three of them
+    assert base.vqa_accuracy("four", answers) == 0.0
+    assert base.vqa_accuracy("red", ["red", "Red", "blue"] + ["dark red"] * 7) == pytest.approx(2 / 3)
+    assert base.vqa_accuracy("don't know", ["dont know"]) == pytest.approx(1 / 3)
     assert base.most_common_answer(answers) == "two"
     ex = base.Example(None, "q", "red")
     assert base.METRICS["contains"]("it is red.", ex) == 1.0 and base.METRICS["contains"]("reddish", ex) == 0.0
