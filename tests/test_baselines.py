@@ -1,5 +1,4 @@
 """Baseline methods of the continual loop: LayerNorm tuning, replay, multitask."""
-import pytest
 import torch
 
 from piece_mm.continual import METHODS, _norm_params, make_scheduler, train_task
