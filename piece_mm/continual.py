@@ -85,6 +85,40 @@ def multitask(model, processor, task, cfg, masks=None):
     return opt
 
 
+EWC_LAMBDA = 0.1  # with the Fisher scaled to mean 1 and updates of ~1e-2, the pull on an average weight is of the order
+                  # of a task gradient (~1e-3); not tuned
+EWC_EXAMPLES = 256  # training examples of a task its Fisher is measured on, after training
+
+
+@register("ewc")
+def ewc(model, processor, task, cfg, masks=None):
+    """Full fine-tuning plus the online-EWC pull, (λ / 2) Σ F (θ − θ*)², towards the weights θ* after the previous
+    task. F is the empirical Fisher (mean g², scaled to mean 1) summed over the earlier tasks; cfg["ewc_state"]
+    holds it (None before the second task), and `after_task` measures this task's."""
+    opt = seqft(model, processor, task, cfg)
+    state = cfg.get("ewc_state")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if state is not None:
+        fisher, anchor = state["fisher"], state["anchor"]
+
+        def extra_loss(model):
+            return EWC_LAMBDA / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
+                                        if n in fisher)
+        opt.extra_loss = extra_loss
+
+    def after_task(model):
+        examples = task.train[:EWC_EXAMPLES]
+        batches = (collate(processor, c) for c in dist.share([examples[i:i + 16] for i in range(0, len(examples), 16)]))
+        f = estimate_importance(model, batches, "piece-f", names=list(params))
+        mean = sum(float(t.sum()) for t in f.values()) / max(1, sum(t.numel() for t in f.values()))
+        f = {n: t / mean if mean > 0 else t for n, t in f.items()}
+        if state is not None:
+            f = {n: t + state["fisher"][n] for n, t in f.items()}
+        return {"fisher": f, "anchor": {n: p.detach().float().clone() for n, p in params.items()}}
+    opt.after_task = after_task
+    return opt
+
+
 PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
 
 
@@ -177,13 +211,18 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
                mininterval=2, disable=not dist.is_main())
     for step, batch in enumerate(bar, start=start):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
         if world == 1:
             loss = model(**batch).loss
+            if extra is not None:
+                loss = loss + extra(model)
             loss.backward()
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
             count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
             dist.sum_([count])
             loss = model(**batch, num_items_in_batch=count.to(device)).loss
+            if extra is not None:  # the gradients are summed over the processes: each adds its share
+                loss = loss + extra(model) / world
             loss.backward()
             grads = []
             for p in (opt.compact_params() if hasattr(opt, "compact_params") else
@@ -258,8 +297,12 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
     history = [_load_tensors(f) for f in trace_files[:st["task"] + (1 if st["in_task"] else 0)]] \
         if method == "trace" else []
+    # EWC: the Fisher and anchor after each task, saved (a resumed run reads the last one before its task)
+    ewc_files = [output / "ewc" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
+    ewc_state = _load_ewc(ewc_files[st["task"] - 1]) if method == "ewc" and st["task"] > 0 else None
     for i in range(st["task"], len(seq.tasks)):
         task = seq.tasks[i]
+        cfg["ewc_state"] = ewc_state
         mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
         if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             masks = load_masks(mask_file) if method in SPARSE_METHODS else None
@@ -305,6 +348,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                                     desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step)
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
+        if hasattr(opt, "after_task"):  # EWC: this task's Fisher, measured by every process, saved by the first
+            ewc_state = opt.after_task(model)
+            if main:
+                _save_tensors({f"{k}.{n}": t for k in ewc_state for n, t in ewc_state[k].items()}, ewc_files[i])
         masks = getattr(opt, "masks", None)
         st.update(task=i + 1, step=0, in_task=False)
         if main:
@@ -365,6 +412,11 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def _load_ewc(path: Path) -> dict:
+    flat = _load_tensors(path)
+    return {k: {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + ".")} for k in ("fisher", "anchor")}
 
 
 def _load_tensors(path: Path) -> dict:
