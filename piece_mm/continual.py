@@ -101,7 +101,7 @@ def ewc(model, processor, task, cfg, masks=None):
     if state is not None:
         fisher, anchor = state["fisher"], state["anchor"]
 
-        def extra_loss(model):
+        def extra_loss(model, batch=None, out=None):
             return EWC_LAMBDA / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
                                         if n in fisher)
         opt.extra_loss = extra_loss
@@ -116,6 +116,33 @@ def ewc(model, processor, task, cfg, masks=None):
             f = {n: t + state["fisher"][n] for n, t in f.items()}
         return {"fisher": f, "anchor": {n: p.detach().float().clone() for n, p in params.items()}}
     opt.after_task = after_task
+    return opt
+
+
+LWF_TEMPERATURE = 2.0  # as in Li & Hoiem's LwF
+LWF_WEIGHT = 1.0
+
+
+@register("lwf")
+def lwf(model, processor, task, cfg, masks=None):
+    """Full fine-tuning plus distillation from the model as it was when the task began (cfg["lwf_teacher"], given
+    by the loop from the second task on): T² · KL(teacher ‖ student) of the next-token distributions at temperature
+    T, averaged over the current task's non-padding positions (its inputs, as LwF distils on the new task's data)."""
+    opt = seqft(model, processor, task, cfg)
+    teacher = cfg.get("lwf_teacher")
+    if teacher is None:
+        return opt
+
+    def extra_loss(model, batch, out):
+        keep = batch["attention_mask"].bool()  # [B, L]
+        with torch.no_grad():
+            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[keep].float()  # [N, V]
+        s = out.logits[keep].float()  # [N, V]
+        T = LWF_TEMPERATURE
+        kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
+                                        log_target=True, reduction="batchmean")
+        return LWF_WEIGHT * T * T * kl
+    opt.extra_loss = extra_loss
     return opt
 
 
@@ -213,16 +240,18 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
         if world == 1:
-            loss = model(**batch).loss
+            out = model(**batch)
+            loss = out.loss
             if extra is not None:
-                loss = loss + extra(model)
+                loss = loss + extra(model, batch, out)
             loss.backward()
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
             count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
             dist.sum_([count])
-            loss = model(**batch, num_items_in_batch=count.to(device)).loss
+            out = model(**batch, num_items_in_batch=count.to(device))
+            loss = out.loss
             if extra is not None:  # the gradients are summed over the processes: each adds its share
-                loss = loss + extra(model) / world
+                loss = loss + extra(model, batch, out) / world
             loss.backward()
             grads = []
             for p in (opt.compact_params() if hasattr(opt, "compact_params") else
@@ -303,6 +332,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     for i in range(st["task"], len(seq.tasks)):
         task = seq.tasks[i]
         cfg["ewc_state"] = ewc_state
+        cfg["lwf_teacher"] = _lwf_teacher(model, output / "lwf" / f"{i + 1}-{task.name}-start.safetensors", main,
+                                          resumed=st["in_task"]) if method == "lwf" and i > 0 else None
         mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
         if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             masks = load_masks(mask_file) if method in SPARSE_METHODS else None
@@ -412,6 +443,20 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def _lwf_teacher(model, path: Path, main: bool, resumed: bool):
+    """A frozen copy of the model as the task begins. Its weights are saved, so a task resumed midway distils from
+    the same teacher."""
+    import copy
+    teacher = copy.deepcopy(model).eval()
+    if resumed:
+        teacher.load_state_dict(_load_tensors(path), strict=False)
+    elif main:
+        _save_tensors({n: p.detach() for n, p in teacher.named_parameters()}, path)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _load_ewc(path: Path) -> dict:

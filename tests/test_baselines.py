@@ -1,4 +1,4 @@
-"""Baseline methods of the continual loop: LayerNorm tuning, replay, multitask, EWC."""
+"""Baseline methods of the continual loop: LayerNorm tuning, replay, multitask, EWC, LwF."""
 import pytest
 import torch
 
@@ -98,7 +98,9 @@ def test_ewc_pull_and_fisher(tiny):
     assert all(bool((later["fisher"][n] >= f[n]).all()) for n in f)  # summed over the tasks
 
 
-def test_ewc_runs_through_the_cli(tmp_path):
+@pytest.mark.parametrize("method", ["ewc", "lwf"])
+def test_regularised_baselines_run_through_the_cli(method, tmp_path):
+    """The loop's hooks: EWC's saved Fisher and LwF's saved teacher, from the second task on."""
     import json
     import subprocess
     import sys
@@ -106,10 +108,45 @@ def test_ewc_runs_through_the_cli(tmp_path):
     seq = tmp_path / "two.yaml"
     seq.write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                    "world: {train_examples: 16, test_examples: 4}\ngeneral: {captions: 4, vqa: 4}\n")
-    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", "llava", "--method", "ewc", "--tasks",
+    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", "llava", "--method", method, "--tasks",
                         str(seq), "--max-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--output",
                         str(tmp_path / "run")], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "ewc"
-    assert (tmp_path / "run" / "ewc" / "1-color.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == method
+    saved = {"ewc": "ewc/1-color.safetensors", "lwf": "lwf/2-size-start.safetensors"}[method]
+    assert (tmp_path / "run" / saved).is_file()
+
+
+def test_lwf_distils_from_the_task_start_model(tiny):
+    """Zero while the student equals the teacher; after a change, T² · KL(teacher ‖ student) over the non-padding
+    positions, computed here by hand."""
+    import copy
+
+    from piece_mm.batching import collate
+    from piece_mm.continual import LWF_TEMPERATURE as T
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    tasks = _seq(8)
+    teacher = copy.deepcopy(model).eval()
+    opt = METHODS["lwf"](model, processor, tasks[1], _cfg(tasks, 1) | {"lwf_teacher": teacher})
+    batch = collate(processor, tasks[1].train[:4])
+    model.eval()
+    assert float(opt.extra_loss(model, batch, model(**batch))) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = model(**batch)
+    got = float(opt.extra_loss(model, batch, out))
+    with torch.no_grad():
+        t_logits = teacher(**batch).logits
+    ref, n = 0.0, 0
+    for b in range(4):
+        for pos in range(batch["input_ids"].shape[1]):
+            if batch["attention_mask"][b, pos]:
+                pt = torch.softmax(t_logits[b, pos] / T, -1)
+                ps = torch.softmax(out.logits[b, pos].detach() / T, -1)
+                ref += float((pt * (pt.log() - ps.log())).sum())
+                n += 1
+    assert got > 0 and got == pytest.approx(T * T * ref / n, rel=1e-3)
+    assert METHODS["lwf"](model, processor, tasks[0], _cfg(tasks, 0)).__dict__.get("extra_loss") is None
