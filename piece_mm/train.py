@@ -59,7 +59,8 @@ def _clip_scorer(args, seq):
         return load_clip(args.clip_model, args.clip_weights, device=args.device)
     if seq.general_format == "world" and (WORLD_CLIP / "open_clip_config.json").is_file():
         return load_clip(device=args.device)
-    if seq.general_format != "world":
+    from piece_mm import dist
+    if seq.general_format != "world" and dist.is_main():
         print(f"note: no CLIPScore: the {seq.general_format} caption set needs --clip-model/--clip-weights",
               file=sys.stderr)
     return None
