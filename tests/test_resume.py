@@ -110,3 +110,36 @@ def test_a_checkpoint_with_unchanged_weights_links_them(tmp_path):
     other = torch.nn.Linear(3, 2)
     checkpoint.restore(where, other)
     assert torch.equal(other.weight, lin.weight) and torch.equal(other.bias, lin.bias)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ewc", "lwf", "replay", "trace"])
+def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
+    """Killed inside task 2 and resumed, methods with state of their own (EWC's Fisher, LwF's teacher, replay's
+    sample, TRACE's sketches) end with the uninterrupted run's metrics."""
+    from conftest import SHORT_SEQ
+    seq = tmp_path / "two.yaml"
+    seq.write_text(SHORT_SEQ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = subprocess.run(_args(seq, whole, "--method", method), capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen(_args(seq, killed, "--method", method), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = _state(killed)
+        if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed inside task 2")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(_args(seq, killed, "--method", method, "--resume"), capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in ("scores", "general", "summary", "trainable"):
+        assert a[key] == b[key], key
