@@ -24,17 +24,12 @@ def _state(out: Path):
         return None
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, uninterrupted_run):
-    """An uninterrupted run, and the same run killed with SIGKILL inside task 2 (a copy kept for corruption)."""
-    tmp = tmp_path_factory.mktemp("resume")
-    seq, whole = uninterrupted_run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = tmp / "killed"
-    proc = subprocess.Popen(_args(seq, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _kill_inside_task_2(args, out: Path, env: dict) -> None:
+    """Start the run and SIGKILL it once its checkpoint is at step >= 4 of task 2."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 600
     while time.time() < deadline:
-        st = _state(killed)
+        st = _state(out)
         if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
             break
         if proc.poll() is not None:
@@ -42,6 +37,16 @@ def runs(tmp_path_factory, uninterrupted_run):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, uninterrupted_run):
+    """An uninterrupted run, and the same run killed with SIGKILL inside task 2 (a copy kept for corruption)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    seq, whole = uninterrupted_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp / "killed"
+    _kill_inside_task_2(_args(seq, killed), killed, env)
     assert not (killed / "metrics.json").exists()
     spare = tmp / "spare"
     shutil.copytree(killed, spare)
@@ -124,18 +129,7 @@ def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     r = subprocess.run(_args(seq, whole, "--method", method), capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = subprocess.Popen(_args(seq, killed, "--method", method), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        st = _state(killed)
-        if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed inside task 2")
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_inside_task_2(_args(seq, killed, "--method", method), killed, env)
     r = subprocess.run(_args(seq, killed, "--method", method, "--resume"), capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
