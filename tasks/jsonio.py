@@ -19,8 +19,18 @@ class Record(dict):
     where: str = ""
 
 
-def _line(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+class _Lines:
+    """Line numbers of increasing positions in one text, counted incrementally (a 300 MB file stays linear)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        if pos < self.pos:  # not expected (positions only grow), but stay correct
+            self.pos, self.line = 0, 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
 
 
 def _skip(text: str, pos: int) -> int:
@@ -29,7 +39,7 @@ def _skip(text: str, pos: int) -> int:
     return pos
 
 
-def _array(text: str, pos: int, path: Path, label: str, dec: json.JSONDecoder) -> tuple[list, int]:
+def _array(text: str, pos: int, path: Path, label: str, dec: json.JSONDecoder, lines: _Lines) -> tuple[list, int]:
     """Parse the JSON array at text[pos] ('['), keeping each element's start line."""
     out, pos = [], _skip(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
@@ -37,7 +47,7 @@ def _array(text: str, pos: int, path: Path, label: str, dec: json.JSONDecoder) -
     while True:
         start = pos
         obj, pos = dec.raw_decode(text, pos)
-        out.append(_record(obj, label, len(out), _line(text, start)))
+        out.append(_record(obj, label, len(out), lines(start), path))
         pos = _skip(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos = _skip(text, pos + 1)
@@ -47,13 +57,13 @@ def _array(text: str, pos: int, path: Path, label: str, dec: json.JSONDecoder) -
             raise json.JSONDecodeError("expected ',' or ']'", text, pos)
 
 
-def _record(obj, label: str, i: int, line: int):
-    if isinstance(obj, dict):
-        r = Record(obj)
-        ident = obj.get("id", obj.get("question_id", obj.get("image_id")))
-        r.where = f"{label}[{i}] (" + (f"id {ident!r}, " if ident is not None else "") + f"line {line})"
-        return r
-    return obj
+def _record(obj, label: str, i: int, line: int, path: Path) -> Record:
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: {label}[{i}] (line {line}) is {type(obj).__name__}; expected an object")
+    r = Record(obj)
+    ident = obj.get("id", obj.get("question_id", obj.get("image_id")))
+    r.where = f"{label}[{i}] (" + (f"id {ident!r}, " if ident is not None else "") + f"line {line})"
+    return r
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -67,7 +77,7 @@ def _read_text(path: Path, what: str) -> str:
 
 def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | list:
     """A JSON array / JSONL file -> its records; a JSON object -> {key: its records} for each key in `keys` (which
-    must hold lists). Records that are objects come as Record (with .where)."""
+    must hold lists). Every record must be a JSON object; each comes as a Record (with .where)."""
     path = Path(path)
     text = _read_text(path, what)
     dec = json.JSONDecoder()
@@ -80,14 +90,15 @@ def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | lis
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
-            out.append(_record(obj, "records", len(out), n))
+            out.append(_record(obj, "records", len(out), n, path))
         return out
     try:
         pos = _skip(text, 0)
+        lines = _Lines(text)
         if text[pos:pos + 1] == "[" and not keys:
-            out, end = _array(text, pos, path, "records", dec)
+            out, end = _array(text, pos, path, "records", dec, lines)
         elif text[pos:pos + 1] == "{" and keys:
-            out, end = _object(text, pos, path, keys, dec)
+            out, end = _object(text, pos, path, keys, dec, lines)
         else:
             obj, end = dec.raw_decode(text, pos)  # valid JSON of the wrong kind, or an error with its place
             want = "an object with " + ", ".join(keys) if keys else "a list of records"
@@ -99,7 +110,7 @@ def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | lis
     return out
 
 
-def _object(text: str, pos: int, path: Path, keys: tuple, dec: json.JSONDecoder) -> tuple[dict, int]:
+def _object(text: str, pos: int, path: Path, keys: tuple, dec: json.JSONDecoder, lines: _Lines) -> tuple[dict, int]:
     found, pos = {}, _skip(text, pos + 1)
     while text[pos:pos + 1] != "}":
         key, pos = dec.raw_decode(text, pos)
@@ -108,7 +119,7 @@ def _object(text: str, pos: int, path: Path, keys: tuple, dec: json.JSONDecoder)
             raise json.JSONDecodeError("expected ':'", text, pos)
         pos = _skip(text, pos + 1)
         if key in keys and text[pos:pos + 1] == "[":
-            found[key], pos = _array(text, pos, path, key, dec)
+            found[key], pos = _array(text, pos, path, key, dec, lines)
         else:
             value, pos = dec.raw_decode(text, pos)
             if key in keys:

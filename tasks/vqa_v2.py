@@ -55,7 +55,7 @@ def load(questions: Path, annotations: Path, images: Path, types: set[str] | Non
     for a in anns:
         by_id[field(annotations, a, "question_id", (int, str))] = a
     index = _image_index(images, where)
-    known_types = set()
+    known_types, checked = set(), set()
     out = []
     for q in qs:
         qid = field(questions, q, "question_id", (int, str))
@@ -76,7 +76,9 @@ def load(questions: Path, annotations: Path, images: Path, types: set[str] | Non
         image_id = field(questions, q, "image_id", int)
         if image_id not in index:
             raise InputError(f"{questions}: {q.where}: image {image_id} not found in {images}")
-        check_image(index[image_id], f"{questions}: {q.where}")
+        if image_id not in checked:  # an image serves several questions: check it once
+            check_image(index[image_id], f"{questions}: {q.where}")
+            checked.add(image_id)
         words = tuple(x["answer"] for x in answers)
         out.append(Example(index[image_id], text, most_common_answer(words), answers=words))
     if types is not None:
