@@ -30,7 +30,7 @@ class CLIPScorer:
     def _text(self, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
         out = [self.model.encode_text(self.tokenizer([PROMPT + t for t in texts[i:i + batch]]).to(self.device))
                for i in range(0, len(texts), batch)]
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # [N, D]
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1).cpu()  # [N, D]
 
     @torch.no_grad()
     def _images(self, images, batch: int = 64) -> torch.Tensor:
@@ -38,18 +38,19 @@ class CLIPScorer:
         for i in range(0, len(images), batch):
             x = torch.stack([self.preprocess(im) for im in images[i:i + batch]]).to(self.device)
             out.append(self.model.encode_image(x))
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # [N, D]
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1).cpu()  # [N, D]
 
-    def pairs(self, images, captions: Sequence[str]) -> torch.Tensor:
+    def pairs(self, images, captions: Sequence[str], cand: torch.Tensor | None = None) -> torch.Tensor:
         """CLIPScore of each (image, caption) pair, [N]."""
-        return WEIGHT * (self._images(images) * self._text(captions)).sum(-1).clamp(min=0)
+        cand = self._text(captions) if cand is None else cand
+        return WEIGHT * (self._images(images) * cand).sum(-1).clamp(min=0)
 
     def score(self, images, captions: Sequence[str], refs: Sequence[Sequence[str]] | None = None) -> dict:
         """Corpus means: {"CLIPScore"} and, with references, {"RefCLIPScore"}."""
-        clip = self.pairs(images, captions)
+        cand = self._text(captions)  # [N, D]
+        clip = self.pairs(images, captions, cand)
         out = {"CLIPScore": float(clip.mean())}
         if refs is not None and all(refs):
-            cand = self._text(captions)  # [N, D]
             flat = [r for rs in refs for r in rs]
             r = self._text(flat)  # [sum refs, D]
             owner = torch.repeat_interleave(torch.arange(len(refs)), torch.tensor([len(rs) for rs in refs]))
