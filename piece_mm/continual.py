@@ -407,7 +407,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                "task_metrics": [t.metric for t in seq.tasks], "scores": R,
                "general": {"before": st["before"], "after": st["after"]},
                "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
-               "time_s": elapsed + time.time()}
+               "time_s": elapsed + time.time(), "parameters": sum(p.numel() for p in model.parameters()),
+               "peak_memory_mb": _peak_rss_mb()}
     if st["selection"]:
         all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
         metrics["budget"] = budget["path"]
@@ -467,6 +468,12 @@ def _load_ewc(path: Path) -> dict:
 def _load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (a resumed run: since it was resumed)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _general(g: dict) -> str:

@@ -1,0 +1,179 @@
+"""python -m eval.compare --model llava --methods all --seeds 0,1,2 --output results/world-llava [--max-steps N]
+
+Runs every method through the ordinary training CLI, each in its own process, on the same sequence, and writes:
+- summary.json: {"seeds": [...], "methods": {method: {"OP": [per seed], "BWT": [...], "FWT": [...],
+  "caption_retention": [...], "trainable_fraction": f, "peak_memory_mb": f, "time_s": [...], "lr": chosen}}};
+- table.md: method × mean ± std;
+- retention_vs_op.png (one point per method) and cider.png (CIDEr across stages, one line per method).
+
+Learning rate: every method gets the same small sweep (--lrs) on the first seed, and the other seeds use the lr with
+the best OP there. --max-steps applies to every method alike. A run that already finished (metrics.json present) is
+read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training code."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tasks.errors import InputError
+
+# The methods of the comparison, in table order; "all" means these.
+ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
+KEYS = ("OP", "BWT", "FWT", "caption_retention")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def known_methods() -> list[str]:
+    """The methods the training CLI accepts, from its own --help (no training code imported here)."""
+    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--help"], capture_output=True, text=True)
+    text = " ".join(r.stdout.split())
+    start = text.find("one of: ")
+    return [m.strip(" ,()") for m in text[start + 8:].split("(default")[0].split(",")] if start >= 0 else []
+
+
+def run_one(args, method: str, seed: int, lr: float, threads: int) -> dict:
+    out = args.output / "runs" / f"{method}-lr{lr:g}-seed{seed}"
+    if not (out / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "piece_mm.train", "--model", args.model, "--method", method, "--seed", str(seed),
+               "--lr", str(lr), "--tasks", args.tasks, "--output", str(out)]
+        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit)):
+            if v:
+                cmd += [flag, str(v)]
+        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RunFailed(f"{method} (seed {seed}, lr {lr:g}): {last}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
+    """runs: {method: {"lr": chosen, "metrics": [metrics.json per seed]}} -> the summary.json object."""
+    out = {"seeds": seeds, "methods": {}}
+    for method, r in runs.items():
+        ms = r["metrics"]
+        row = {k: [m["summary"][k] for m in ms] for k in KEYS}
+        row["trainable_fraction"] = ms[0]["trainable"]["total"] / ms[0]["parameters"]
+        row["peak_memory_mb"] = max(m["peak_memory_mb"] for m in ms)
+        row["time_s"] = [m["time_s"] for m in ms]
+        row["lr"] = r["lr"]
+        out["methods"][method] = row
+    return out
+
+
+def _mean_std(xs) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
+
+
+def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"# Methods on {model}, seeds {', '.join(map(str, summary['seeds']))}", "", f"Command: `{command}`", "",
+             "| method | lr | OP | BWT | FWT | caption retention | trainable | peak MB | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS) +
+                     f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
+                     f"{statistics.mean(r['time_s']):.0f} |")
+    lines += ["", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
+    (out_dir / "table.md").write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, r in summary["methods"].items():
+        ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]), xerr=statistics.pstdev(r["OP"]),
+                    yerr=statistics.pstdev(r["caption_retention"]), fmt="o", label=m, capsize=3)
+    ax.set_xlabel("OP (mean over seeds)")
+    ax.set_ylabel("caption retention")
+    ax.set_title(f"{model}: one point per method")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, r in runs.items():
+        curves = [[g["CIDEr"] for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
+        ax.plot([statistics.mean(c) for c in zip(*curves)], marker="o", label=m)
+    stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylabel("CIDEr (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cider.png", dpi=110)
+    plt.close(fig)
+
+
+def _numbers(flag: str, text: str, kind):
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
+    if not values or any(v < 0 or (kind is float and v == 0) for v in values):
+        raise InputError(f"{flag} {text!r}: expected one or more {'positive' if kind is float else 'non-negative'} "
+                         f"{kind.__name__}s")
+    return values
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llava")
+    ap.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(ALL)})")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lrs", default="3.0e-4,1.0e-3", help="the lr sweep every method gets on the first seed")
+    ap.add_argument("--output", type=Path, help="default: results/world-<model>")
+    ap.add_argument("--tasks", default="world")
+    ap.add_argument("--max-steps", type=int, help="cap on steps per task, the same for every method")
+    ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
+    args = ap.parse_args(argv)
+    try:
+        seeds = _numbers("--seeds", args.seeds, int)
+        lrs = _numbers("--lrs", args.lrs, float)
+        known = known_methods()
+        methods = [m for m in ALL if m in known] if args.methods == "all" else args.methods.split(",")
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise InputError(f"--methods: {unknown[0]!r} is not a method of piece_mm.train; known: {', '.join(known)}")
+        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit), ("--jobs", args.jobs)):
+            if v is not None and v < 1:
+                raise InputError(f"{flag}: {v}; expected a positive integer")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [m for m in ALL if m not in known]
+    if args.methods == "all" and missing:
+        print(f"note: not built yet, left out: {', '.join(missing)}", file=sys.stderr)
+    args.output = args.output or Path("results") / f"world-{args.model}"
+    args.output.mkdir(parents=True, exist_ok=True)
+    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    runs = {}
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            first = {m: list(pool.map(lambda lr, m=m: run_one(args, m, seeds[0], lr, threads), lrs)) for m in methods}
+            for m in methods:  # the best lr on the first seed, by OP (ties: the first in --lrs)
+                best = max(range(len(lrs)), key=lambda i: (first[m][i]["summary"]["OP"], -i))
+                rest = list(pool.map(lambda s, m=m: run_one(args, m, s, lrs[best], threads), seeds[1:]))
+                runs[m] = {"lr": lrs[best], "metrics": [first[m][best]] + rest}
+                print(f"{m:<10} lr {lrs[best]:g}  OP " + _mean_std([x["summary"]["OP"] for x in runs[m]["metrics"]]) +
+                      "  retention " + _mean_std([x["summary"]["caption_retention"] for x in runs[m]["metrics"]]),
+                      flush=True)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarise(runs, seeds)
+    write(args.output, args.model, summary, runs,
+          "python -m eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
