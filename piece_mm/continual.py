@@ -1,5 +1,6 @@
 """The continual loop: for each task, build the method's optimizer, train, then evaluate every task and the general
-held-out set. Methods are registered by name; a method is one function that returns the task's optimizer."""
+held-out set. Methods are registered by name (piece_mm/methods/__init__.py describes one); the sparse ones are
+registered here, the baselines in piece_mm/methods/."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -17,134 +17,12 @@ from piece_mm.batching import IGNORE_INDEX, collate, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
+from piece_mm.methods import METHODS, load_tensors, register, save_tensors
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
 from piece_mm.sparse import sparse_optimizer
 from tasks.base import METRICS
 from tasks.errors import InputError
 from tasks.sequence import Sequence
-
-# name -> fn(model, processor, task, cfg, masks=None) -> torch.optim.Optimizer over the weights the method tunes for
-# this task. Sparse methods choose their masks unless given them (a resumed task reuses the ones saved at its start).
-# cfg: lr, seed, steps, batch_size, budget, tasks (the whole sequence) and index (this task's place in it). The
-# optimizer may carry `train_examples`, which the task then trains on instead of its own examples (replay,
-# multitask); everything a method needs must follow from cfg, so a resumed task rebuilds it exactly.
-METHODS: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-    return deco
-
-
-@register("seqft")
-def seqft(model, processor, task, cfg, masks=None):
-    """Full fine-tuning, AdamW recreated for each task."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
-
-
-def _norm_params(model) -> list[str]:
-    """Names of the normalisation layers' parameters (LayerNorm, RMSNorm and the transformers variants)."""
-    return [f"{m_name}.{p_name}" if m_name else p_name
-            for m_name, m in model.named_modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
-            for p_name, _ in m.named_parameters(recurse=False)]
-
-
-@register("ln")
-def ln(model, processor, task, cfg, masks=None):
-    """LayerNorm tuning: only the normalisation layers are trained (AdamW, recreated per task); every other weight
-    is frozen."""
-    norms = set(_norm_params(model))
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in norms)
-    return torch.optim.AdamW([p for n, p in model.named_parameters() if n in norms], lr=cfg["lr"], weight_decay=0.0)
-
-
-REPLAY_FRACTION = 0.10  # of each earlier task's training examples, mixed into the current task's
-
-
-@register("replay")
-def replay(model, processor, task, cfg, masks=None):
-    """Full fine-tuning on the task's examples plus 10 % of each earlier task's (a seeded sample). It uses earlier
-    tasks' data, so it is a reference, not a competitor."""
-    import random
-    rng = random.Random(cfg["seed"])
-    extra = [ex for t in cfg["tasks"][:cfg["index"]] for ex in rng.sample(t.train, int(REPLAY_FRACTION * len(t.train)))]
-    opt = seqft(model, processor, task, cfg)
-    opt.train_examples = list(task.train) + extra
-    return opt
-
-
-@register("multitask")
-def multitask(model, processor, task, cfg, masks=None):
-    """Joint training on every task so far (full fine-tuning on the union of their examples): after the last task,
-    the multitask upper bound."""
-    opt = seqft(model, processor, task, cfg)
-    opt.train_examples = [ex for t in cfg["tasks"][:cfg["index"] + 1] for ex in t.train]
-    return opt
-
-
-EWC_LAMBDA = 0.1  # with the Fisher scaled to mean 1 and updates of ~1e-2, the pull on an average weight is of the order
-                  # of a task gradient (~1e-3); not tuned
-EWC_EXAMPLES = 256  # training examples of a task its Fisher is measured on, after training
-
-
-@register("ewc")
-def ewc(model, processor, task, cfg, masks=None):
-    """Full fine-tuning plus the online-EWC pull, (λ / 2) Σ F (θ − θ*)², towards the weights θ* after the previous
-    task. F is the empirical Fisher (mean g², scaled to mean 1) summed over the earlier tasks; cfg["ewc_state"]
-    holds it (None before the second task), and `after_task` measures this task's."""
-    opt = seqft(model, processor, task, cfg)
-    state = cfg.get("ewc_state")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if state is not None:
-        fisher, anchor = state["fisher"], state["anchor"]
-
-        def extra_loss(model, batch=None, out=None):
-            return EWC_LAMBDA / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
-                                        if n in fisher)
-        opt.extra_loss = extra_loss
-
-    def after_task(model):
-        examples = task.train[:EWC_EXAMPLES]
-        batches = (collate(processor, c) for c in dist.share([examples[i:i + 16] for i in range(0, len(examples), 16)]))
-        f = estimate_importance(model, batches, "piece-f", names=list(params))
-        mean = sum(float(t.sum()) for t in f.values()) / max(1, sum(t.numel() for t in f.values()))
-        f = {n: t / mean if mean > 0 else t for n, t in f.items()}
-        if state is not None:
-            f = {n: t + state["fisher"][n] for n, t in f.items()}
-        return {"fisher": f, "anchor": {n: p.detach().float().clone() for n, p in params.items()}}
-    opt.after_task = after_task
-    return opt
-
-
-LWF_TEMPERATURE = 2.0  # as in Li & Hoiem's LwF
-LWF_WEIGHT = 1.0
-
-
-@register("lwf")
-def lwf(model, processor, task, cfg, masks=None):
-    """Full fine-tuning plus distillation from the model as it was when the task began (cfg["lwf_teacher"], given
-    by the loop from the second task on): T² · KL(teacher ‖ student) of the next-token distributions at temperature
-    T, averaged over the current task's non-padding positions (its inputs, as LwF distils on the new task's data)."""
-    opt = seqft(model, processor, task, cfg)
-    teacher = cfg.get("lwf_teacher")
-    if teacher is None:
-        return opt
-
-    def extra_loss(model, batch, out):
-        keep = batch["attention_mask"].bool()  # [B, L]
-        with torch.no_grad():
-            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[keep].float()  # [N, V]
-        s = out.logits[keep].float()  # [N, V]
-        T = LWF_TEMPERATURE
-        kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
-                                        log_target=True, reduction="batchmean")
-        return LWF_WEIGHT * T * T * kl
-    opt.extra_loss = extra_loss
-    return opt
-
 
 PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
 
@@ -300,8 +178,12 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
                         clip.name if clip is not None else None)
-    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks}
     main = dist.is_main()
+    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
+           "output": Path(output), "main": main}
+    parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
+    if hasattr(METHODS[method], "prepare"):  # adapters: the checkpoints hold the adapted model
+        METHODS[method].prepare(model)
     train_state = None
     if resume_from is not None:
         st, where = resume_from
@@ -324,20 +206,15 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
     # TRACE: each task's update signature, for the specificity of later tasks (saved, so a resumed run has them)
     trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
-    history = [_load_tensors(f) for f in trace_files[:st["task"] + (1 if st["in_task"] else 0)]] \
+    history = [load_tensors(f) for f in trace_files[:st["task"] + (1 if st["in_task"] else 0)]] \
         if method == "trace" else []
-    # EWC: the Fisher and anchor after each task, saved (a resumed run reads the last one before its task)
-    ewc_files = [output / "ewc" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
-    ewc_state = _load_ewc(ewc_files[st["task"] - 1]) if method == "ewc" and st["task"] > 0 else None
     for i in range(st["task"], len(seq.tasks)):
         task = seq.tasks[i]
-        cfg["ewc_state"] = ewc_state
-        cfg["lwf_teacher"] = _lwf_teacher(model, output / "lwf" / f"{i + 1}-{task.name}-start.safetensors", main,
-                                          resumed=st["in_task"]) if method == "lwf" and i > 0 else None
         mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
         if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             masks = load_masks(mask_file) if method in SPARSE_METHODS else None
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i}, masks=masks)
+            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i,
+                                                                 "resumed": True}, masks=masks)
             sched = make_scheduler(opt, steps)
             if train_state["optimizer"] is not None:
                 opt.load_state_dict(train_state["optimizer"])
@@ -348,11 +225,12 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             torch.manual_seed(seed * 1000 + i)
             probe_out: dict = {}
             opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i,
-                                                                 "trace_history": history, "trace_out": probe_out})
+                                                                 "resumed": False, "trace_history": history,
+                                                                 "trace_out": probe_out})
             if "sketch" in probe_out:
                 history.append(probe_out["sketch"])
                 if main:
-                    _save_tensors(probe_out["sketch"], trace_files[i])
+                    save_tensors(probe_out["sketch"], trace_files[i])
             sched = make_scheduler(opt, steps)
             start = 0
             masks = getattr(opt, "masks", None)
@@ -379,10 +257,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                                     desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step)
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
-        if hasattr(opt, "after_task"):  # EWC: this task's Fisher, measured by every process, saved by the first
-            ewc_state = opt.after_task(model)
-            if main:
-                _save_tensors({f"{k}.{n}": t for k in ewc_state for n, t in ewc_state[k].items()}, ewc_files[i])
+        if hasattr(opt, "after_task"):  # e.g. EWC: this task's Fisher, measured by every process, saved by the first
+            opt.after_task(model)
         masks = getattr(opt, "masks", None)
         st.update(task=i + 1, step=0, in_task=False)
         if main:
@@ -407,7 +283,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                "task_metrics": [t.metric for t in seq.tasks], "scores": R,
                "general": {"before": st["before"], "after": st["after"]},
                "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
-               "time_s": elapsed + time.time(), "parameters": sum(p.numel() for p in model.parameters()),
+               "time_s": elapsed + time.time(), "parameters": parameters,
                "peak_memory_mb": _peak_rss_mb()}
     if st["selection"]:
         all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
@@ -416,10 +292,12 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
     if method == "trace":
         from piece_mm.trace import cosine_matrix
-        metrics["trace_cosine"] = cosine_matrix([_load_tensors(f) for f in trace_files])
+        metrics["trace_cosine"] = cosine_matrix([load_tensors(f) for f in trace_files])
     _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
     write_report(output, metrics, st["samples"])
     checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
+    if hasattr(METHODS[method], "finish"):  # adapters merged into the weights: the final model is a plain one
+        METHODS[method].finish(model)
     return metrics
 
 
@@ -436,38 +314,6 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
-
-
-def _save_tensors(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _lwf_teacher(model, path: Path, main: bool, resumed: bool):
-    """A frozen copy of the model as the task begins. Its weights are saved, so a task resumed midway distils from
-    the same teacher."""
-    import copy
-    teacher = copy.deepcopy(model).eval()
-    if resumed:
-        teacher.load_state_dict(_load_tensors(path), strict=False)
-    elif main:
-        _save_tensors({n: p.detach() for n, p in teacher.named_parameters()}, path)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def _load_ewc(path: Path) -> dict:
-    flat = _load_tensors(path)
-    return {k: {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + ".")} for k in ("fisher", "anchor")}
-
-
-def _load_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
 
 
 def _peak_rss_mb() -> float:

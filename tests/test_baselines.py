@@ -1,8 +1,11 @@
 """Baseline methods of the continual loop: LayerNorm tuning, replay, multitask, EWC, LwF."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from piece_mm.continual import METHODS, _norm_params, make_scheduler, train_task
+from piece_mm.continual import METHODS, make_scheduler, train_task
+from piece_mm.methods.ln import norm_params
 from tasks import world
 from tasks.sequence import Task
 
@@ -12,8 +15,9 @@ def _seq(n=20):
             for name in ("color", "size", "count")]
 
 
-def _cfg(tasks, index, lr=1e-3):
-    return {"lr": lr, "seed": 7, "steps": 2, "batch_size": 4, "budget": None, "tasks": tasks, "index": index}
+def _cfg(tasks, index, lr=1e-3, output=Path("unused")):
+    return {"lr": lr, "seed": 7, "steps": 2, "batch_size": 4, "budget": None, "tasks": tasks, "index": index,
+            "output": output, "main": True, "resumed": False}
 
 
 def test_ln_trains_only_normalisation_layers(tiny):
@@ -23,7 +27,7 @@ def test_ln_trains_only_normalisation_layers(tiny):
     model = copy.deepcopy(base)
     tasks = _seq(8)
     opt = METHODS["ln"](model, processor, tasks[0], _cfg(tasks, 0))
-    norms = set(_norm_params(model))
+    norms = set(norm_params(model))
     assert norms and {n for n, p in model.named_parameters() if p.requires_grad} == norms
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_task(model, processor, tasks[0], opt, make_scheduler(opt, 2), 2, 4, 0, "t")
@@ -50,16 +54,16 @@ def test_multitask_trains_on_every_task_so_far():
     assert opt.train_examples == tasks[0].train + tasks[1].train
 
 
-def test_ewc_pull_and_fisher(tiny):
+def test_ewc_pull_and_fisher(tiny, tmp_path):
     """The pull is (λ/2) Σ F (θ − θ*)²: zero at the anchor, gradient λ F (θ − θ*) (checked against that formula);
     after_task gives a Fisher of mean 1 (first task) that adds up over tasks, and anchors at the current weights."""
     import copy
 
-    from piece_mm.continual import EWC_LAMBDA
+    from piece_mm.methods.ewc import LAMBDA as EWC_LAMBDA
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(16)
-    first = METHODS["ewc"](model, processor, tasks[0], _cfg(tasks, 0))
+    first = METHODS["ewc"](model, processor, tasks[0], _cfg(tasks, 0, output=tmp_path))
     assert not hasattr(first, "extra_loss")
     state = first.after_task(model)
     f = state["fisher"]
@@ -67,7 +71,8 @@ def test_ewc_pull_and_fisher(tiny):
     assert mean == pytest.approx(1.0, rel=1e-5)
     params = dict(model.named_parameters())
     assert all(torch.equal(state["anchor"][n], params[n].detach()) for n in f)
-    second = METHODS["ewc"](model, processor, tasks[1], _cfg(tasks, 1) | {"ewc_state": state})
+    assert (tmp_path / "ewc" / "1-color.safetensors").is_file()  # the next task reads it from there
+    second = METHODS["ewc"](model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
     assert float(second.extra_loss(model)) == 0.0
     name = next(n for n in f if f[n].abs().sum() > 0 and params[n].dim() == 2)
     with torch.no_grad():
@@ -79,7 +84,7 @@ def test_ewc_pull_and_fisher(tiny):
     assert all(bool((later["fisher"][n] >= f[n]).all()) for n in f)  # summed over the tasks
 
 
-@pytest.mark.parametrize("method", ["replay", "ewc", "lwf"])
+@pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "seqlora", "olora", "migu"])
 def test_baselines_run_through_the_cli(method, tmp_path):
     """The loop's hooks, end to end: replay's examples, EWC's saved Fisher, LwF's saved teacher."""
     import json
@@ -95,23 +100,33 @@ def test_baselines_run_through_the_cli(method, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["method"] == method and min(m["trainable"][c] for c in ("vision", "projector", "llm")) > 0
-    saved = {"replay": None, "ewc": "ewc/1-color.safetensors", "lwf": "lwf/2-size-start.safetensors"}[method]
+    assert m["method"] == method
+    if method in ("seqlora", "olora"):  # the adapter only: r · (in + out) per LLM linear layer
+        assert m["trainable"]["vision"] == m["trainable"]["projector"] == 0 and 0 < m["trainable"]["llm"]
+        assert m["trainable"]["total"] < 0.1 * m["parameters"]
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "run" / "model" / "model.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if "lora" in k or "base_layer" in k]  # merged: a plain model
+    else:
+        assert min(m["trainable"][c] for c in ("vision", "projector", "llm")) > 0
+    saved = {"ewc": "ewc/1-color.safetensors", "lwf": "lwf/2-size.safetensors",
+             "olora": "olora/1-color.safetensors"}.get(method)
     assert saved is None or (tmp_path / "run" / saved).is_file()
 
 
-def test_lwf_distils_from_the_task_start_model(tiny):
+def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
     """Zero while the student equals the teacher; after a change, T² · KL(teacher ‖ student) over the non-padding
     positions, computed here by hand."""
     import copy
 
     from piece_mm.batching import collate
-    from piece_mm.continual import LWF_TEMPERATURE as T
+    from piece_mm.methods.lwf import TEMPERATURE as T
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(8)
     teacher = copy.deepcopy(model).eval()
-    opt = METHODS["lwf"](model, processor, tasks[1], _cfg(tasks, 1) | {"lwf_teacher": teacher})
+    opt = METHODS["lwf"](model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
+    assert (tmp_path / "lwf" / "2-size.safetensors").is_file()  # a task resumed midway distils from the same
     batch = collate(processor, tasks[1].train[:4])
     model.eval()
     assert float(opt.extra_loss(model, batch, model(**batch))) == pytest.approx(0.0, abs=1e-5)

@@ -118,10 +118,10 @@ def test_a_checkpoint_with_unchanged_weights_links_them(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ewc", "lwf", "replay", "trace"])
+@pytest.mark.parametrize("method", ["ewc", "lwf", "replay", "trace", "seqlora", "olora", "migu"])
 def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
     """Killed inside task 2 and resumed, methods with state of their own (EWC's Fisher, LwF's teacher, replay's
-    sample, TRACE's sketches) end with the uninterrupted run's metrics."""
+    sample, TRACE's sketches, the LoRA adapters, MIGU's hooks) end with the uninterrupted run's metrics."""
     from conftest import SHORT_SEQ
     seq = tmp_path / "two.yaml"
     seq.write_text(SHORT_SEQ)

@@ -1,0 +1,48 @@
+"""LwF: distillation from the model as it was when the task began, on the current task's inputs."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from piece_mm.methods import load_tensors, register, save_tensors, state_file
+from piece_mm.methods.seqft import seqft
+
+TEMPERATURE = 2.0  # as in Li & Hoiem's LwF
+WEIGHT = 1.0
+
+
+def teacher_for(model, cfg):
+    """A frozen copy of the model as the task begins. Its weights are saved (<output>/lwf/<task>.safetensors), so a
+    task resumed midway distils from the same teacher."""
+    path = state_file(cfg, "lwf", cfg["index"])
+    teacher = copy.deepcopy(model).eval()
+    if cfg["resumed"]:
+        teacher.load_state_dict(load_tensors(path), strict=False)
+    elif cfg["main"]:
+        save_tensors({n: p for n, p in teacher.named_parameters()}, path)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@register("lwf")
+def lwf(model, processor, task, cfg, masks=None):
+    """Full fine-tuning plus T² · KL(teacher ‖ student) of the next-token distributions at temperature T, averaged
+    over the current task's non-padding positions, from the second task on."""
+    opt = seqft(model, processor, task, cfg)
+    if cfg["index"] == 0:
+        return opt
+    teacher = teacher_for(model, cfg)
+
+    def extra_loss(model, batch, out):
+        keep = batch["attention_mask"].bool()  # [B, L]
+        with torch.no_grad():
+            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[keep].float()  # [N, V]
+        s = out.logits[keep].float()  # [N, V]
+        T = TEMPERATURE
+        kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
+                                        log_target=True, reduction="batchmean")
+        return WEIGHT * T * T * kl
+    opt.extra_loss = extra_loss
+    return opt

@@ -1,0 +1,70 @@
+"""O-LoRA (Wang et al., 2023): a new LoRA per task, kept orthogonal to the earlier tasks' LoRA subspaces.
+
+The loss adds λ1 Σ_layers Σ |A_old A_newᵀ| (A_old: the earlier tasks' A matrices stacked) and λ2 Σ ||θ_new||₂ over
+the new adapter's matrices. λ1 = 0.5 and λ2 = 0 are the values of the authors' released scripts
+(cmnfriend/O-LoRA, scripts/order_*.sh: --lamda_1 0.5 --lamda_2 0).
+
+Earlier adapters are frozen, so their sum is merged into the base weights when the next task starts (the same
+function, up to float rounding), and one PEFT adapter slot is re-initialised for each task. The earlier A matrices are
+kept in <output>/olora/ for the orthogonality term."""
+from __future__ import annotations
+
+import torch
+
+from piece_mm.methods import load_tensors, register, save_tensors, state_file
+from piece_mm.methods.seqlora import ADAPTER, inject, lora_layers, lora_optimizer, merge_and_unload
+
+LAMBDA_ORTH = 0.5
+LAMBDA_L2 = 0.0
+
+
+def orthogonality(layers: dict, old: dict) -> torch.Tensor:
+    """Σ over layers of Σ |A_old A_newᵀ|."""
+    terms = [(old[n].to(layer.lora_A[ADAPTER].weight) @ layer.lora_A[ADAPTER].weight.T).abs().sum()
+             for n, layer in layers.items() if n in old]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def l2(layers: dict) -> torch.Tensor:
+    """Σ ||A||₂ + ||B||₂ over the new adapter's matrices (Frobenius norms)."""
+    return torch.stack([torch.linalg.vector_norm(m[ADAPTER].weight) for layer in layers.values()
+                        for m in (layer.lora_A, layer.lora_B)]).sum()
+
+
+def start_task(layers: dict) -> None:
+    """Merge the previous task's adapter into the base weights and re-initialise it (A random, B zero)."""
+    with torch.no_grad():
+        for layer in layers.values():
+            base = layer.get_base_layer().weight
+            base += layer.get_delta_weight(ADAPTER).to(base.dtype)
+            layer.reset_lora_parameters(ADAPTER, True)
+
+
+@register("olora")
+def olora(model, processor, task, cfg, masks=None):
+    inject(model)
+    layers = lora_layers(model)
+    i = cfg["index"]
+    if i > 0 and not cfg["resumed"]:
+        start_task(layers)
+    old = {}
+    for j in range(i):
+        for n, a in load_tensors(state_file(cfg, "olora", j)).items():
+            old[n] = torch.cat([old[n], a]) if n in old else a
+    opt = lora_optimizer(model, cfg["lr"])
+    if old or LAMBDA_L2:
+        def extra_loss(model, batch=None, out=None):
+            loss = LAMBDA_ORTH * orthogonality(layers, old) if old else 0.0
+            return loss + LAMBDA_L2 * l2(layers) if LAMBDA_L2 else loss
+        opt.extra_loss = extra_loss
+
+    def after_task(model):
+        if cfg["main"]:
+            save_tensors({n: layer.lora_A[ADAPTER].weight for n, layer in layers.items()}, state_file(cfg, "olora", i))
+    opt.after_task = after_task
+    return opt
+
+
+olora.__doc__ = __doc__
+olora.prepare = inject
+olora.finish = merge_and_unload
