@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from test_baselines import _cfg, _seq
 
 from piece_mm.batching import collate
 from piece_mm.continual import METHODS, make_scheduler, train_task
-from test_baselines import _cfg, _seq
 
 
 def _llm_linear(model):
