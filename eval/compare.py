@@ -88,9 +88,12 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
     lines += ["", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    style = {m: {"color": plt.cm.tab20(i % 20), "marker": "osD^v<>ph*"[i % 10]}  # twelve methods, no repeats
+             for i, m in enumerate(summary["methods"])}
     for m, r in summary["methods"].items():
         ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]), xerr=statistics.pstdev(r["OP"]),
-                    yerr=statistics.pstdev(r["caption_retention"]), fmt="o", label=m, capsize=3)
+                    yerr=statistics.pstdev(r["caption_retention"]), fmt=style[m]["marker"], color=style[m]["color"],
+                    label=m, capsize=3)
     ax.set_xlabel("OP (mean over seeds)")
     ax.set_ylabel("caption retention")
     ax.set_title(f"{model}: one point per method")
@@ -101,7 +104,7 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m, r in runs.items():
         curves = [[g["CIDEr"] for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
-        ax.plot([statistics.mean(c) for c in zip(*curves)], marker="o", label=m)
+        ax.plot([statistics.mean(c) for c in zip(*curves)], label=m, **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel("CIDEr (mean over seeds)")
