@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from tasks.base import Example, exact_match
+from tasks.base import Example, exact_match, normalize_answer
 
 METRIC_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -152,6 +152,23 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
                 last = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
                 _warn_spice(f"{type(e).__name__} running SPICE with {corenlp}" + (f": {last[0][:160]}" if last else ""))
     return out
+
+
+def answer_leak(predictions: Sequence[str], references: Sequence[Sequence[str]], answers) -> dict:
+    """How much of a caption's damage is the tasks' own answers leaking into it.
+
+    The leak words are the words of the task `answers` (normalised as for exact match) that no reference caption of
+    the whole set uses: a caption that says one has taken it from a task, not from the picture.
+    - answer_leak: the share of captions that use a leak word;
+    - bare_answer: the share of captions that are nothing but one of the task answers (the caption prompt answered
+      as if it were a task's question)."""
+    norm = {normalize_answer(a) for a in answers} - {""}
+    ref_words = {w for refs in references for r in refs for w in normalize_answer(r).split()}
+    leak = {w for a in norm for w in a.split()} - ref_words
+    preds = [normalize_answer(p) for p in predictions]
+    n = max(1, len(preds))
+    return {"answer_leak": sum(any(w in leak for w in p.split()) for p in preds) / n,
+            "bare_answer": sum(p in norm for p in preds) / n}
 
 
 def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[Example], batch_size: int = 64,

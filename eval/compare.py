@@ -2,12 +2,15 @@
 
 Runs every method through the ordinary training CLI, each in its own process, on the same sequence, and writes:
 - summary.json: {"seeds": [...], "methods": {method: {"OP": [per seed], "BWT": [...], "FWT": [...],
-  "caption_retention": [...], "trainable_fraction": f, "peak_memory_mb": f, "time_s": [...], "lr": chosen}}};
+  "caption_retention": [...], "answer_leak": [...], "trainable_fraction": f, "peak_memory_mb": f, "time_s": [...],
+  "lr": chosen}}}; answer_leak is the share of the last stage's captions that use a task's answer word (null for a
+  run recorded before it was measured);
 - table.md: method × mean ± std;
 - retention_vs_op.png (one point per method) and cider.png (CIDEr across stages, one line per method).
 
 Learning rate: every method gets the same small sweep (--lrs) on the first seed, and the other seeds use the lr with
-the best OP there. --max-steps applies to every method alike. A run that already finished (metrics.json present) is
+the best OP there (--lr-from <summary.json> takes each method's lr from an earlier comparison instead: no sweep,
+every seed at it). --max-steps applies to every method alike. A run that already finished (metrics.json present) is
 read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training code."""
 from __future__ import annotations
 
@@ -47,11 +50,38 @@ def run_one(args, method: str, seed: int, lr: float, threads: int) -> dict:
         for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit)):
             if v:
                 cmd += [flag, str(v)]
+        if (out / "checkpoint.json").is_file():  # a run stopped part-way (the comparison was interrupted)
+            cmd.append("--resume")
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["no message"])[-1]
             raise RunFailed(f"{method} (seed {seed}, lr {lr:g}): {last}")
     return json.loads((out / "metrics.json").read_text())
+
+
+def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: int) -> dict:
+    """Each method at each lr of sweep[method] on the first seed, then at the best of them (by OP; ties: the first
+    lr) on the other seeds. Every run of a stage is queued at once, so --jobs runs stay busy across methods.
+    Returns {method: {"lr": chosen, "metrics": [metrics.json per seed]}}."""
+    runs = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        try:
+            queued = {m: [pool.submit(run_one, args, m, seeds[0], lr, threads) for lr in sweep[m]] for m in methods}
+            first = {m: [f.result() for f in fs] for m, fs in queued.items()}
+            chosen = {}
+            for m in methods:
+                best = max(range(len(sweep[m])), key=lambda i: (first[m][i]["summary"]["OP"], -i))
+                chosen[m] = (sweep[m][best], first[m][best],
+                             [pool.submit(run_one, args, m, s, sweep[m][best], threads) for s in seeds[1:]])
+            for m, (lr, first_run, fs) in chosen.items():
+                runs[m] = {"lr": lr, "metrics": [first_run] + [f.result() for f in fs]}
+                print(f"{m:<10} lr {lr:g}  OP " + _mean_std([x["summary"]["OP"] for x in runs[m]["metrics"]]) +
+                      "  retention " + _mean_std([x["summary"]["caption_retention"] for x in runs[m]["metrics"]]),
+                      flush=True)
+        except RunFailed:
+            pool.shutdown(cancel_futures=True)  # the runs not yet started never start
+            raise
+    return runs
 
 
 def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
@@ -60,6 +90,7 @@ def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
     for method, r in runs.items():
         ms = r["metrics"]
         row = {k: [m["summary"][k] for m in ms] for k in KEYS}
+        row["answer_leak"] = [m["general"]["after"][-1].get("answer_leak") for m in ms]
         row["trainable_fraction"] = ms[0]["trainable"]["total"] / ms[0]["parameters"]
         row["peak_memory_mb"] = max(m["peak_memory_mb"] for m in ms)
         row["time_s"] = [m["time_s"] for m in ms]
@@ -69,6 +100,8 @@ def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
 
 
 def _mean_std(xs) -> str:
+    if any(x is None for x in xs):
+        return "—"
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
 
 
@@ -79,13 +112,15 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Methods on {model}, seeds {', '.join(map(str, summary['seeds']))}", "", f"Command: `{command}`", "",
-             "| method | lr | OP | BWT | FWT | caption retention | trainable | peak MB | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | lr | OP | BWT | FWT | caption retention | answer leak | trainable | peak MB | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
-        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS) +
+        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS + ("answer_leak",)) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
-    lines += ["", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
+    lines += ["", "answer leak: the share of the captions after the last task that use a word only the tasks' "
+              "answers use (the reference captions never do).",
+              "", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     style = {m: {"color": plt.cm.tab20(i % 20), "marker": "osD^v<>ph*"[i % 10]}  # twelve methods, no repeats
@@ -125,12 +160,34 @@ def _numbers(flag: str, text: str, kind):
     return values
 
 
+def _chosen_lrs(path: Path, methods: list[str]) -> dict[str, float]:
+    """{method: lr} from an earlier summary.json; every method asked for must be in it with a positive lr."""
+    try:
+        rows = json.loads(path.read_text())["methods"]
+    except FileNotFoundError:
+        raise InputError(f"--lr-from {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"--lr-from {path}: not a summary.json of eval.compare ({type(e).__name__}: {e})") from None
+    out = {}
+    for m in methods:
+        row = rows.get(m) if isinstance(rows, dict) else None
+        if not isinstance(row, dict):
+            raise InputError(f"--lr-from {path}: no method {m!r} in field 'methods'")
+        lr = row.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+            raise InputError(f"--lr-from {path}: field 'methods.{m}.lr' is {lr!r}; expected a positive number")
+        out[m] = float(lr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
     ap.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(ALL)})")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--lrs", default="3.0e-4,1.0e-3", help="the lr sweep every method gets on the first seed")
+    ap.add_argument("--lrs", default="3.0e-4,1.0e-3,3.0e-3", help="the lr sweep every method gets on the first seed")
+    ap.add_argument("--lr-from", type=Path, help="an earlier summary.json: each method runs at the lr chosen there, "
+                    "with no sweep")
     ap.add_argument("--output", type=Path, help="default: results/world-<model>")
     ap.add_argument("--tasks", default="world")
     ap.add_argument("--max-steps", type=int, help="cap on steps per task, the same for every method")
@@ -148,6 +205,7 @@ def main(argv=None) -> int:
         for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit), ("--jobs", args.jobs)):
             if v is not None and v < 1:
                 raise InputError(f"{flag}: {v}; expected a positive integer")
+        fixed = _chosen_lrs(args.lr_from, methods) if args.lr_from else None
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,17 +215,9 @@ def main(argv=None) -> int:
     args.output = args.output or Path("results") / f"world-{args.model}"
     args.output.mkdir(parents=True, exist_ok=True)
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
-    runs = {}
+    sweep = {m: [fixed[m]] if fixed else lrs for m in methods}
     try:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            first = {m: list(pool.map(lambda lr, m=m: run_one(args, m, seeds[0], lr, threads), lrs)) for m in methods}
-            for m in methods:  # the best lr on the first seed, by OP (ties: the first in --lrs)
-                best = max(range(len(lrs)), key=lambda i: (first[m][i]["summary"]["OP"], -i))
-                rest = list(pool.map(lambda s, m=m: run_one(args, m, s, lrs[best], threads), seeds[1:]))
-                runs[m] = {"lr": lrs[best], "metrics": [first[m][best]] + rest}
-                print(f"{m:<10} lr {lrs[best]:g}  OP " + _mean_std([x["summary"]["OP"] for x in runs[m]["metrics"]]) +
-                      "  retention " + _mean_std([x["summary"]["caption_retention"] for x in runs[m]["metrics"]]),
-                      flush=True)
+        runs = run_all(args, methods, seeds, sweep, threads)
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "VQA")
+CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "VQA",
+                "answer_leak", "bare_answer")
 
 
 def _stages(tasks: list[str]) -> list[str]:

@@ -79,7 +79,7 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
              spice=None):
     """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
     scorer, SPICE with a CoreNLP dir `spice`); the first captions with their references)."""
-    from eval.captioning import general_scores
+    from eval.captioning import answer_leak, general_scores
     from eval.generate import generate
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
@@ -93,6 +93,9 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
             scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
         general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
                                         clip=clip, spice=spice)
+    # every task's answers, learned yet or not, so that each stage (row 0 too) counts against the same words
+    general.update(answer_leak(preds, [ex.refs or (ex.answer,) for ex in caps],
+                               {ex.answer for t in seq.tasks for ex in t.train}))
     samples = [(p, ex.refs[0]) for p, ex in zip(preds[:3], caps)]
     return scores, general, samples
 
@@ -323,7 +326,8 @@ def _peak_rss_mb() -> float:
 
 
 def _general(g: dict) -> str:
-    return "  ".join(f"{k} {g[k]:.3f}" for k in ("CIDEr", "CLIPScore", "VQA") if k in g)
+    return "  ".join(f"{label} {g[k]:.3f}" for k, label in (("CIDEr", "CIDEr"), ("CLIPScore", "CLIPScore"),
+                                                              ("VQA", "VQA"), ("answer_leak", "leak")) if k in g)
 
 
 def _fmt(xs) -> str:

@@ -48,3 +48,49 @@ def test_compare_bad_input_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "'nosuch'" in r.stderr
     r = _compare(tmp_path, "--seeds", "a,b")
     assert r.returncode == 2 and "--seeds" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_compare_lr_from_an_earlier_summary_runs_every_seed_at_that_lr(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"seeds": [0], "methods": {"piece-f": {"lr": 1.0e-3}, "seqft": {"lr": 3.0e-4}}}))
+    r = _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lr-from", str(earlier),
+                 "--max-steps", "2", "--eval-limit", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "cmp"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["piece-f-lr0.001-seed0", "piece-f-lr0.001-seed1"]
+    row = json.loads((out / "summary.json").read_text())["methods"]["piece-f"]
+    assert row["lr"] == 1.0e-3
+    runs = [json.loads((out / "runs" / f"piece-f-lr0.001-seed{s_}" / "metrics.json").read_text()) for s_ in (0, 1)]
+    assert row["answer_leak"] == [m["general"]["after"][-1]["answer_leak"] for m in runs]
+    assert "answer leak" in (out / "table.md").read_text()
+
+    r = _compare(tmp_path, "--methods", "olora", "--lr-from", str(earlier))  # not in the earlier comparison
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert str(earlier) in r.stderr and "'olora'" in r.stderr
+
+
+def test_an_interrupted_run_is_resumed_not_refused(tmp_path, monkeypatch):
+    """A run killed part-way leaves checkpoint.json; the comparison's next call continues it with --resume (the CLI
+    refuses to start afresh over an unfinished run)."""
+    import argparse
+
+    import eval.compare as cmp
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output") + 1])
+        (out / "metrics.json").write_text(json.dumps({"summary": {}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cmp.subprocess, "run", fake_run)
+    args = argparse.Namespace(output=tmp_path, model="llava", tasks="world", max_steps=5, eval_limit=None)
+    for seed, interrupted in ((0, False), (1, True)):
+        out = tmp_path / "runs" / f"piece-f-lr0.001-seed{seed}"
+        out.mkdir(parents=True)
+        if interrupted:
+            (out / "checkpoint.json").write_text("{}")
+        cmp.run_one(args, "piece-f", seed, 1e-3, 1)
+    assert ["--resume" in c for c in calls] == [False, True]
+    assert calls[0][calls[0].index("--max-steps") + 1] == "5"
