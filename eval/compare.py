@@ -2,9 +2,10 @@
 
 Runs every method through the ordinary training CLI, each in its own process, on the same sequence, and writes:
 - summary.json: {"seeds": [...], "methods": {method: {"OP": [per seed], "BWT": [...], "FWT": [...],
-  "caption_retention": [...], "answer_leak": [...], "trainable_fraction": f, "peak_memory_mb": f, "time_s": [...],
-  "lr": chosen}}}; answer_leak is the share of the last stage's captions that use a task's answer word (null for a
-  run recorded before it was measured);
+  "caption_retention": [...], "answer_leak": [...], "bare_answer": [...], "trainable_fraction": f,
+  "peak_memory_mb": f, "time_s": [...], "lr": chosen}}}; answer_leak / bare_answer are the shares of the last
+  stage's captions that use a task's answer word / are nothing but a task answer (null for a run recorded before
+  they were measured);
 - table.md: method × mean ± std;
 - retention_vs_op.png (one point per method) and cider.png (CIDEr across stages, one line per method).
 
@@ -28,6 +29,7 @@ from tasks.errors import InputError
 # The methods of the comparison, in table order; "all" means these.
 ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
 KEYS = ("OP", "BWT", "FWT", "caption_retention")
+LEAK_KEYS = ("answer_leak", "bare_answer")  # of the captions after the last task
 
 
 class RunFailed(RuntimeError):
@@ -90,7 +92,8 @@ def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
     for method, r in runs.items():
         ms = r["metrics"]
         row = {k: [m["summary"][k] for m in ms] for k in KEYS}
-        row["answer_leak"] = [m["general"]["after"][-1].get("answer_leak") for m in ms]
+        for k in LEAK_KEYS:
+            row[k] = [m["general"]["after"][-1].get(k) for m in ms]
         row["trainable_fraction"] = ms[0]["trainable"]["total"] / ms[0]["parameters"]
         row["peak_memory_mb"] = max(m["peak_memory_mb"] for m in ms)
         row["time_s"] = [m["time_s"] for m in ms]
@@ -112,14 +115,15 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Methods on {model}, seeds {', '.join(map(str, summary['seeds']))}", "", f"Command: `{command}`", "",
-             "| method | lr | OP | BWT | FWT | caption retention | answer leak | trainable | peak MB | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | lr | OP | BWT | FWT | caption retention | answer leak | bare answer | trainable | peak MB "
+             "| time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
-        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS + ("answer_leak",)) +
+        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS + LEAK_KEYS) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
-    lines += ["", "answer leak: the share of the captions after the last task that use a word only the tasks' "
-              "answers use (the reference captions never do).",
+    lines += ["", "Of the captions after the last task: answer leak = the share that use a word only the tasks' "
+              "answers use (the reference captions never do); bare answer = the share that are nothing but a task "
+              "answer.",
               "", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -61,7 +61,8 @@ def test_compare_lr_from_an_earlier_summary_runs_every_seed_at_that_lr(tmp_path)
     row = json.loads((out / "summary.json").read_text())["methods"]["piece-f"]
     assert row["lr"] == 1.0e-3
     runs = [json.loads((out / "runs" / f"piece-f-lr0.001-seed{s_}" / "metrics.json").read_text()) for s_ in (0, 1)]
-    assert row["answer_leak"] == [m["general"]["after"][-1]["answer_leak"] for m in runs]
+    for k in ("answer_leak", "bare_answer"):
+        assert row[k] == [m["general"]["after"][-1][k] for m in runs]
     assert "answer leak" in (out / "table.md").read_text()
 
     r = _compare(tmp_path, "--methods", "olora", "--lr-from", str(earlier))  # not in the earlier comparison
