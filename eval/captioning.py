@@ -154,15 +154,19 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     return out
 
 
+SHORT_ANSWER = 3  # words: VQA-style answers, the kind that answer_leak looks for in captions
+
+
 def answer_leak(predictions: Sequence[str], references: Sequence[Sequence[str]], answers) -> dict:
     """How much of a caption's damage is the tasks' own answers leaking into it.
 
-    The leak words are the words of the task `answers` (normalised as for exact match) that no reference caption of
-    the whole set uses: a caption that says one has taken it from a task, not from the picture.
+    The leak words are the words of the short task `answers` (at most SHORT_ANSWER words, normalised as for exact
+    match; long free-form replies share too much ordinary language with captions to say anything) that no reference
+    caption of the whole set uses: a caption that says one has taken it from a task, not from the picture.
     - answer_leak: the share of captions that use a leak word;
-    - bare_answer: the share of captions that are nothing but one of the task answers (the caption prompt answered
-      as if it were a task's question)."""
-    norm = {normalize_answer(a) for a in answers} - {""}
+    - bare_answer: the share of captions that are nothing but one of those answers (the caption prompt answered as
+      if it were a task's question)."""
+    norm = {n for n in map(normalize_answer, set(answers)) if 0 < len(n.split()) <= SHORT_ANSWER}
     ref_words = {w for refs in references for r in refs for w in normalize_answer(r).split()}
     leak = {w for a in norm for w in a.split()} - ref_words
     preds = [normalize_answer(p) for p in predictions]

@@ -33,14 +33,16 @@ def test_mismatched_lengths():
 def test_answer_leak_counts_task_words_that_no_reference_uses():
     from eval.captioning import answer_leak
 
-    answers = ["tiny", "huge", "Rojo", "three", "no"]  # "three" is a caption word (REFS[2]): it never counts
+    answers = ["tiny", "huge", "Rojo", "three", "no",  # "three" is a caption word (REFS[2]): it never counts
+               "because the shapes look rather pointy"]  # a long reply: its words are not looked for
     preds = ["two huge red circles on the left",  # leaks "huge"
              "tiny",                              # leaks, and is a bare answer
              "three small white triangles",       # "three" is in the references: clean
              "rojo.",                             # bare answer after normalisation (case, punctuation)
              "a big green circle at the bottom",  # clean
-             "no"]                                # a bare answer whose word no reference uses
+             "no",                                # a bare answer whose word no reference uses
+             "because the shapes look pointy"]    # words of the long reply only: clean
     got = answer_leak(preds, REFS + REFS[:2], answers)
     # by hand: leak words {tiny, huge, rojo, no}; captions 0, 1, 3, 5 use one; 1, 3, 5 are bare answers
-    assert got == {"answer_leak": pytest.approx(4 / 6), "bare_answer": pytest.approx(3 / 6)}
+    assert got == {"answer_leak": pytest.approx(4 / 7), "bare_answer": pytest.approx(3 / 7)}
     assert answer_leak([r[0] for r in REFS], REFS, answers) == {"answer_leak": 0.0, "bare_answer": 0.0}
