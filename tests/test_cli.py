@@ -65,8 +65,8 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     keys = {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "VQA"}
     assert keys <= set(m["general"]["before"]) and len(m["general"]["after"]) == 2
     assert all(keys <= set(a) for a in m["general"]["after"])
-    for g in [m["general"]["before"]] + m["general"]["after"]:  # shares of captions
-        assert 0.0 <= g["bare_answer"] <= g["answer_leak"] <= 1.0
+    for g in [m["general"]["before"]] + m["general"]["after"]:  # shares of captions ("three" may be a bare answer
+        assert 0.0 <= g["answer_leak"] <= 1.0 and 0.0 <= g["bare_answer"] <= 1.0  # that is also a caption word)
     assert set(m["summary"]) == {"OP", "BWT", "FWT", "caption_retention"}
     R = m["scores"]
     assert m["summary"]["OP"] == pytest.approx(sum(R[2]) / 2)
