@@ -76,9 +76,10 @@ def component_counts(model, rules: dict | None = None) -> dict:
 
 
 def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size: int, desc: str, clip=None,
-             spice=None):
+             spice=None, task_answers=frozenset()):
     """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
-    scorer, SPICE with a CoreNLP dir `spice`); the first captions with their references)."""
+    scorer, SPICE with a CoreNLP dir `spice`, the leak of `task_answers` into the captions); the first captions
+    with their references)."""
     from eval.captioning import answer_leak, general_scores
     from eval.generate import generate
 
@@ -93,9 +94,7 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
             scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
         general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
                                         clip=clip, spice=spice)
-    # every task's answers, learned yet or not, so that each stage (row 0 too) counts against the same words
-    general.update(answer_leak(preds, [ex.refs or (ex.answer,) for ex in caps],
-                               {ex.answer for t in seq.tasks for ex in t.train}))
+    general.update(answer_leak(preds, [ex.refs or (ex.answer,) for ex in caps], task_answers))
     samples = [(p, ex.refs[0]) for p, ex in zip(preds[:3], caps)]
     return scores, general, samples
 
@@ -182,6 +181,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
                         clip.name if clip is not None else None)
     main = dist.is_main()
+    # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
+    task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
            "output": Path(output), "main": main}
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
@@ -200,7 +201,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
               "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
         if main:
             scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before",
-                                                clip, spice)
+                                                clip, spice, task_answers)
             log(f"before: scores {_fmt(scores)}  {_general(general)}")
             st.update(R=[scores], before=general, samples=[samples])
             checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
@@ -269,7 +270,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                 save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
                            {"task": task.name})
             scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
-                                                f"eval {task.name}", clip, spice)
+                                                f"eval {task.name}", clip, spice, task_answers)
             st["R"].append(scores)
             st["after"].append(general)
             st["samples"].append(samples)
@@ -326,8 +327,8 @@ def _peak_rss_mb() -> float:
 
 
 def _general(g: dict) -> str:
-    return "  ".join(f"{label} {g[k]:.3f}" for k, label in (("CIDEr", "CIDEr"), ("CLIPScore", "CLIPScore"),
-                                                              ("VQA", "VQA"), ("answer_leak", "leak")) if k in g)
+    labels = {"CIDEr": "CIDEr", "CLIPScore": "CLIPScore", "VQA": "VQA", "answer_leak": "leak"}
+    return "  ".join(f"{label} {g[k]:.3f}" for k, label in labels.items() if k in g)
 
 
 def _fmt(xs) -> str:

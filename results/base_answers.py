@@ -1,7 +1,7 @@
 """python results/base_answers.py: what the tiny base models answer to the default sequence's questions before any
 tuning (200 test questions per task). Measured for results/README.md; it trains nothing."""
-# How often the base models answer a task's question with the attribute in the words they were pretrained on
-# (the English answer of the matching general question), before any tuning.
+# "English attribute": the answer is the attribute in the words pretraining taught (what the matching general
+# question would get), i.e. the model heard the task's question as that old question.
 import piece_mm as pm
 from eval.generate import generate
 from tasks import world

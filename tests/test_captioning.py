@@ -46,3 +46,26 @@ def test_answer_leak_counts_task_words_that_no_reference_uses():
     # by hand: leak words {tiny, huge, rojo, no}; captions 0, 1, 3, 5 use one; 1, 3, 5 are bare answers
     assert got == {"answer_leak": pytest.approx(4 / 7), "bare_answer": pytest.approx(3 / 7)}
     assert answer_leak([r[0] for r in REFS], REFS, answers) == {"answer_leak": 0.0, "bare_answer": 0.0}
+
+
+def test_the_loop_counts_the_task_answers_not_its_own_replies(monkeypatch):
+    """The continual loop's evaluate measures the leak of the tasks' answers, whatever the model replied to the
+    task questions (a reply that happens to be a caption's word must not count)."""
+    from types import SimpleNamespace
+
+    import eval.captioning
+    import eval.generate
+    from piece_mm.continual import evaluate
+    from tasks.base import Example
+
+    captions = ["two huge red circles on the left", "tiny", "a big green circle at the bottom", "huge"]
+    monkeypatch.setattr(eval.generate, "generate", lambda *a, **k: ["left"])  # the task reply: a caption word
+    monkeypatch.setattr(eval.captioning, "general_scores", lambda *a, **k: ({}, list(captions)))
+    seq = SimpleNamespace(tasks=[SimpleNamespace(test=[Example(None, "are they tiny or huge", "tiny")],
+                                                 metric="exact")],
+                          captions=[Example(None, "describe the image", r[0], refs=tuple(r)) for r in REFS],
+                          vqa=[])
+    scores, general, _ = evaluate(None, None, seq, None, 4, "test", task_answers=frozenset({"tiny", "huge"}))
+    assert scores == [0.0]
+    # by hand: captions 0, 1 and 3 use "tiny" or "huge"; 1 and 3 are nothing else
+    assert general == {"answer_leak": pytest.approx(3 / 4), "bare_answer": pytest.approx(2 / 4)}
