@@ -1,12 +1,16 @@
 """The tiny model zoo: build and pretrain the embedded LLaVA / Qwen2-VL checkpoints on the built-in visual world.
 
-    python -m piece_mm.zoo build llava        # writes piece_mm/checkpoints/llava (config, safetensors, tokenizer, ...)
-    python -m piece_mm.zoo build qwen2-vl
+    python -m piece_mm.zoo build llava qwen2-vl   # both, side by side (one core each, ~40 min); or one alias
+                                                  # -> piece_mm/checkpoints/<alias>: config, safetensors, tokenizer,
+                                                  #    processor and recipe.json
     python -m piece_mm.zoo build clip-world   # the tiny CLIP behind CLIPScore on the world
 
 The models are the real transformers classes with tiny configs (configs/models/<alias>.yaml) and a word-level
-tokenizer over the world's vocabulary. Pretraining mixes captioning (several phrasings) with general VQA, so the base
-follows prompts the way a real instruction-tuned VLM does. The build is deterministic for a given config.
+tokenizer over the world's vocabulary. Pretraining mixes captioning (several phrasings), general VQA, word facts and
+prompt-selected vocabularies (tasks/world.py PROMPTED: the same attribute asked in French, as a fruit, in roman
+numerals, ...), so that the base says what the prompt asks for, the way a real instruction-tuned VLM does, and a task
+that teaches new answer words need not change what a caption says. The build is deterministic for a given config
+(seed and threads included).
 """
 from __future__ import annotations
 
@@ -86,8 +90,8 @@ def build_untrained(alias: str, cfg: dict):
     )
 
     size = cfg["image_size"]
-    # The word-knowledge vocabulary is there only when pretraining teaches it (configs/models: knowledge_fraction).
-    knowledge = float(cfg.get("pretrain", {}).get("knowledge_fraction", 0.0)) > 0
+    # The word-knowledge vocabulary is there only when pretraining teaches it (configs/models: mixture.facts).
+    knowledge = float(cfg.get("pretrain", {}).get("mixture", {}).get("facts", 0.0)) > 0
     if cfg["family"] == "llava":
         tok = _word_tokenizer(["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"],
                               bos="<s>", eos="</s>", pad="<pad>", knowledge=knowledge)
@@ -136,26 +140,47 @@ def build_untrained(alias: str, cfg: dict):
     return model, processor
 
 
-def pretrain(model, processor, cfg: dict, log=print) -> None:
+MIXTURE_SETS = {  # mixture key -> the world's example set it draws from
+    "captions": lambda seed, n, p: world.caption_set(seed=seed, n=n),
+    "vqa": lambda seed, n, p: world.general_vqa_set(seed=seed, n=n),
+    "facts": lambda seed, n, p: world.knowledge_set(seed=seed, n=n),
+    "prompted": lambda seed, n, p: world.prompted_set(seed=seed, n=n, choice_fraction=p.get("choice_fraction", 0.2)),
+}
+
+
+def pretraining_data(p: dict) -> list:
+    """The pretraining examples of a config's `pretrain:` section: each mixture share of steps x batch / 4 examples
+    (each is seen about four times), drawn from its own seed block so that changing one share leaves the others."""
+    mixture = p["mixture"]
+    unknown = sorted(set(mixture) - set(MIXTURE_SETS))
+    if unknown:
+        raise ValueError(f"pretrain.mixture: unknown key(s) {unknown}; expected some of {sorted(MIXTURE_SETS)}")
+    if abs(sum(mixture.values()) - 1) > 1e-6:
+        raise ValueError(f"pretrain.mixture: shares sum to {sum(mixture.values()):.3f}; expected 1")
+    total = p["steps"] * p["batch_size"] / 4
+    data = []
+    for k, key in enumerate(MIXTURE_SETS):  # a fixed order, so the seed blocks never move
+        if mixture.get(key, 0) > 0:
+            data += MIXTURE_SETS[key](p["seed"] * 10 + 1 + k, int(total * mixture[key]) + 1, p)
+    return data
+
+
+def pretrain(model, processor, cfg: dict) -> float:
+    """Pretrain in place on the config's mixture; returns the mean loss of the last 100 steps."""
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from piece_mm.batching import training_batches
 
     p = cfg["pretrain"]
-    total = p["steps"] * p["batch_size"] / 4  # each example is seen ~4 times
-    know = float(p.get("knowledge_fraction", 0.0))
-    n_cap = int(total * p["caption_fraction"]) + 1
-    n_know = int(total * know)
-    n_vqa = int(total * (1 - p["caption_fraction"] - know)) + 1
-    data = (world.caption_set(seed=p["seed"] * 10 + 1, n=n_cap) + world.general_vqa_set(seed=p["seed"] * 10 + 2, n=n_vqa)
-            + world.knowledge_set(seed=p["seed"] * 10 + 3, n=n_know))
+    data = pretraining_data(p)
     torch.manual_seed(p["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.01, betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, p["warmup"], p["steps"])
     model.train()
     bar = tqdm(training_batches(processor, data, p["batch_size"], p["steps"], seed=p["seed"]), total=p["steps"],
-               desc="pretrain", file=sys.stderr, mininterval=5)
+               desc=f"pretrain {cfg['family']}", file=sys.stderr, mininterval=10)
+    last = []
     for step, batch in enumerate(bar):
         loss = model(**batch).loss
         loss.backward()
@@ -163,26 +188,47 @@ def pretrain(model, processor, cfg: dict, log=print) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        last = (last + [loss.item()])[-100:]
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    return sum(last) / max(1, len(last))
 
 
 def build(alias: str, out: Path | None = None, steps: int | None = None) -> Path:
+    """Build, pretrain and save one tiny checkpoint, with `recipe.json` (config, mixture, seed, threads, versions,
+    time, final loss) beside the weights. The same config, seed and thread count give the same weights."""
+    import json
+    import platform
+
+    import transformers
+
     cfg = model_config(alias)
     if steps is not None:
         cfg["pretrain"]["steps"] = steps
+    threads = int(cfg["pretrain"].get("threads", 1))
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # CPU kernels reduce in a thread-dependent order: fixed, for a deterministic build
     torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
     torch.manual_seed(cfg["pretrain"]["seed"])
     model, processor = build_untrained(alias, cfg)
     t0 = time.time()
-    pretrain(model, processor, cfg)
+    try:
+        loss = pretrain(model, processor, cfg)
+    finally:
+        torch.set_num_threads(caller_threads)
     out = Path(out) if out else CHECKPOINT_DIR / alias
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    print(f"built {alias}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{cfg['pretrain']['steps']} steps in {time.time() - t0:.0f}s -> {out}")
+    n = sum(p.numel() for p in model.parameters())
+    recipe = {"alias": alias, "command": f"python -m piece_mm.zoo build {alias}", "config": cfg,
+              "parameters": n, "final_loss": round(loss, 4), "time_s": round(time.time() - t0, 1),
+              "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+              "python": platform.python_version()}
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    print(f"built {alias}: {n:,} parameters, {cfg['pretrain']['steps']} steps in {time.time() - t0:.0f}s "
+          f"(loss {loss:.3f}) -> {out}")
     return out
 
 
@@ -257,20 +303,37 @@ def build_clip(alias: str, out: Path | None = None, steps: int | None = None) ->
     return out
 
 
+def _build_one(alias: str, out: Path | None, steps: int | None) -> Path:
+    if model_config(alias).get("family") == "open_clip":
+        return build_clip(alias, out, steps)
+    return build(alias, out, steps)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m piece_mm.zoo", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build and pretrain a tiny checkpoint")
-    b.add_argument("alias", help="llava, qwen2-vl or clip-world (configs/models/<alias>.yaml)")
-    b.add_argument("--output", type=Path, default=None, help="default: piece_mm/checkpoints/<alias>")
+    b = sub.add_parser("build", help="build and pretrain tiny checkpoints; several aliases build side by side, one "
+                       "process each (each uses its config's `threads`)")
+    b.add_argument("alias", nargs="+", help="llava, qwen2-vl or clip-world (configs/models/<alias>.yaml)")
+    b.add_argument("--output", type=Path, default=None, help="default: piece_mm/checkpoints/<alias> (one alias only)")
     b.add_argument("--steps", type=int, default=None, help="override the config's pretraining steps")
     args = ap.parse_args(argv)
     try:
-        if model_config(args.alias).get("family") == "open_clip":
-            build_clip(args.alias, args.output, args.steps)
-        else:
-            build(args.alias, args.output, args.steps)
-    except FileNotFoundError as e:
+        for alias in args.alias:
+            model_config(alias)  # every alias checked before any build starts
+        if args.output and len(args.alias) > 1:
+            raise FileNotFoundError(f"--output {args.output}: names one checkpoint dir; {len(args.alias)} aliases given")
+        if len(args.alias) == 1:
+            _build_one(args.alias[0], args.output, args.steps)
+            return 0
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(args.alias), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(_build_one, a, None, args.steps) for a in args.alias]
+            for job in jobs:
+                job.result()
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

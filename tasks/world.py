@@ -137,7 +137,8 @@ GENERAL_QUESTIONS = {
     "shape": (["what shape is shown", "which shape do you see", "name the shape"], lambda s: s.shape),
     "count": (["how many shapes are there", "count the shapes", "what is the number of shapes"],
               lambda s: COUNT_WORDS[s.count]),
-    "position": (["where are the shapes", "which side are the shapes on", "in which part of the image are the shapes"],
+    "position": (["where are the shapes", "which side are the shapes on", "in which part of the image are the shapes",
+                  "where in the image are the shapes", "on which side is the shape"],
                  lambda s: s.position),
     "size": (["are the shapes big or small", "what size are the shapes", "how large are the shapes"],
              lambda s: s.size),
@@ -188,13 +189,76 @@ KNOWLEDGE = (
     + [(f"how many corners does a {s} have", w) for s, w in {"circle": "none", "square": "four",
                                                              "triangle": "three"}.items()]
     + [(f"what is another word for {z}", w) for z, w in {"small": "tiny", "big": "huge"}.items()]
+    + [(f"what is {z} in spanish", w) for z, w in {"small": "pequeno", "big": "grande"}.items()]
 )
 
 
 def knowledge_set(seed: int, n: int) -> list[Example]:
-    """Word-knowledge questions; each comes with a scene image that has nothing to do with the answer."""
+    """Word-knowledge questions, text only: a real VLM's language model learned such facts from text. (Asked beside
+    an unrelated picture, they taught the tiny LLaVA that a question may ignore the image, and its perception of
+    size and shape came out weaker.)"""
     rng = random.Random(seed + 15485863)
-    return [Example(s.image(), *rng.choice(KNOWLEDGE)) for s in scenes(seed, n)]
+    return [Example(None, *rng.choice(KNOWLEDGE)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt-selected vocabularies (pretraining only). A real instruction-tuned VLM says what the prompt asks for: "the
+# colour in French" and "a fruit of that colour" get different words about the same red circle, and a caption gets
+# neither. These examples teach the tiny bases that property: one perceived attribute, asked under prompts that name
+# the answer's vocabulary. None of them is a downstream task's vocabulary (Spanish colours and sizes, compass
+# directions, German numbers): those stay new skills, known only as word facts. A share of them are two-way choices
+# ("..., rouge or bleu"), so the named words, not the attribute alone, decide the reply.
+
+PROMPTED = {  # name -> (prompts, attribute, {attribute value: answer})
+    "color-french": (["what is the color in french", "say the color in french"], "color",
+                     {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet",
+                      "white": "blanc"}),
+    "color-fruit": (["which fruit has the color of the shapes", "name a fruit of that color"], "color",
+                    {"red": "cherry", "green": "lime", "blue": "blueberry", "yellow": "banana", "purple": "grape",
+                     "white": "coconut"}),
+    "color-gem": (["which gem has the color of the shapes", "name a gem of that color"], "color",
+                  {"red": "ruby", "green": "emerald", "blue": "sapphire", "yellow": "topaz", "purple": "amethyst",
+                   "white": "pearl"}),
+    "count-roman": (["how many shapes in roman numerals", "count the shapes in roman numerals"], "count",
+                    {1: "i", 2: "ii", 3: "iii"}),
+    "count-digits": (["how many shapes in digits", "count the shapes in digits"], "count", {1: "1", 2: "2", 3: "3"}),
+    "count-clock": (["how many shapes as a clock hour", "say the count of shapes as an hour"], "count",
+                    {1: "one oclock", 2: "two oclock", 3: "three oclock"}),
+    "count-french": (["how many shapes in french", "count the shapes in french"], "count",
+                     {1: "un", 2: "deux", 3: "trois"}),
+    "size-synonym": (["give a synonym for the size", "say the size with another word"], "size",
+                     {"small": "little", "big": "large"}),
+    "size-french": (["what is the size in french", "say the size in french"], "size",
+                    {"small": "petit", "big": "grand"}),
+    "shape-object": (["which everyday object has that shape", "name an object with that shape"], "shape",
+                     {"circle": "coin", "square": "box", "triangle": "tent"}),
+    "shape-french": (["what is the shape in french", "say the shape in french"], "shape",
+                     {"circle": "cercle", "square": "carre", "triangle": "triangle"}),
+    "position-french": (["which side are the shapes in french", "say where the shapes are in french"], "position",
+                        {"left": "gauche", "right": "droite", "top": "haut", "bottom": "bas"}),
+    "position-italian": (["which side are the shapes in italian", "say where the shapes are in italian"], "position",
+                         {"left": "sinistra", "right": "destra", "top": "sopra", "bottom": "sotto"}),
+    "position-letter": (["give the first letter of the side", "which letter starts the side of the shapes"],
+                        "position", {"left": "l", "right": "r", "top": "t", "bottom": "b"}),
+    "position-hand": (["which hand side are the shapes on", "point at the shapes with a word"], "position",
+                      {"left": "leftward", "right": "rightward", "top": "upward", "bottom": "downward"}),
+}
+
+
+def prompted_set(seed: int, n: int, choice_fraction: float = 0.2) -> list[Example]:
+    """Pretraining examples of the prompt-selected vocabularies, `choice_fraction` of them two-way choices."""
+    rng = random.Random(seed + 32452843)
+    names = sorted(PROMPTED)
+    out = []
+    for s in scenes(seed, n):
+        prompts, attr, mapping = PROMPTED[rng.choice(names)]
+        answer, q = mapping[getattr(s, attr)], rng.choice(prompts)
+        if rng.random() < choice_fraction:
+            other = rng.choice([w for w in mapping.values() if w != answer])
+            pair = [answer, other] if rng.random() < 0.5 else [other, answer]
+            q = f"{q} , {pair[0]} or {pair[1]}"
+        out.append(Example(s.image(), q, answer))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,12 +271,17 @@ TASKS = {
                          "purple": "morado", "white": "blanco"}[s.color]),
     "shape": (["how many corners does the shape have", "count the corners of one shape"],
               lambda s: {"circle": "none", "square": "four", "triangle": "three"}[s.shape]),
-    "location": (["which compass direction are the shapes", "give the compass side of the shapes"],
+    # Worded like the prompt-selected position questions ("which side are the shapes in french"): with "which compass
+    # direction are the shapes", a near twin of the general "which side are the shapes on", the compass words
+    # answered the general position questions too after the task (position VQA 1.00 -> 0.1 on the tiny LLaVA).
+    "location": (["which side are the shapes in compass directions", "say where the shapes are in compass directions"],
                  lambda s: {"left": "west", "right": "east", "top": "north", "bottom": "south"}[s.position]),
     "count": (["how many shapes in german", "count the shapes in german"],
               lambda s: {1: "eins", 2: "zwei", 3: "drei"}[s.count]),
-    "size": (["is the size of the shapes tiny or huge", "are they tiny or huge"],
-             lambda s: {"small": "tiny", "big": "huge"}[s.size]),
+    # Names its vocabulary like the others: "tiny or huge" did not, and its answers were synonyms of caption words,
+    # so the size task leaked into captions on every base and with every method.
+    "size": (["what is the size in spanish", "say the size in spanish"],
+             lambda s: {"small": "pequeno", "big": "grande"}[s.size]),
     # Yes/no questions of a kind the base was never asked, answered with words captions never use. Unlike the
     # renaming tasks above, learning them does not require saying something new about what captions describe.
     "big": (["are the shapes big", "is the shape big"], lambda s: "yes" if s.size == "big" else "no"),
@@ -241,6 +310,8 @@ def vocabulary(knowledge: bool = True) -> list[str]:
     texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"] + ([f"{q} {a}" for q, a in KNOWLEDGE] if knowledge else [])
     for prompts, _ in list(GENERAL_QUESTIONS.values()) + list(TASKS.values()):
         texts += prompts
+    for prompts, _, mapping in PROMPTED.values():
+        texts += prompts + [str(w) for w in mapping.values()] + ["or"]
     for shape, color, size, count, position in itertools.product(SHAPES, COLORS, SIZES, COUNTS, POSITIONS):
         s = Scene(shape, color, size, count, position, ())
         texts += s.captions()

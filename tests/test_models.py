@@ -1,3 +1,4 @@
+import json
 
 import pytest
 import torch
@@ -59,6 +60,26 @@ def test_zoo_build_is_deterministic(alias, tmp_path):
     b = zoo.build(alias, tmp_path / "b", steps=3)
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    recipe = json.loads((a / "recipe.json").read_text())  # the recipe travels with the weights
+    assert recipe["config"]["pretrain"]["steps"] == 3 and recipe["config"]["pretrain"]["seed"] == 0
+    assert recipe["config"]["pretrain"]["mixture"] == zoo.model_config(alias)["pretrain"]["mixture"]
+    assert recipe["threads"] >= 1 and recipe["time_s"] >= 0 and recipe["parameters"] > 0
     model, processor = load_model(str(a))
     assert type(model).__name__ == {"llava": "LlavaForConditionalGeneration",
                                     "qwen2-vl": "Qwen2VLForConditionalGeneration"}[alias]
+
+
+def test_pretraining_mixture_draws_each_share():
+    from piece_mm import zoo
+    p = {"seed": 0, "steps": 40, "batch_size": 10,
+         "mixture": {"captions": 0.5, "vqa": 0.2, "facts": 0.1, "prompted": 0.2}}
+    data = zoo.pretraining_data(p)  # 40 x 10 / 4 = 100 examples: 50 + 20 + 10 + 20, each share + 1
+    captions = [ex for ex in data if ex.refs]
+    prompted = {q for qs, _, _ in world.PROMPTED.values() for q in qs}
+    assert len(data) == 104 and len(captions) == 51
+    assert sum(ex.prompt.partition(" , ")[0] in prompted for ex in data) == 21
+    assert sum(ex.prompt in {q for q, _ in world.KNOWLEDGE} for ex in data) == 11
+    with pytest.raises(ValueError, match="pretrain.mixture: unknown key"):
+        zoo.pretraining_data({**p, "mixture": {"captions": 1.0, "replay": 0.0}})
+    with pytest.raises(ValueError, match="sum to 0.900"):
+        zoo.pretraining_data({**p, "mixture": {"captions": 0.9}})

@@ -67,3 +67,39 @@ def test_normalised_exact_match():
     assert normalize_answer("The  Red, circle!") == "red circle"
     assert exact_match("a rojo", "rojo") == 1.0
     assert exact_match("rojos", "rojo") == 0.0
+
+
+def test_prompted_vocabularies_answer_the_scene_in_the_named_words():
+    # An independent reading of each prompt: the vocabulary named by its prompt, applied to the drawn scene.
+    by_prompt = {q: (attr, mapping) for qs, attr, mapping in world.PROMPTED.values() for q in qs}
+    examples, scenes = world.prompted_set(11, 300, choice_fraction=0.3), world.scenes(11, 300)
+    choices = 0
+    for ex, s in zip(examples, scenes):
+        base, _, options = ex.prompt.partition(" , ")
+        attr, mapping = by_prompt[base]
+        assert ex.answer == mapping[getattr(s, attr)]
+        if options:  # a two-way choice: the answer and another word of the same vocabulary
+            a, b = options.split(" or ")
+            assert ex.answer in (a, b) and a != b and {a, b} <= set(mapping.values())
+            choices += 1
+    assert 0.2 < choices / len(examples) < 0.4
+    assert {world.prompted_set(11, 300)[i].prompt for i in range(300)} != {ex.prompt for ex in examples}
+
+
+def test_the_default_tasks_stay_new_skills():
+    # No prompt-selected vocabulary uses a default task's answers: those are known only as word facts.
+    prompted = {str(w) for _, _, mapping in world.PROMPTED.values() for w in mapping.values()}
+    facts = {a for _, a in world.KNOWLEDGE}
+    for name in ("size", "color", "location", "count"):
+        answers = {ex.answer for ex in world.task_set(name, "train", 200)}
+        assert not answers & prompted, name
+        assert answers <= facts, name
+
+
+def test_every_default_task_names_its_vocabulary_in_its_prompt():
+    # A task's prompt names a language or a kind of word that no general question uses: the prompt, not the picture,
+    # decides which words answer it.
+    general = {w for prompts, _ in world.GENERAL_QUESTIONS.values() for q in prompts for w in q.split()}
+    for name in ("size", "color", "location", "count"):
+        for q in world.TASKS[name][0]:
+            assert set(q.split()) & {"spanish", "german", "compass"} and not {"spanish", "german", "compass"} & general
