@@ -11,8 +11,8 @@ Runs every method through the ordinary training CLI, each in its own process, on
 
 Learning rate: every method gets the same small sweep (--lrs) on the first seed, and the other seeds use the lr with
 the best OP there (--lr-from <summary.json> takes each method's lr from an earlier comparison instead: no sweep,
-every seed at it). --max-steps applies to every method alike. A run that already finished (metrics.json present) is
-read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training code."""
+every seed at it). --max-steps and --budget apply to every method alike. A run that already finished (metrics.json
+present) is read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training code."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +49,8 @@ def run_one(args, method: str, seed: int, lr: float, threads: int) -> dict:
     if not (out / "metrics.json").is_file():
         cmd = [sys.executable, "-m", "piece_mm.train", "--model", args.model, "--method", method, "--seed", str(seed),
                "--lr", str(lr), "--tasks", args.tasks, "--output", str(out)]
-        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit)):
+        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit),
+                        ("--budget", getattr(args, "budget", None))):
             if v:
                 cmd += [flag, str(v)]
         if (out / "checkpoint.json").is_file():  # a run stopped part-way (the comparison was interrupted)
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="world")
     ap.add_argument("--max-steps", type=int, help="cap on steps per task, the same for every method")
     ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--budget", help="a budget YAML (or a name in configs/budgets) for every run; the CLI checks it")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
     args = ap.parse_args(argv)
     try:

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             raise InputError(f"--limit: {args.limit}; expected a positive integer")
         seq = load_sequence(args.tasks)
         model, processor = _load(args.model, args.device)
-        record = {"model": args.model, "sequence": str(seq.path),
+        record = {"model": args.model, "sequence": args.tasks,
                   **probe(model, processor, seq.captions[: args.limit], seq.tasks)}
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -86,7 +86,8 @@ def test_an_interrupted_run_is_resumed_not_refused(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(cmp.subprocess, "run", fake_run)
-    args = argparse.Namespace(output=tmp_path, model="llava", tasks="world", max_steps=5, eval_limit=None)
+    args = argparse.Namespace(output=tmp_path, model="llava", tasks="world", max_steps=5, eval_limit=None,
+                              budget="llm-only")
     for seed, interrupted in ((0, False), (1, True)):
         out = tmp_path / "runs" / f"piece-f-lr0.001-seed{seed}"
         out.mkdir(parents=True)
@@ -95,3 +96,4 @@ def test_an_interrupted_run_is_resumed_not_refused(tmp_path, monkeypatch):
         cmp.run_one(args, "piece-f", seed, 1e-3, 1)
     assert ["--resume" in c for c in calls] == [False, True]
     assert calls[0][calls[0].index("--max-steps") + 1] == "5"
+    assert all(c[c.index("--budget") + 1] == "llm-only" for c in calls)  # the same budget for every run
