@@ -6,6 +6,8 @@ drawn with PIL from a `random.Random(seed)`, so the same seed always gives the s
 Three kinds of data come out of the world:
 - `caption_set`: general captioning (several phrasings, several prompts), for pretraining and for retention;
 - `general_vqa_set`: general questions (colour, shape, count, position, size, existence) that a base model must answer;
+- `knowledge_set` and `prompted_set`: text-only word facts, and one attribute asked under prompts that name the
+  answer's vocabulary (pretraining only: they teach the bases that the prompt decides what is said);
 - `task_set`: downstream tasks, one per question type, each a new skill that rests on what the base already perceives
   (answers remapped to words the base never produces).
 """
