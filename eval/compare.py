@@ -136,7 +136,10 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
                     label=m, capsize=3)
     ax.set_xlabel("OP (mean over seeds)")
     ax.set_ylabel("caption retention")
-    ax.set_title(f"{model}: one point per method")
+    ax.set_xlim(0, 1.02)  # both are shares: a fixed frame, so one method's point is not blown up to fill the plot
+    ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in summary["methods"].values()) + 0.1))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_title(f"{model}, {out_dir.name}: one point per method (seeds {', '.join(map(str, summary['seeds']))})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
@@ -148,6 +151,8 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel("CIDEr (mean over seeds)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{model}, {out_dir.name}: held-out CIDEr after each task")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "cider.png", dpi=110)

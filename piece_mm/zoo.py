@@ -1,6 +1,6 @@
 """The tiny model zoo: build and pretrain the embedded LLaVA / Qwen2-VL checkpoints on the built-in visual world.
 
-    python -m piece_mm.zoo build llava qwen2-vl   # both, side by side (one core each, ~40 min); or one alias
+    python -m piece_mm.zoo build llava qwen2-vl   # both, side by side (one core each, ~45 min); or one alias
                                                   # -> piece_mm/checkpoints/<alias>: config, safetensors, tokenizer,
                                                   #    processor and recipe.json
     python -m piece_mm.zoo build clip-world   # the tiny CLIP behind CLIPScore on the world
@@ -15,6 +15,7 @@ that teaches new answer words need not change what a caption says. The build is 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
 from pathlib import Path
@@ -148,15 +149,23 @@ MIXTURE_SETS = {  # mixture key -> the world's example set it draws from
 }
 
 
+def check_mixture(p: dict, where: str = "") -> None:
+    """A config's pretrain.mixture: known keys, non-negative shares that sum to 1 (`where` names the file)."""
+    mixture = p.get("mixture")
+    if not isinstance(mixture, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in mixture.values()):
+        raise ValueError(f"{where}pretrain.mixture is {mixture!r}; expected a mapping of non-negative shares")
+    unknown = sorted(set(mixture) - set(MIXTURE_SETS))
+    if unknown:
+        raise ValueError(f"{where}pretrain.mixture: unknown key(s) {unknown}; expected some of {sorted(MIXTURE_SETS)}")
+    if abs(sum(mixture.values()) - 1) > 1e-6:
+        raise ValueError(f"{where}pretrain.mixture: shares sum to {sum(mixture.values()):.3f}; expected 1")
+
+
 def pretraining_data(p: dict) -> list:
     """The pretraining examples of a config's `pretrain:` section: each mixture share of steps x batch / 4 examples
     (each is seen about four times), drawn from its own seed block so that changing one share leaves the others."""
+    check_mixture(p)
     mixture = p["mixture"]
-    unknown = sorted(set(mixture) - set(MIXTURE_SETS))
-    if unknown:
-        raise ValueError(f"pretrain.mixture: unknown key(s) {unknown}; expected some of {sorted(MIXTURE_SETS)}")
-    if abs(sum(mixture.values()) - 1) > 1e-6:
-        raise ValueError(f"pretrain.mixture: shares sum to {sum(mixture.values()):.3f}; expected 1")
     total = p["steps"] * p["batch_size"] / 4
     data = []
     for k, key in enumerate(MIXTURE_SETS):  # a fixed order, so the seed blocks never move
@@ -180,7 +189,7 @@ def pretrain(model, processor, cfg: dict) -> float:
     model.train()
     bar = tqdm(training_batches(processor, data, p["batch_size"], p["steps"], seed=p["seed"]), total=p["steps"],
                desc=f"pretrain {cfg['family']}", file=sys.stderr, mininterval=10)
-    last = []
+    last = collections.deque(maxlen=100)
     for step, batch in enumerate(bar):
         loss = model(**batch).loss
         loss.backward()
@@ -188,7 +197,7 @@ def pretrain(model, processor, cfg: dict) -> float:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        last = (last + [loss.item()])[-100:]
+        last.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -319,8 +328,10 @@ def main(argv=None) -> int:
     b.add_argument("--steps", type=int, default=None, help="override the config's pretraining steps")
     args = ap.parse_args(argv)
     try:
-        for alias in args.alias:
-            model_config(alias)  # every alias checked before any build starts
+        for alias in args.alias:  # every alias and its mixture checked before any build starts
+            cfg = model_config(alias)
+            if cfg.get("family") != "open_clip":
+                check_mixture(cfg.get("pretrain", {}), f"{CONFIG_DIR / alias}.yaml: ")
         if args.output and len(args.alias) > 1:
             raise FileNotFoundError(f"--output {args.output}: names one checkpoint dir; {len(args.alias)} aliases given")
         if len(args.alias) == 1:

@@ -83,3 +83,17 @@ def test_pretraining_mixture_draws_each_share():
         zoo.pretraining_data({**p, "mixture": {"captions": 1.0, "replay": 0.0}})
     with pytest.raises(ValueError, match="sum to 0.900"):
         zoo.pretraining_data({**p, "mixture": {"captions": 0.9}})
+
+
+def test_zoo_build_refuses_a_bad_mixture_in_one_line(tmp_path, monkeypatch, capsys):
+    from piece_mm import zoo
+    bad = tmp_path / "llava.yaml"
+    cfg = zoo.model_config("llava")
+    cfg["pretrain"]["mixture"]["captions"] = 0.9
+    import yaml
+    bad.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(zoo, "CONFIG_DIR", tmp_path)
+    assert zoo.main(["build", "llava", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "pretrain.mixture" in err and "sum to" in err
+    assert not (tmp_path / "out").exists()  # refused before anything is built
