@@ -89,7 +89,8 @@ def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: in
 
 def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
     """runs: {method: {"lr": chosen, "metrics": [metrics.json per seed]}} -> the summary.json object."""
-    out = {"seeds": seeds, "methods": {}}
+    first = next(iter(runs.values()))["metrics"][0]
+    out = {"model": first["model"], "tasks": first["tasks"], "seeds": seeds, "methods": {}}
     for method, r in runs.items():
         ms = r["metrics"]
         row = {k: [m["summary"][k] for m in ms] for k in KEYS}

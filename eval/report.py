@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+RETENTION_THRESHOLD = 0.90  # caption retention at or above which a report says general ability was kept
+LEARNED = 0.5  # own-task score right after learning at or above which a report counts a task as learned
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "VQA",
                 "answer_leak", "bare_answer")
 
@@ -33,18 +36,29 @@ def plot_score_matrix(metrics: dict, path: Path) -> None:
 
 
 def plot_caption_curve(metrics: dict, path: Path, key: str = "CIDEr") -> None:
+    """Held-out CIDEr at each stage against the base model's line and the kept-threshold line, with the retention."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     g = metrics["general"]
-    ys = [g["before"][key]] + [a[key] for a in g["after"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(len(ys)), ys, marker="o")
+    base = g["before"][key]
+    ys = [base] + [a[key] for a in g["after"]]
+    thr = metrics.get("retention_threshold", RETENTION_THRESHOLD)
+    ret = ys[-1] / base if base else float("nan")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhline(base, color="grey", lw=1, ls="-", label=f"base model: {base:.2f}")
+    ax.axhline(thr * base, color="tab:red", lw=1, ls="--", label=f"kept threshold: {thr:.2f} x base")
+    ax.plot(range(len(ys)), ys, marker="o", color="tab:blue", label=f"{metrics['method']}")
+    for x, y in enumerate(ys):
+        ax.annotate(f"{y:.2f}", (x, y), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+    ax.text(0.98, 0.96, f"caption retention {ret:.2f} ({'kept' if ret >= thr else 'lost'})", transform=ax.transAxes,
+            ha="right", va="top", fontsize=10, fontweight="bold", color="tab:green" if ret >= thr else "tab:red")
     ax.set_xticks(range(len(ys)), _stages(metrics["tasks"]), rotation=20)
-    ax.set_ylabel(key)
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{metrics['model']} / {metrics['method']}: held-out {key} across stages")
+    ax.set_ylabel(f"held-out {key}")
+    ax.set_ylim(0, max(ys + [base]) * 1.25 or 1)
+    ax.set_title(f"{metrics['model']} / {metrics['method']}: captioning across the sequence")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -56,30 +70,54 @@ def _layer_keys(selection: list[dict], comps: list[str]) -> list[str]:
 
 
 def plot_selection(metrics: dict, path: Path) -> None:
-    """Where each task's chosen weights sit: one heatmap per task, layer (rows) × component (columns)."""
+    """Where each task's chosen weights sit: left, the count per component and task (bars); right, one heatmap per
+    task of layer (rows) x component (columns), all on one colour scale, with the counts written in."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     selection = metrics["selection"]
     comps = [c for c in ("vision", "projector", "llm") if c in selection[0]]
+    comps = [c for c in comps if any(sel[c]["chosen"] for sel in selection)] or comps
     layers = _layer_keys(selection, comps)
-    fig, axes = plt.subplots(1, len(selection), figsize=(2.6 * len(selection) + 1, 0.35 * len(layers) + 2),
-                             squeeze=False)
-    for ax, sel in zip(axes[0], selection):
-        grid = [[sel[c]["layers"].get(k, 0) for c in comps] for k in layers]  # [layer, component]
-        im = ax.imshow(grid, cmap="magma", aspect="auto")
+    grids = [[[sel[c]["layers"].get(k, 0) for c in comps] for k in layers] for sel in selection]
+    top = max([v for g in grids for row in g for v in row] + [1])
+    n = len(selection)
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.2 * n + 4, 0.32 * len(layers) + 2.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6] + [1] * n})
+    bar_ax = axes[0][0]
+    left = [0] * n
+    colours = {"vision": "tab:purple", "projector": "tab:orange", "llm": "tab:blue"}
+    for c in comps:
+        colour = colours[c]
+        vals = [sel[c]["chosen"] for sel in selection]
+        bar_ax.barh(range(n), vals, left=left, color=colour, label=c)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, total in enumerate(left):
+        bar_ax.text(total, i, f" {total:,}", va="center", fontsize=8)
+    bar_ax.set_yticks(range(n), [sel["task"] for sel in selection])
+    bar_ax.invert_yaxis()
+    bar_ax.set_xlim(0, max(left + [1]) * 1.35)
+    bar_ax.set_title("chosen weights per component", fontsize=9)
+    bar_ax.legend(fontsize=7, loc="lower right")
+    norm = LogNorm(vmin=1, vmax=top)
+    im = None
+    for n_ax, (ax, sel, grid) in enumerate(zip(axes[0][1:], selection, grids)):
+        masked = [[v if v else float("nan") for v in row] for row in grid]
+        im = ax.imshow(masked, cmap="viridis", norm=norm, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v:
-                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="c")
-        ax.set_xticks(range(len(comps)), comps, rotation=30)
-        ax.set_yticks(range(len(layers)), [f"layer {k}" if k != "other" else k for k in layers])
-        ax.set_title(sel["task"])
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(f"{metrics['model']} / {metrics['method']}: chosen weights per layer and component")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+                    ax.text(j, i, f"{v:,}", ha="center", va="center", fontsize=7,
+                            color="white" if v < top ** 0.5 else "black")
+        ax.set_xticks(range(len(comps)), comps, fontsize=8)
+        ax.set_yticks(range(len(layers)), [f"layer {k}" if k != "other" else k for k in layers] if n_ax == 0 else
+                      [], fontsize=7)
+        ax.set_title(sel["task"], fontsize=9)
+    fig.colorbar(im, ax=list(axes[0][1:]), fraction=0.03, label="chosen weights (one scale for every task)")
+    fig.suptitle(f"{metrics['model']} / {metrics['method']}: where each task's chosen weights are")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -108,15 +146,74 @@ def _selection_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def seqft_reference(model: str, tasks: list[str], results: Path = RESULTS) -> tuple[Path, dict] | None:
+    """The SeqFT row of a comparison in results/ on the same model and task order, if there is one: (file, row with
+    per-seed lists). A summary.json names its model and tasks; one from before it did counts by its directory name
+    (world-<model>) only for the default sequence's tasks."""
+    import json
+    default = ["size", "color", "location", "count"]  # configs/sequences/world.yaml
+    for path in sorted(results.glob("*/summary.json")):
+        try:
+            s = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        row = s.get("methods", {}).get("seqft")
+        if not row:
+            continue
+        if "model" in s:
+            same = s["model"] == model and s.get("tasks") == tasks
+        else:
+            same = path.parent.name == f"world-{model}" and tasks == default
+        if same:
+            return path, row
+    return None
+
+
+def verdict(metrics: dict, reference: tuple[Path, dict] | None = None) -> list[str]:
+    """The report's opening lines: general ability kept or lost against the stated threshold, the tasks learned,
+    the forgetting, and SeqFT's figure on the same model and tasks when results/ has one."""
+    import statistics
+    tasks, R, s, g = metrics["tasks"], metrics["scores"], metrics["summary"], metrics["general"]
+    thr = metrics.get("retention_threshold", RETENTION_THRESHOLD)
+    ret = s["caption_retention"]
+    before, after = g["before"].get("CIDEr"), g["after"][-1].get("CIDEr")
+    kept = "KEPT" if ret >= thr else "LOST"
+    own = [R[i + 1][i] for i in range(len(tasks))]
+    learned = [t for t, v in zip(tasks, own) if v >= LEARNED]
+    lines = [f"- **General ability {kept}:** caption retention {ret:.3f} (held-out CIDEr {after:.2f} after the last "
+             f"task / {before:.2f} before; kept means ≥ {thr:.2f}).",
+             f"- **Tasks learned: {len(learned)} of {len(tasks)}** (score right after learning each, ≥ {LEARNED:g} "
+             "counts as learned): " + ", ".join(f"{t} {v:.2f}" for t, v in zip(tasks, own)) + ".",
+             f"- **Forgetting:** BWT {s['BWT']:+.3f} (mean change of each earlier task's score from right after it was "
+             f"learned to the end); OP {s['OP']:.3f} (mean task score at the end)."]
+    vqa_b, vqa_a = g["before"].get("VQA"), g["after"][-1].get("VQA")
+    if vqa_b:
+        lines.append(f"- **General VQA:** {vqa_a:.3f} at the end against {vqa_b:.3f} before "
+                     f"(retention {vqa_a / vqa_b:.3f}).")
+    if reference is not None and metrics["method"] != "seqft":
+        path, row = reference
+        try:
+            where = path.relative_to(RESULTS.parent)
+        except ValueError:
+            where = path
+        n = len(row["caption_retention"])
+        lines.append(f"- **Against plain sequential fine-tuning** (SeqFT, {where}, {n} seed{'s' * (n > 1)}): caption "
+                     f"retention {statistics.mean(row['caption_retention']):.3f}, OP "
+                     f"{statistics.mean(row['OP']):.3f}, BWT {statistics.mean(row['BWT']):+.3f}.")
+    return lines
+
+
 def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str]]] | None = None) -> None:
     """report.md (score matrix, summary, caption metrics per stage, sample captions) and the two plots."""
     out_dir = Path(out_dir)
     plot_score_matrix(metrics, out_dir / "score_matrix.png")
     plot_caption_curve(metrics, out_dir / "cider.png")
     tasks, R, g, s = metrics["tasks"], metrics["scores"], metrics["general"], metrics["summary"]
+    ref = seqft_reference(metrics["model"], tasks)
     lines = [f"# {metrics['model']} / {metrics['method']} (seed {metrics['seed']})", "",
-             f"Tasks in order: {' → '.join(tasks)}. Run time {metrics['time_s']:.0f} s.", "",
-             "## Summary", "", "| OP | BWT | FWT | caption retention (CIDEr) |", "|---|---|---|---|",
+             *verdict(metrics, ref), "",
+             f"Tasks in order: {' → '.join(tasks)}. Run time {metrics['time_s']:.0f} s (as printed at the end of the "
+             "run).", "", "## Summary", "", "| OP | BWT | FWT | caption retention (CIDEr) |", "|---|---|---|---|",
              f"| {s['OP']:.3f} | {s['BWT']:+.3f} | {s['FWT']:+.3f} | {s['caption_retention']:.3f} |", "",
              "Trainable weights: " + ", ".join(f"{k} {v:,}" for k, v in metrics["trainable"].items()), "",
              "## Score matrix", "", "Row = stage, column = task evaluated, by its metric (" +

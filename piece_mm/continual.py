@@ -86,7 +86,7 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
     tests = [t.test[:eval_limit] for t in seq.tasks]
     caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
     with tqdm(total=sum(map(len, tests)) + len(caps) + len(vqa), desc=desc, file=sys.stderr, leave=False,
-              mininterval=2) as bar:
+              mininterval=2, disable=None) as bar:  # None: no bar when stderr is not a terminal (logs, pipes)
         scores = []
         for task, examples in zip(seq.tasks, tests):
             answers = generate(model, processor, examples, batch_size=batch_size, max_new_tokens=8, progress=bar)
@@ -115,7 +115,7 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
     examples = getattr(opt, "train_examples", None) or task.train  # a method may train on more than the task's data
     bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
                                 world=world), initial=start, total=steps, desc=desc, file=sys.stderr, leave=False,
-               mininterval=2, disable=not dist.is_main())
+               mininterval=2, disable=None if dist.is_main() else True)  # None: only on a terminal
     for step, batch in enumerate(bar, start=start):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
@@ -160,7 +160,8 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
-        log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True) -> dict:
+        log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
+        retention_threshold: float = 0.90) -> dict:
     """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
@@ -288,7 +289,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                "general": {"before": st["before"], "after": st["after"]},
                "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
                "time_s": elapsed + time.time(), "parameters": parameters,
-               "peak_memory_mb": _peak_rss_mb()}
+               "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
     if st["selection"]:
         all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
         metrics["budget"] = budget["path"]

@@ -6,24 +6,38 @@ and writes <output>/metrics.json, report.md, score_matrix.png, cider.png and the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 
-def parse_args(argv=None):
+RUN_ARGS = "run_args.json"  # the flags a run was started with and where: `--resume DIR` reads them back
+
+
+def _names(kind: str) -> str:
+    root = Path(__file__).resolve().parent.parent / "configs" / kind
+    return ", ".join(sorted(p.stem for p in root.glob("*.yaml"))) or "none found"
+
+
+def build_parser() -> argparse.ArgumentParser:
     from piece_mm.continual import METHODS
+    from piece_mm.models import ALIASES
 
     ap = argparse.ArgumentParser(prog="python -m piece_mm.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llava", help="alias (llava, qwen2-vl), local checkpoint dir or HF id")
+    ap.add_argument("--model", default="llava",
+                    help=f"an alias ({', '.join(ALIASES)}), a local checkpoint dir, or a cached HF id (default: llava)")
     ap.add_argument("--method", default="piece-f", help=f"one of: {', '.join(sorted(METHODS))} (default: piece-f)")
     ap.add_argument("--budget", default="default",
-                    help="budget YAML for the sparse methods, or a name in configs/budgets (default: default)")
-    ap.add_argument("--tasks", default="world", help="sequence YAML, or a name in configs/sequences (default: world)")
+                    help=f"budget YAML for the sparse methods, or a name in configs/budgets: {_names('budgets')} "
+                         "(default: default)")
+    ap.add_argument("--tasks", default="world",
+                    help=f"sequence YAML, or a name in configs/sequences: {_names('sequences')} (default: world)")
     ap.add_argument("--output", type=Path, help="run directory (default: runs/<model>-<method>-<time>)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the task data, the scoring batches and the training order (default: 0)")
+    ap.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:N (default: cpu)")
     ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the budget's steps for sparse "
                                                "methods, else the sequence's train.steps)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the budget's lr for sparse methods, else the "
@@ -32,14 +46,64 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, help="cap on training steps per task, for quick runs")
     ap.add_argument("--eval-limit", type=int, help="cap on examples scored per task and captions per stage")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --output from its last checkpoint (same flags as the first call)")
+    ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                    help="continue an interrupted run from its last checkpoint: --resume DIR takes the run's own "
+                         "flags from DIR/run_args.json (from any working directory); --resume alone continues "
+                         "--output with the flags given")
     ap.add_argument("--clip-model", help="CLIPScore model: an open_clip architecture (with --clip-weights) or a "
                     "local open_clip dir (default: the tiny world CLIP when the general set is the world's)")
     ap.add_argument("--clip-weights", help="local weights file for --clip-model")
+    ap.add_argument("--corenlp", help="dir holding the Stanford CoreNLP 3.6.0 jars, for SPICE (default: the "
+                                      "sequence's general.corenlp, else $PIECE_MM_CORENLP; without them SPICE is "
+                                      "skipped with one warning)")
+    ap.add_argument("--retention-threshold", type=float, default=0.90,
+                    help="caption retention at or above which report.md says general ability was kept "
+                         "(default: 0.90)")
     ap.add_argument("--checkpoint-every", type=int, default=50,
                     help="also checkpoint every N steps inside a task (default: 50; 0 = only at task boundaries)")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    """The flags. `--resume DIR` fills every flag not given on this call from DIR/run_args.json, and sets `cwd` to
+    the directory the run was started in, where its relative paths (model, tasks, budget) mean what they meant."""
+    from tasks.errors import InputError
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.cwd = None
+    if isinstance(args.resume, str):
+        run_dir = Path(args.resume).resolve()
+        saved_file = run_dir / RUN_ARGS
+        if not saved_file.is_file():
+            raise InputError(f"--resume {args.resume!r}: no {RUN_ARGS} there (not a run directory of "
+                             "piece_mm.train); for a run started by an older version, give its flags with "
+                             "--output DIR --resume")
+        try:
+            saved = json.loads(saved_file.read_text())
+            flags, cwd = saved["flags"], saved["cwd"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{saved_file}: not a run's flags ({type(e).__name__}: {e})") from None
+        if not Path(cwd).is_dir():
+            raise InputError(f"{saved_file}: cwd {cwd!r}: the directory the run was started in is gone; give its "
+                             "flags with --output DIR --resume")
+        defaults = vars(ap.parse_args([]))
+        for key, value in flags.items():  # a flag given on this call wins over the saved one
+            if key in defaults and getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+        args.output, args.resume, args.cwd = run_dir, True, cwd
+    return args
+
+
+def saved_args(args) -> dict:
+    """What `--resume DIR` needs: the flags as given, and the directory they were given in."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume", "output", "cwd")}
+    return {"flags": flags, "cwd": os.getcwd()}
+
+
+def resume_command(output: Path) -> str:
+    import shlex
+    return f"python -m piece_mm.train --resume {shlex.quote(str(Path(output).resolve()))}"
 
 
 def _check_positive(flag: str, value, kind=int):
@@ -67,8 +131,45 @@ def _clip_scorer(args, seq):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Exit 0 when the run finished, 2 on bad input (one line), 130 on Ctrl-C (one line with the resume command)."""
+    state = {"output": None}
+    try:
+        return _main(argv, state)
+    except KeyboardInterrupt:
+        out = state["output"]
+        if out is None or not Path(out).is_dir():
+            print("interrupted: nothing was written", file=sys.stderr)
+        else:
+            from piece_mm import checkpoint
+            found = (Path(out) / checkpoint.POINTER).is_file()
+            what = "its last checkpoint is kept" if found else "no checkpoint yet (resuming starts it over)"
+            print(f"interrupted: {out}: {what}; continue with: {resume_command(out)}", file=sys.stderr)
+        return 130
+
+
+def _main(argv, state: dict) -> int:
+    from tasks.errors import InputError
+    try:
+        args = parse_args(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.cwd is None:
+        return _run(args, state)
+    here = os.getcwd()
+    os.chdir(args.cwd)  # the run's relative paths are relative to where it was started
+    try:
+        return _run(args, state)
+    finally:
+        os.chdir(here)
+
+
+def _run(args, state: dict) -> int:
     import torch
+    import transformers
+
+    if not sys.stderr.isatty():  # progress bars only on a terminal; a log or a pipe gets the log lines
+        transformers.utils.logging.disable_progress_bar()
 
     from piece_mm import checkpoint, dist
     from piece_mm.components import split_components
@@ -78,7 +179,6 @@ def main(argv=None) -> int:
     from tasks.errors import InputError
     from tasks.sequence import load_sequence
 
-    t0 = time.time()
     try:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
                 os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -94,6 +194,7 @@ def main(argv=None) -> int:
                         ("--eval-limit", args.eval_limit)]:
             _check_positive(flag, v)
         _check_positive("--lr", args.lr, float)
+        _check_positive("--retention-threshold", args.retention_threshold, float)
         seq = load_sequence(args.tasks, seed=args.seed)
         budget = load_budget(args.budget) if args.method in SPARSE_METHODS else None
         steps = args.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
@@ -136,7 +237,10 @@ def main(argv=None) -> int:
         return 2
     dist.barrier()  # every process has checked the output dir before the first one writes to it
     output.mkdir(parents=True, exist_ok=True)
+    state["output"] = output.resolve()
     main_process = dist.is_main()
+    if main_process and not (output / RUN_ARGS).is_file():  # `--resume DIR` reads them back, from anywhere
+        (output / RUN_ARGS).write_text(json.dumps(saved_args(args), indent=1))
     via = f" (budget {budget['path']})" if budget else ""
     if main_process:
         print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks "
@@ -147,7 +251,8 @@ def main(argv=None) -> int:
                       seed=args.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
                       budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
                       checkpoint_every=args.checkpoint_every,
-                      resume_from=found, clip=clip, spice=seq.corenlp or True)
+                      resume_from=found, clip=clip, spice=args.corenlp or seq.corenlp or True,
+                      retention_threshold=args.retention_threshold)
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,7 +262,7 @@ def main(argv=None) -> int:
     processor.save_pretrained(output / "model")
     s = metrics["summary"]
     print(f"OP {s['OP']:.3f}  BWT {s['BWT']:+.3f}  FWT {s['FWT']:+.3f}  caption retention "
-          f"{s['caption_retention']:.3f}  ({time.time() - t0:.0f} s)\nwrote {output / 'metrics.json'}, "
+          f"{s['caption_retention']:.3f}  (run time {metrics['time_s']:.0f} s, as in report.md)\nwrote {output / 'metrics.json'}, "
           f"{output / 'report.md'}")
     return 0
 

@@ -137,3 +137,51 @@ def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
     b = json.loads((killed / "metrics.json").read_text())
     for key in ("scores", "general", "summary", "trainable"):
         assert a[key] == b[key], key
+
+
+def test_ctrl_c_saves_and_says_how_to_resume_from_anywhere(uninterrupted_run, tmp_path):
+    """SIGINT inside task 2: exit 130, a short stderr ending in the resume command; that command, run from another
+    working directory with no other flag, finishes with the uninterrupted run's metrics."""
+    seq, whole = uninterrupted_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    start = tmp_path / "started-here"
+    start.mkdir()
+    proc = subprocess.Popen(_args(seq.resolve(), Path("..") / "run"), cwd=start, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = _state(out)
+        if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be interrupted inside task 2")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) <= 3, err
+    assert "Traceback" not in err
+    cmd = lines[-1].split("continue with: ")[1]
+    assert cmd == f"python -m piece_mm.train --resume {out.resolve()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shlex
+    import sys
+    argv = shlex.split(cmd)
+    r = subprocess.run([sys.executable, *argv[1:]], cwd=elsewhere, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    for key in ("scores", "general", "summary", "trainable", "selection", "mask_jaccard"):
+        assert a[key] == b[key], key
+    assert not list(elsewhere.iterdir())  # nothing written where the resume was called from
+
+
+def test_resume_dir_without_run_args_is_one_line(tmp_path):
+    from piece_mm.train import main
+    r = main(["--resume", str(tmp_path)])
+    assert r == 2
