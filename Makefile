@@ -1,12 +1,19 @@
-# The two commands the README leads with. Each does all of its own set-up on a fresh machine.
+# The two commands the README leads with. Each sets itself up on a fresh machine: a project virtual environment in
+# .venv (the system Python is never installed into), piece_mm installed into it in editable mode, then the job.
 PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
 
 .PHONY: run test install
-install:
-	$(PY) -m pip install -q -e '.[test]'
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
 
 run: install
-	$(PY) -m piece_mm.train --model llava
+	$(BIN)/python -m piece_mm.train --model llava
 
 test: install
-	$(PY) -m pytest -q
+	$(BIN)/python -m pytest -q
