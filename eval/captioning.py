@@ -14,6 +14,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -67,14 +68,15 @@ def spice_score(gts: dict, res: dict, corenlp: Path) -> float:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the scorers' chatter (Python prints and the Java tokenizer's stderr); replay it if scoring fails."""
+    """Silence the scorers' chatter (Python prints and the Java tokenizer's stderr); replay it if scoring fails
+    (not when it is interrupted: Ctrl-C then ends with one line, not the scorers' logs)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as log, contextlib.redirect_stdout(io.StringIO()) as out:
         os.dup2(log.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except Exception:
             os.dup2(saved, 2)
             log.seek(0)
             sys.stderr.write(out.getvalue() + log.read().decode(errors="replace"))
@@ -106,11 +108,16 @@ def _meteor_score(gts: dict, res: dict) -> float:
 
 
 def _close_meteor() -> None:
+    """Stop the METEOR Java process. pycocoevalcap's Meteor takes its lock with a bare acquire() across a whole
+    compute_score, so an interrupt (Ctrl-C) in there leaves the lock taken and its close / __del__ would wait on it
+    forever: the process is killed here directly, and a fresh lock lets __del__ finish when it runs."""
     global _meteor
-    if _meteor is not None:
+    m, _meteor = _meteor, None
+    if m is not None:
         with contextlib.suppress(Exception):
-            _meteor.close()
-        _meteor = None
+            m.lock = threading.Lock()
+            m.meteor_p.kill()
+            m.meteor_p.wait(timeout=10)
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool | str | Path = False,
