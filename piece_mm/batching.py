@@ -89,3 +89,22 @@ def training_batches(processor, examples: Sequence[Example], batch_size: int, st
         idx, order = order[:batch_size], order[batch_size:]
         if step >= start:
             yield collate(processor, [examples[i] for i in idx[rank::world]])
+
+
+def first_unknown_word(tokenizer, texts) -> tuple[int, str] | None:
+    """(index into texts, word) of the first word the tokenizer turns into its unknown token, or None. A tokenizer
+    with no unknown token (byte-level BPE) knows every word. Words are split on whitespace, punctuation stripped."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    seen: dict[str, bool] = {}
+    for i, text in enumerate(texts):
+        for raw in str(text).split():
+            word = raw.strip(".,;:!?\"'()[]")
+            if not word:
+                continue
+            if word not in seen:
+                seen[word] = unk in tokenizer(word, add_special_tokens=False)["input_ids"]
+            if seen[word]:
+                return i, word
+    return None

@@ -180,7 +180,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     t0 = time.time()
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
-                        clip.name if clip is not None else None)
+                        clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype))
     main = dist.is_main()
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
@@ -204,6 +204,9 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before",
                                                 clip, spice, task_answers)
             log(f"before: scores {_fmt(scores)}  {_general(general)}")
+            if general.get("CIDEr", 1.0) < 0.1:
+                print(f"warning: the base model's held-out CIDEr is {general['CIDEr']:.3f} (< 0.1): it cannot caption "
+                      "this set, so caption retention says nothing about what tuning keeps", file=sys.stderr)
             st.update(R=[scores], before=general, samples=[samples])
             checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
         dist.barrier()
@@ -306,11 +309,15 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     return metrics
 
 
-def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None) -> dict:
-    """What a resumed run must share with the run it continues (as JSON would hold it)."""
-    return json.loads(json.dumps({"model": model_name, "method": method, "seed": seed, "steps": steps,
-                                  "batch_size": batch_size, "lr": lr, "eval_limit": eval_limit, "tasks": task_names,
-                                  "budget": budget, "clip": clip}))
+def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None,
+               dtype=None) -> dict:
+    """What a resumed run must share with the run it continues (as JSON would hold it). dtype (the weights', e.g.
+    "torch.bfloat16") is checked once the model is loaded; None leaves it out of the comparison."""
+    config = {"model": model_name, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
+              "lr": lr, "eval_limit": eval_limit, "tasks": task_names, "budget": budget, "clip": clip}
+    if dtype is not None:
+        config["dtype"] = dtype
+    return json.loads(json.dumps(config))
 
 
 def check_resume(state: dict, now: dict, output: Path) -> None:

@@ -2,6 +2,7 @@
 from_pretrained as a local dir or an HF id, through exactly the same code."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tasks.errors import InputError
@@ -27,9 +28,40 @@ def resolve(name: str) -> Path | str:
         raise InputError(f"--model {name!r}: is a file; expected an alias ({', '.join(ALIASES)}), a checkpoint dir "
                          "or an HF id")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return name  # an HF id: from_pretrained uses the local cache (offline here) or the hub
+        # an HF id: from the local cache, or from the hub when it can be reached. Not cached and no hub is one line at
+        # once, not minutes of retries.
+        if not hf_cached(name) and not hub_reachable():
+            from huggingface_hub.constants import HF_HUB_CACHE
+            raise InputError(f"--model {name!r}: not in the local Hugging Face cache ({HF_HUB_CACHE}) and the hub "
+                             "cannot be reached; download it where there is a network (e.g. `hf download "
+                             f"{name} --local-dir DIR`) and pass the directory: --model DIR")
+        return name
     raise InputError(f"--model {name!r}: neither an alias ({', '.join(ALIASES)}) nor a local checkpoint dir "
                      "nor an HF id")
+
+
+def hf_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds this repo's config.json."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id: from_pretrained says what is wrong with it
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when the hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or its host does not answer within
+    `timeout` seconds (a machine with no network fails the name lookup at once)."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
@@ -37,9 +69,12 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     src = resolve(str(name))
+    # a cached HF id with no hub to ask: read the cache only, with no update checks that would retry for minutes
+    local = {"local_files_only": True} if isinstance(src, str) and not hub_reachable() else {}
     try:
-        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, **local)
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                            **local)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--model {name!r}: cannot load ({first})") from None

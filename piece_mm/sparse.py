@@ -5,6 +5,11 @@ its state (Adam moments, ...) exists only for them, weight decay touches only th
 construction the inner optimizer run on the compact vector. After each step the compact values are scattered back;
 nothing else in the parameter is ever written, so unselected elements stay bit-identical.
 
+Precision: the compact copies are float32 whatever the parameter's dtype (fp32 master copies), so the inner
+optimizer's state is float32 too, and a bf16 / fp16 parameter receives the master value rounded to its dtype after
+each step. At lr 1e-5 most Adam updates are below bf16's resolution; they add up in the master copy instead of
+being lost.
+
 Memory: a hook that runs right after autograd accumulates a parameter's gradient gathers the selected elements into
 the compact gradient (adding to it, so micro-batch accumulation works) and drops the dense gradient at once. During
 backward at most the dense gradient being gathered is alive, not one per parameter. A consequence: dense `.grad` of
@@ -49,7 +54,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             if idx.min() < 0 or idx.max() >= p.numel():
                 raise IndexError(f"sparse_optimizer: mask for {n!r} indexes outside its {p.numel()} elements")
             p.requires_grad_(True)
-            compact = p.detach().reshape(-1)[idx].clone().requires_grad_(True)  # [k]
+            master = torch.float64 if p.dtype == torch.float64 else torch.float32  # fp32 master for bf16 / fp16
+            compact = p.detach().reshape(-1)[idx].to(master).clone().requires_grad_(True)  # [k]
             self._targets.append((p, idx, compact))
         if not self._targets:
             raise ValueError("sparse_optimizer: the masks select no element")
@@ -63,10 +69,24 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
 
+    def state_dict(self):
+        """The inner optimizer's state; with low-precision parameters also the fp32 master copies, which the
+        rounded weights alone cannot give back (so a resumed bf16 run continues from the same masters)."""
+        sd = self.inner.state_dict()
+        if any(p.dtype != c.dtype for p, _, c in self._targets):
+            sd["masters"] = [c.detach().clone() for _, _, c in self._targets]
+        return sd
+
     def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters", None)
         self.inner.load_state_dict(state_dict)
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
+        if masters is not None:
+            with torch.no_grad():
+                for (_, _, c), m in zip(self._targets, masters):
+                    c.copy_(m)
 
     def compact_params(self) -> list[torch.Tensor]:
         return [c for _, _, c in self._targets]
@@ -107,7 +127,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             for i, (p, idx, c) in enumerate(self._targets):
                 if p.grad is not None:  # a gradient written by hand, not by backward: gather it as backward would
                     self._gather(i)
-                c.copy_(p.reshape(-1)[idx])  # picks up any outside change to the weights (e.g. a loaded checkpoint)
+                _sync_master(p, idx, c)  # picks up any outside change to the weights (e.g. a loaded checkpoint)
         self.inner.step()
         with torch.no_grad():
             for p, idx, c in self._targets:
@@ -125,6 +145,19 @@ class SparseOptimizer(torch.optim.Optimizer):
                         t.grad = None
                     else:
                         t.grad.zero_()
+
+
+def _sync_master(p, idx, c) -> None:
+    """Take into the master copy the selected weights that someone else changed (a loaded checkpoint, a user's own
+    write): those that no longer equal the master rounded to the parameter's dtype. The others keep the master's
+    extra precision."""
+    cur = p.reshape(-1)[idx]
+    if c.dtype == cur.dtype:
+        c.copy_(cur)
+        return
+    changed = cur != c.to(cur.dtype)
+    if changed.any():
+        c[changed] = cur[changed].to(c.dtype)
 
 
 def _require_whole(name: str, p) -> None:

@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", type=Path, help="run directory (default: runs/<model>-<method>-<time>)")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the task data, the scoring batches and the training order (default: 0)")
-    ap.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:N (default: cpu)")
+    ap.add_argument("--device", default="auto",
+                    help="torch device to train on: auto (cuda when there is one, else cpu), cpu, cuda, cuda:N "
+                         "(default: auto)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="weights' dtype: auto = the checkpoint's own (default: bfloat16 on CUDA, float32 on CPU); "
+                         "the sparse optimizer keeps float32 master copies of the tuned weights either way")
     ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the budget's steps for sparse "
                                                "methods, else the sequence's train.steps)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the budget's lr for sparse methods, else the "
@@ -56,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--corenlp", help="dir holding the Stanford CoreNLP 3.6.0 jars, for SPICE (default: the "
                                       "sequence's general.corenlp, else $PIECE_MM_CORENLP; without them SPICE is "
                                       "skipped with one warning)")
+    ap.add_argument("--allow-unknown-tokens", action="store_true",
+                    help="train even when a task answer or a reference caption has a word the tokenizer maps to its "
+                         "unknown token (by default that stops the run before training)")
     ap.add_argument("--retention-threshold", type=float, default=0.90,
                     help="caption retention at or above which report.md says general ability was kept "
                          "(default: 0.90)")
@@ -104,6 +112,56 @@ def saved_args(args) -> dict:
 def resume_command(output: Path) -> str:
     import shlex
     return f"python -m piece_mm.train --resume {shlex.quote(str(Path(output).resolve()))}"
+
+
+def resolve_device(name: str) -> str:
+    """The device to train on, checked before anything loads: auto -> cuda if there is one, else cpu."""
+    import torch
+
+    from tasks.errors import InputError
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r}: not a torch device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(f"--device {name!r}: this machine has no CUDA device; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"--device {name!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InputError(f"--device {name!r}: MPS is not available here; use --device cpu (or auto)")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {name!r}: unsupported device type {dev.type!r}; expected cpu, cuda or mps")
+    return name
+
+
+def resolve_dtype(name: str | None, device: str):
+    """torch dtype (or "auto") to load the weights in: bfloat16 on CUDA, float32 elsewhere, unless asked."""
+    import torch
+    if name is None:
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return name if name == "auto" else getattr(torch, name)
+
+
+def check_vocabulary(tokenizer, seq, model_name: str) -> None:
+    """A task answer or reference caption word that the tokenizer cannot represent would be trained and scored as
+    <unk>: the run would "succeed" with nothing learned. Stop with the file, the example and the word."""
+    from piece_mm.batching import first_unknown_word
+    from tasks.errors import InputError
+    where = [(f"task {t.name!r} {split} example", [ex.answer for ex in getattr(t, split)])
+             for t in seq.tasks for split in ("train", "test")]
+    where.append(("general caption set, example", [" ".join(ex.refs) for ex in seq.captions]))
+    for what, texts in where:
+        hit = first_unknown_word(tokenizer, texts)
+        if hit is not None:
+            i, word = hit
+            raise InputError(f"{seq.path}: {what} {i}: word {word!r} is unknown to the tokenizer of --model "
+                             f"{model_name!r} (it becomes {tokenizer.unk_token!r}); use a model that knows it, or "
+                             "pass --allow-unknown-tokens")
 
 
 def _check_positive(flag: str, value, kind=int):
@@ -174,12 +232,16 @@ def _run(args, state: dict) -> int:
     from piece_mm import checkpoint, dist
     from piece_mm.components import split_components
     from piece_mm.continual import METHODS, SPARSE_METHODS, check_resume, run, run_config
-    from piece_mm.models import load_model
+    from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
     from tasks.errors import InputError
     from tasks.sequence import load_sequence
 
     try:
+        args.device = resolve_device(args.device)  # before anything loads: a device that is not there is one line
+        dtype = resolve_dtype(args.dtype, args.device)
+        if args.model not in ALIASES:
+            resolve(args.model)  # an unknown dir or an uncached HF id: one line now, before the data and CLIP load
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
                 os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             raise InputError("accelerate config: FSDP / DeepSpeed shard the parameters, and this CLI's sparse tuning "
@@ -229,7 +291,10 @@ def _run(args, state: dict) -> int:
                                               clip.name if clip else None), output)
         torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
         torch.manual_seed(args.seed)
-        model, processor = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        model, processor = load_model(args.model, device=args.device, dtype=dtype,
+                                      trust_remote_code=args.trust_remote_code)
+        if not args.allow_unknown_tokens:
+            check_vocabulary(processor.tokenizer, seq, args.model)
         # every parameter must have a component before anything is written (a model family the rules do not know)
         split_components(model, exclude=budget["exclude"] if budget else (), rules=(budget or {}).get("components"))
     except InputError as e:

@@ -175,3 +175,65 @@ def test_per_sample_budget_scores_like_the_batch_1_loop(tmp_path):
     got = load_masks(next((out / "masks").glob("1-*.safetensors")))
     shared = sum(len(set(got[n].tolist()) & set(expect[n].tolist())) for n in expect)
     assert shared >= 0.99 * sum(len(v) for v in expect.values())
+
+
+# In-process error paths (issue 19): each ends in well under 10 s, with exit 2 and one line, before any loading.
+@pytest.mark.parametrize("device, says", [("cuda", "no CUDA device"), ("bogus", "not a torch device"),
+                                          ("cuda:7", "CUDA")])
+def test_a_device_that_cannot_be_had_is_one_line_before_loading(tmp_path, capsys, device, says, monkeypatch):
+    import time
+
+    import torch
+
+    from piece_mm import models
+    from piece_mm.train import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    t = time.time()
+    assert main(["--device", device, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t < 10 and err.count("\n") == 0 and says in err and repr(device) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_device_and_dtype_defaults(monkeypatch):
+    import torch
+
+    from piece_mm.train import resolve_device, resolve_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_dtype(None, "cpu") is torch.float32
+    assert resolve_dtype(None, "cuda") is torch.bfloat16 and resolve_dtype("auto", "cuda") == "auto"
+
+
+def test_an_uncached_hf_id_fails_at_once_saying_how_to_use_a_local_dir(tmp_path, capsys, monkeypatch):
+    import time
+
+    from piece_mm.train import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    assert main(["--model", "nobody/not-a-cached-model", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t < 10 and err.count("\n") == 0
+    assert "not in the local Hugging Face cache" in err and "--model DIR" in err
+
+
+def test_a_task_answer_the_tokenizer_cannot_spell_stops_the_run(tmp_path, capsys):
+    import time
+
+    from piece_mm.train import main
+    from tasks import world
+    img = tmp_path / "a.png"
+    world.scenes(1, 1)[0].image().save(img)
+    rows = [{"id": f"r{i}", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat animal is it"},
+        {"from": "gpt", "value": "a zebra" if i == 2 else "a circle"}]} for i in range(4)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    seq = tmp_path / "s.yaml"
+    seq.write_text("tasks:\n  - name: animals\n    format: llava-json\n    train: {data: d.json, images: .}\n"
+                   "    test: {data: d.json, images: .}\ngeneral: {captions: 4, vqa: 4}\n")
+    t = time.time()
+    assert main(["--tasks", str(seq), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t < 30 and err.count("\n") == 0
+    assert "'animals' train example 2" in err and "'zebra'" in err and "--allow-unknown-tokens" in err
+    assert not (tmp_path / "o").exists()
