@@ -88,6 +88,10 @@ def test_shipped_budgets_load_and_bad_ones_name_the_field(tmp_path):
         b = load_budget(name)
         assert b["pool"] in ("component", "global")
     assert load_budget("paper-global")["pool"] == "global"
+    for name in ("paper-global", "llava-1.5-7b", "llava-1.5-7b-global", "qwen-vl", "qwen-vl-global"):  # the paper's
+        b = load_budget(name)
+        assert b["lr"] == 1e-5 and b["betas"] == [0.9, 0.95] and b["exclude"] == ["embed"]
+        assert (b["total"] if b["pool"] == "global" else max(b["fractions"].values())) == 0.001
     bad = tmp_path / "b.yaml"
     bad.write_text("fractions: {llm: 2.0}\n")
     with pytest.raises(InputError, match=r"b\.yaml: fractions\.llm is 2\.0"):
