@@ -183,19 +183,22 @@ def answer_leak(predictions: Sequence[str], references: Sequence[Sequence[str]],
 
 
 def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[Example], batch_size: int = 64,
-                   progress=None, clip=None, spice=False) -> tuple[dict, list[str]]:
+                   progress=None, clip=None, spice=False, caption_max_new_tokens: int = 24,
+                   answer_max_new_tokens: int = 8) -> tuple[dict, list[str]]:
     """Caption metrics on `captions` (their `refs`), CLIPScore / RefCLIPScore with a `clip` scorer
     (eval/clipscore.py), SPICE as in caption_scores, plus general-VQA exact-match accuracy on `vqa`."""
     from eval.generate import generate
     from tasks.base import load_image
 
-    preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=24, progress=progress)
+    preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=caption_max_new_tokens,
+                     progress=progress)
     refs = [ex.refs or (ex.answer,) for ex in captions]
     scores = caption_scores(preds, refs, spice=spice)
     if clip is not None:
         scores.update(clip.score([load_image(ex) for ex in captions], preds, refs))
     if vqa:
-        answers = generate(model, processor, vqa, batch_size=batch_size, max_new_tokens=8, progress=progress)
+        answers = generate(model, processor, vqa, batch_size=batch_size, max_new_tokens=answer_max_new_tokens,
+                           progress=progress)
         scores["VQA"] = sum(exact_match(a, ex.answer) for a, ex in zip(answers, vqa)) / len(vqa)
     return scores, preds
 

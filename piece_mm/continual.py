@@ -85,15 +85,18 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
     caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
+    gen = seq.generation
     with tqdm(total=sum(map(len, tests)) + len(caps) + len(vqa), desc=desc, file=sys.stderr, leave=False,
               mininterval=2, disable=None) as bar:  # None: no bar when stderr is not a terminal (logs, pipes)
         scores = []
         for task, examples in zip(seq.tasks, tests):
-            answers = generate(model, processor, examples, batch_size=batch_size, max_new_tokens=8, progress=bar)
+            answers = generate(model, processor, examples, batch_size=batch_size,
+                               max_new_tokens=gen["answer_max_new_tokens"], progress=bar)
             score = METRICS[task.metric]
             scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
         general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
-                                        clip=clip, spice=spice)
+                                        clip=clip, spice=spice, caption_max_new_tokens=gen["caption_max_new_tokens"],
+                                        answer_max_new_tokens=gen["answer_max_new_tokens"])
     general.update(answer_leak(preds, [ex.refs or (ex.answer,) for ex in caps], task_answers))
     samples = [(p, ex.refs[0]) for p, ex in zip(preds[:3], caps)]
     return scores, general, samples
@@ -180,7 +183,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     t0 = time.time()
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
-                        clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype))
+                        clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
+                        generation=seq.generation)
     main = dist.is_main()
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
@@ -310,13 +314,15 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
 
 def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None,
-               dtype=None) -> dict:
+               dtype=None, generation=None) -> dict:
     """What a resumed run must share with the run it continues (as JSON would hold it). dtype (the weights', e.g.
     "torch.bfloat16") is checked once the model is loaded; None leaves it out of the comparison."""
     config = {"model": model_name, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
               "lr": lr, "eval_limit": eval_limit, "tasks": task_names, "budget": budget, "clip": clip}
     if dtype is not None:
         config["dtype"] = dtype
+    if generation is not None:
+        config["generation"] = generation
     return json.loads(json.dumps(config))
 
 

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--corenlp", help="dir holding the Stanford CoreNLP 3.6.0 jars, for SPICE (default: the "
                                       "sequence's general.corenlp, else $PIECE_MM_CORENLP; without them SPICE is "
                                       "skipped with one warning)")
+    ap.add_argument("--caption-prompt", help="the prompt that asks for a caption of the general set (default: the "
+                                             "sequence's general.caption_prompt, else \"describe the image\")")
+    ap.add_argument("--caption-max-new-tokens", type=int,
+                    help="new-token limit of a caption (default: general.caption_max_new_tokens, else 24)")
+    ap.add_argument("--answer-max-new-tokens", type=int,
+                    help="new-token limit of a task or VQA answer (default: general.answer_max_new_tokens, else 8)")
     ap.add_argument("--allow-unknown-tokens", action="store_true",
                     help="train even when a task answer or a reference caption has a word the tokenizer maps to its "
                          "unknown token (by default that stops the run before training)")
@@ -235,7 +241,7 @@ def _run(args, state: dict) -> int:
     from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
     from tasks.errors import InputError
-    from tasks.sequence import load_sequence
+    from tasks.sequence import load_sequence, with_generation
 
     try:
         args.device = resolve_device(args.device)  # before anything loads: a device that is not there is one line
@@ -257,7 +263,9 @@ def _run(args, state: dict) -> int:
             _check_positive(flag, v)
         _check_positive("--lr", args.lr, float)
         _check_positive("--retention-threshold", args.retention_threshold, float)
-        seq = load_sequence(args.tasks, seed=args.seed)
+        seq = with_generation(load_sequence(args.tasks, seed=args.seed), caption_prompt=args.caption_prompt,
+                              caption_max_new_tokens=args.caption_max_new_tokens,
+                              answer_max_new_tokens=args.answer_max_new_tokens)
         budget = load_budget(args.budget) if args.method in SPARSE_METHODS else None
         steps = args.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
         if args.max_steps:

@@ -13,6 +13,9 @@ from tasks.errors import InputError
 SEQUENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "sequences"
 FORMATS = ("world", "llava-json", "vqa-v2", "hf-dataset")
 GENERAL_FORMATS = ("world", "coco-captions", "karpathy")
+# how the evaluation generates (general.<key> in the YAML, or the CLI flag of the same name)
+GENERATION_DEFAULTS = {"caption_prompt": "describe the image", "caption_max_new_tokens": 24,
+                       "answer_max_new_tokens": 8}
 # each format's split keys (required, optional); paths are relative to the sequence YAML
 SPLIT_KEYS = {"llava-json": (("data",), ("images", "limit")),
               "vqa-v2": (("questions", "annotations", "images"), ("limit",)),
@@ -39,6 +42,7 @@ class Sequence:
     train: dict = field(default_factory=dict)  # CLI defaults: steps, batch_size, lr
     general_format: str = "world"
     corenlp: Path | None = None  # Stanford CoreNLP 3.6.0 jars for SPICE (general.corenlp)
+    generation: dict = field(default_factory=lambda: dict(GENERATION_DEFAULTS))  # prompts and new-token limits
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -98,16 +102,21 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     if not isinstance(g, dict):
         raise InputError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
     gfmt = g.get("format", "world")
-    unknown = sorted(set(g) - {"format", "corenlp"} - set(GENERAL_KEYS.get(gfmt, ())))
+    common = ("format", "corenlp", *GENERATION_DEFAULTS)
+    unknown = sorted(set(g) - set(common) - set(GENERAL_KEYS.get(gfmt, ())))
     if gfmt in GENERAL_KEYS and unknown:
         raise InputError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
-                         f"{', '.join(('format', 'corenlp') + GENERAL_KEYS[gfmt])}")
+                         f"{', '.join(common + GENERAL_KEYS[gfmt])}")
+    generation = dict(GENERATION_DEFAULTS)
+    for key in GENERATION_DEFAULTS:
+        if key in g:
+            generation[key] = check_generation(key, g[key], f"{path}: general.{key}")
     if gfmt not in GENERAL_FORMATS:
         raise InputError(f"{path}: general.format is {gfmt!r}; expected one of {', '.join(GENERAL_FORMATS)}")
     if gfmt == "world":
         captions = world.caption_set(world.HELDOUT_CAPTION_SEED, _positive(path, "general.captions",
                                                                            g.get("captions", 100)),
-                                     prompt=world.CAPTION_EVAL_PROMPT)
+                                     prompt=generation["caption_prompt"])
         vqa = world.general_vqa_set(world.HELDOUT_VQA_SEED, _positive(path, "general.vqa", g.get("vqa", 200),
                                                                       zero=True))
     else:
@@ -115,10 +124,11 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
         data, images = (_file(root, _required(at, g, k), f"{at}.{k}") for k in ("data", "images"))
         limit = _limit(at, g)
         if gfmt == "coco-captions":
-            captions = coco.load_coco_captions(data, images, limit=limit)
+            captions = coco.load_coco_captions(data, images, limit=limit, prompt=generation["caption_prompt"])
         else:
             split = g.get("split", "test")
-            captions = coco.load_karpathy(data, images, split=str(split), limit=limit)
+            captions = coco.load_karpathy(data, images, split=str(split), limit=limit,
+                                          prompt=generation["caption_prompt"])
         vqa = []
     corenlp = g.get("corenlp")
     if corenlp is not None:
@@ -126,7 +136,32 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
         raise InputError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
-    return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp)
+    return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp, generation)
+
+
+def check_generation(key: str, value, where: str):
+    """A generation setting: the caption prompt a non-empty string, a new-token limit a positive int."""
+    if key == "caption_prompt":
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{where} is {value!r}; expected a non-empty prompt")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{where} is {value!r}; expected a positive integer")
+    return value
+
+
+def with_generation(seq: Sequence, **overrides) -> Sequence:
+    """The sequence with generation settings given on the command line (None = keep the YAML's); a new caption
+    prompt is put on every general caption example."""
+    import dataclasses
+    gen = dict(seq.generation)
+    for key, value in overrides.items():
+        if value is not None:
+            gen[key] = check_generation(key, value, "--" + key.replace("_", "-"))
+    captions = seq.captions
+    if gen["caption_prompt"] != seq.generation["caption_prompt"]:
+        captions = [dataclasses.replace(ex, prompt=gen["caption_prompt"]) for ex in captions]
+    return dataclasses.replace(seq, captions=captions, generation=gen)
 
 
 def _required(at: str, spec: dict, key: str):
