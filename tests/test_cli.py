@@ -237,3 +237,14 @@ def test_a_task_answer_the_tokenizer_cannot_spell_stops_the_run(tmp_path, capsys
     assert time.time() - t < 30 and err.count("\n") == 0
     assert "'animals' train example 2" in err and "'zebra'" in err and "--allow-unknown-tokens" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_every_flag_has_help_and_known_choices_are_listed():
+    from piece_mm.train import build_parser
+    ap = build_parser()
+    for action in ap._actions:
+        assert action.help, action.option_strings
+    text = ap.format_help()
+    for name in ("default", "paper-global", "llava-1.5-7b", "world", "world-reversed", "piece-f", "seqft",
+                 "qwen2-vl", "--corenlp"):
+        assert name in text, name
