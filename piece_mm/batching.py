@@ -75,10 +75,11 @@ def collate(processor, examples: Sequence[Example]) -> dict:
 
 
 def training_batches(processor, examples: Sequence[Example], batch_size: int, steps: int, seed: int,
-                     start: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict]:
+                     start: int = 0, rank: int = 0, world: int = 1, micro: int = 1) -> Iterator[dict | list[dict]]:
     """`steps` batches drawn in epochs of a seeded shuffle; the order depends on the seed alone. `start` skips the
     first batches without building them (a resumed run continues the same order). With world > 1 each batch holds
-    this process's share (every world-th example) of the global batch."""
+    this process's share (every world-th example) of the global batch. With micro > 1 each step is a list of `micro`
+    batches that split this process's share (gradient accumulation): the same examples as micro = 1."""
     rng = random.Random(seed)
     order: list[int] = []
     for step in range(steps):
@@ -88,7 +89,19 @@ def training_batches(processor, examples: Sequence[Example], batch_size: int, st
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
         if step >= start:
-            yield collate(processor, [examples[i] for i in idx[rank::world]])
+            mine = [examples[i] for i in idx[rank::world]]
+            if micro == 1:
+                yield collate(processor, mine)
+            else:
+                size = -(-len(mine) // micro)
+                yield [collate(processor, mine[j:j + size]) for j in range(0, len(mine), size)]
+
+
+def fit_length(processor, examples: Sequence[Example], max_length: int) -> tuple[list[Example], int]:
+    """(the examples whose whole training sequence, image tokens included, fits in max_length tokens; how many did
+    not). An example that does not fit is left out, never cut: cutting would drop its answer's tokens."""
+    kept = [ex for ex in examples if collate(processor, [ex])["input_ids"].shape[1] <= max_length]
+    return kept, len(examples) - len(kept)
 
 
 def first_unknown_word(tokenizer, texts) -> tuple[int, str] | None:

@@ -22,7 +22,7 @@ from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
 from piece_mm.sparse import sparse_optimizer
 from tasks.base import METRICS
 from tasks.errors import InputError
-from tasks.sequence import Sequence
+from tasks.sequence import GENERATION_DEFAULTS, Sequence
 
 PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
 
@@ -85,7 +85,7 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
     caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
-    gen = seq.generation
+    gen = getattr(seq, "generation", None) or GENERATION_DEFAULTS  # a sequence-like object may lack it
     with tqdm(total=sum(map(len, tests)) + len(caps) + len(vqa), desc=desc, file=sys.stderr, leave=False,
               mininterval=2, disable=None) as bar:  # None: no bar when stderr is not a terminal (logs, pipes)
         scores = []
@@ -108,27 +108,94 @@ def make_scheduler(opt, steps: int):
     return get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
 
 
+def _fit_length(processor, seq: Sequence, max_length: int, log) -> Sequence:
+    """The sequence with each task's training examples that do not fit in max_length tokens left out (counted in the
+    log; never cut, which would train on a partial answer). A task with none left is bad input."""
+    import dataclasses
+
+    from piece_mm.batching import fit_length
+    tasks = []
+    for t in seq.tasks:
+        kept, dropped = fit_length(processor, t.train, max_length)
+        if not kept:
+            raise InputError(f"--max-length {max_length}: every training example of task {t.name!r} is longer; "
+                             "raise it")
+        if dropped:
+            log(f"{t.name}: {dropped} of {len(t.train)} training examples are longer than --max-length {max_length} "
+                "tokens and are left out (cutting them would cut their answers)")
+        tasks.append(dataclasses.replace(t, train=kept))
+    return dataclasses.replace(seq, tasks=tasks)
+
+
+def _sum_gradients(opt) -> None:
+    """Sum the gradients the optimizer follows over the processes (for the sparse optimizer: only its compact ones)."""
+    grads = []
+    for p in (opt.compact_params() if hasattr(opt, "compact_params") else
+              [q for g in opt.param_groups for q in g["params"]]):
+        if p.grad is None:  # every process must send the same buffer
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    dist.sum_(grads)
+
+
+def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one step, each loss summed over its answer tokens and divided
+    by the step's token count (over every process), so the gradients add up to those of the whole batch. Returns
+    the step's loss (this process's share)."""
+    micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro_batches]
+    count = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches).float().reshape(1)
+    if world > 1:
+        dist.sum_([count])
+    total = torch.zeros((), device=device)
+    for b in micro_batches:
+        out = model(**b, num_items_in_batch=count.to(device))
+        loss = out.loss
+        if extra is not None:  # a per-step regulariser: its share on each micro-batch and process
+            loss = loss + extra(model, b, out) / (len(micro_batches) * world)
+        loss.backward()
+        total = total + loss.detach()
+    return total
+
+
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
-               start: int = 0, on_step=None) -> float:
-    """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss."""
+               start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False) -> float:
+    """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
+    grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
+    rounding); gradient_checkpointing recomputes activations in backward instead of keeping them."""
     device = next(model.parameters()).device
     model.train()
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    use_cache = [getattr(c, "use_cache", None) for c in configs]
+    if gradient_checkpointing:  # transformers' own; non-reentrant, so only the tuned weights need gradients
+        for c in configs:  # no KV cache while training (checkpointing refuses one); generation asks for it again
+            c.use_cache = False
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_value = float("nan")
     world = dist.world()
     examples = getattr(opt, "train_examples", None) or task.train  # a method may train on more than the task's data
     bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
-                                world=world), initial=start, total=steps, desc=desc, file=sys.stderr, leave=False,
-               mininterval=2, disable=None if dist.is_main() else True)  # None: only on a terminal
+                                world=world, micro=grad_accum), initial=start, total=steps, desc=desc,
+               file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
     for step, batch in enumerate(bar, start=start):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
-        if world == 1:
+        if isinstance(batch, list):  # gradient accumulation
+            loss = _accumulate(model, batch, device, extra, world)
+            if world > 1:
+                _sum_gradients(opt)
+                loss = loss.reshape(1)
+                dist.sum_([loss])
+        elif world == 1:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = model(**batch)
             loss = out.loss
             if extra is not None:
                 loss = loss + extra(model, batch, out)
             loss.backward()
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
             dist.sum_([count])
             out = model(**batch, num_items_in_batch=count.to(device))
@@ -136,13 +203,7 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
             if extra is not None:  # the gradients are summed over the processes: each adds its share
                 loss = loss + extra(model, batch, out) / world
             loss.backward()
-            grads = []
-            for p in (opt.compact_params() if hasattr(opt, "compact_params") else
-                      [q for g in opt.param_groups for q in g["params"]]):
-                if p.grad is None:  # every process must send the same buffer
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            dist.sum_(grads)
+            _sum_gradients(opt)
             loss = loss.detach().reshape(1)
             dist.sum_([loss])
         if hasattr(opt, "clip_grad_norm_"):  # sparse: clip by the norm of the gradient it actually follows
@@ -157,6 +218,10 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
             bar.set_postfix(loss=f"{loss_value:.3f}")
         if on_step is not None:
             on_step(step + 1, loss_value)
+    if gradient_checkpointing:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        for c, u in zip(configs, use_cache):
+            c.use_cache = u
     model.eval()
     return loss_value
 
@@ -164,7 +229,8 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
-        retention_threshold: float = 0.90) -> dict:
+        retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
+        gradient_checkpointing: bool = False) -> dict:
     """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
@@ -181,10 +247,14 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     if method not in METHODS:
         raise KeyError(method)
     t0 = time.time()
+    if max_length:
+        seq = _fit_length(processor, seq, max_length, log if dist.is_main() else (lambda _: None))
     names = [t.name for t in seq.tasks]
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
                         clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
                         generation=seq.generation)
+    if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
+        config.update(grad_accum=grad_accum, max_length=max_length)
     main = dist.is_main()
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
@@ -266,7 +336,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
         if start < steps:
             st["loss"] = train_task(model, processor, task, opt, sched, steps, batch_size, seed * 1000 + i,
-                                    desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step)
+                                    desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step,
+                                    grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
         if hasattr(opt, "after_task"):  # e.g. EWC: this task's Fisher, measured by every process, saved by the first

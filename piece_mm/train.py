@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, help="learning rate (default: the budget's lr for sparse methods, else the "
                                              "sequence's train.lr)")
     ap.add_argument("--batch-size", type=int, help="training batch size (default: the sequence's train.batch_size)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step: each step's batch is split into N, with the same examples "
+                         "and (up to rounding) the same gradient, in about 1/N of the activation memory (default: 1)")
+    ap.add_argument("--max-length", type=int,
+                    help="longest training sequence in tokens, image tokens included: a longer example is left out "
+                         "(and counted in the log), never cut (default: no limit)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations during backward instead of keeping them (transformers' gradient "
+                         "checkpointing): less memory, about a third more time")
     ap.add_argument("--max-steps", type=int, help="cap on training steps per task, for quick runs")
     ap.add_argument("--eval-limit", type=int, help="cap on examples scored per task and captions per stage")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
@@ -259,7 +268,8 @@ def _run(args, state: dict) -> int:
         if args.method not in METHODS:
             raise InputError(f"--method {args.method!r}: unknown; known: {', '.join(sorted(METHODS))}")
         for flag, v in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--max-steps", args.max_steps),
-                        ("--eval-limit", args.eval_limit)]:
+                        ("--eval-limit", args.eval_limit), ("--grad-accum", args.grad_accum),
+                        ("--max-length", args.max_length)]:
             _check_positive(flag, v)
         _check_positive("--lr", args.lr, float)
         _check_positive("--retention-threshold", args.retention_threshold, float)
@@ -271,6 +281,9 @@ def _run(args, state: dict) -> int:
         if args.max_steps:
             steps = min(steps, args.max_steps)
         batch_size = args.batch_size or int(seq.train.get("batch_size", 16))
+        if batch_size < dist.world() * args.grad_accum:
+            raise InputError(f"--batch-size {batch_size}: split into --grad-accum {args.grad_accum} micro-batches on "
+                             f"{dist.world()} process(es); expected at least {dist.world() * args.grad_accum}")
         if batch_size < dist.world():
             raise InputError(f"--batch-size {batch_size}: the global batch is split over {dist.world()} processes; "
                              f"expected at least {dist.world()}")
@@ -325,7 +338,8 @@ def _run(args, state: dict) -> int:
                       budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
                       checkpoint_every=args.checkpoint_every,
                       resume_from=found, clip=clip, spice=args.corenlp or seq.corenlp or True,
-                      retention_threshold=args.retention_threshold)
+                      retention_threshold=args.retention_threshold, grad_accum=args.grad_accum,
+                      max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing)
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,72 @@
+"""--grad-accum, --gradient-checkpointing and --max-length: the first two change how a step is computed, not what it
+computes; the third leaves out, and counts, the examples that do not fit."""
+import copy
+
+import pytest
+import torch
+
+import piece_mm as pm
+from piece_mm.batching import collate, fit_length
+from piece_mm.continual import make_scheduler, train_task
+from tasks import world
+from tasks.sequence import Task
+
+
+def _tuned(model, processor, masks, **kw):
+    task = Task("size", world.task_set("size", "train", 32, seed=3), [], "exact")
+    model = copy.deepcopy(model)
+    opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 8, seed=0, desc="t", **kw)
+    opt.close()
+    return {n: p.detach().reshape(-1)[masks[n]].clone() for n, p in model.named_parameters() if n in masks}
+
+
+@pytest.fixture(scope="module")
+def llava_and_masks():
+    model, processor = pm.load_model("llava")
+    parts = pm.split_components(model)
+    batches = [collate(processor, world.task_set("size", "train", 16, seed=3))]
+    scores = pm.estimate_importance(model, batches, "piece-f", names=[n for c in parts.values() for n in c])
+    return model, processor, pm.select_masks(scores, parts, {"vision": 0.0, "projector": 0.0, "llm": 0.01})
+
+
+def test_gradient_accumulation_takes_the_same_steps(llava_and_masks):
+    model, processor, masks = llava_and_masks
+    whole = _tuned(model, processor, masks)
+    split = _tuned(model, processor, masks, grad_accum=2)
+    for n in whole:
+        assert torch.allclose(whole[n], split[n], rtol=1e-4, atol=1e-6), n
+    assert any(not torch.equal(whole[n], model.get_parameter(n).detach().reshape(-1)[masks[n]]) for n in whole)
+
+
+def test_gradient_checkpointing_takes_the_same_steps(llava_and_masks):
+    model, processor, masks = llava_and_masks
+    plain = _tuned(model, processor, masks)
+    ckpt = _tuned(model, processor, masks, gradient_checkpointing=True)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-6), n
+    assert not getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing)  # only the copy
+
+
+def test_max_length_leaves_out_and_counts_what_does_not_fit(llava_and_masks):
+    _, processor, _ = llava_and_masks
+    exs = world.task_set("size", "train", 12, seed=1) + world.knowledge_set(5, 6)  # text-only ones are shorter
+    lengths = [collate(processor, [ex])["input_ids"].shape[1] for ex in exs]
+    cut = sorted(lengths)[len(lengths) // 2]
+    kept, dropped = fit_length(processor, exs, cut)
+    assert kept == [ex for ex, n in zip(exs, lengths) if n <= cut] and dropped == sum(n > cut for n in lengths)
+    assert 0 < dropped < len(exs)
+
+
+def test_bad_training_flags_are_one_line(tmp_path, capsys):
+    from piece_mm.train import main
+    assert main(["--grad-accum", "0", "--output", str(tmp_path / "a")]) == 2
+    assert "--grad-accum" in capsys.readouterr().err
+    assert main(["--grad-accum", "32", "--batch-size", "16", "--output", str(tmp_path / "b")]) == 2
+    assert "--grad-accum 32" in capsys.readouterr().err
+    seq = tmp_path / "s.yaml"
+    seq.write_text("tasks:\n  - {name: size, format: world}\nworld: {train_examples: 8, test_examples: 4}\n"
+                   "general: {captions: 2, vqa: 2}\n")
+    assert main(["--tasks", str(seq), "--max-length", "5", "--max-steps", "1", "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-length 5" in err and "'size'" in err
