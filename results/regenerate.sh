@@ -23,6 +23,9 @@ for m in llava qwen2-vl; do
     cp -r "results/world-$m"/runs/piece-f-lr0.0003-seed* "results/default-$m/runs/"
     python -m eval.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
         --output "results/default-$m"
+    # two baselines the issue compares PIECE-F with, on seed 0, at the lr the earlier comparison chose for each
+    python -m eval.compare --model "$m" --methods seqlora,ewc --seeds 0 --lr-from "results/lrs-baselines-$m.json" \
+        --eval-limit 100 --output "results/baselines-$m"
     # another task order
     python -m eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
