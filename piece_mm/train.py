@@ -262,9 +262,9 @@ def _run(args, state: dict) -> int:
             raise InputError("accelerate config: FSDP / DeepSpeed shard the parameters, and this CLI's sparse tuning "
                              "needs whole ones; launch with configs/accelerate/ddp.yaml (see README)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            state = dist.init()  # the process group `accelerate launch` describes
+            group = dist.init()  # the process group `accelerate launch` describes
             if args.device.startswith("cuda"):
-                args.device = str(state.device)  # one GPU per process
+                args.device = str(group.device)  # one GPU per process
         if args.method not in METHODS:
             raise InputError(f"--method {args.method!r}: unknown; known: {', '.join(sorted(METHODS))}")
         for flag, v in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--max-steps", args.max_steps),
