@@ -25,8 +25,9 @@ def test_two_processes_choose_the_same_masks_and_take_the_same_steps(uninterrupt
     from piece_mm.delta import load_delta, load_masks
 
     seq, one = uninterrupted_run
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # accelerate's launcher through this interpreter: in a venv, a bare `accelerate` on PATH may be another Python's
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = subprocess.run(launch + short_run_args(seq, tmp_path / "two")[1:], cwd=ROOT, capture_output=True,
                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-2000:]
