@@ -147,8 +147,10 @@ def test_ctrl_c_saves_and_says_how_to_resume_from_anywhere(uninterrupted_run, tm
     out = tmp_path / "run"
     start = tmp_path / "started-here"
     start.mkdir()
+    # SIGINT as a terminal's Ctrl-C delivers it: a test run in the background may have inherited it ignored
     proc = subprocess.Popen(_args(seq.resolve(), Path("..") / "run"), cwd=start, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while time.time() < deadline:
         st = _state(out)
