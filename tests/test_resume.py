@@ -24,17 +24,22 @@ def _state(out: Path):
         return None
 
 
-def _kill_inside_task_2(args, out: Path, env: dict) -> None:
-    """Start the run and SIGKILL it once its checkpoint is at step >= 4 of task 2."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _wait_inside_task_2(proc, out: Path) -> None:
+    """Return once the run's checkpoint is at step >= 4 of task 2; fail if the run ends first."""
     deadline = time.time() + 600
     while time.time() < deadline:
         st = _state(out)
         if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
-            break
+            return
         if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed inside task 2")
+            pytest.fail("the run ended before it could be stopped inside task 2")
         time.sleep(0.02)
+
+
+def _kill_inside_task_2(args, out: Path, env: dict) -> None:
+    """Start the run and SIGKILL it once its checkpoint is at step >= 4 of task 2."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _wait_inside_task_2(proc, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -151,14 +156,7 @@ def test_ctrl_c_saves_and_says_how_to_resume_from_anywhere(uninterrupted_run, tm
     proc = subprocess.Popen(_args(seq.resolve(), Path("..") / "run"), cwd=start, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        st = _state(out)
-        if st and st["task"] == 1 and st["in_task"] and st["step"] >= 4:
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be interrupted inside task 2")
-        time.sleep(0.02)
+    _wait_inside_task_2(proc, out)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
