@@ -47,7 +47,8 @@ def _sparse_method(estimator: str):
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
         chunks = dist.share([examples[i:i + bs] for i in range(0, len(examples), bs)])  # this process's batches
         batches = (collate(processor, c) for c in chunks)
-        options = {"seed": cfg["seed"], "per_sample": per_sample}
+        options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b.get("score_memory", "auto"),
+                   "log": cfg.get("log")}
         if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
             t = b["trace"]
             options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
@@ -259,7 +260,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
-           "output": Path(output), "main": main}
+           "output": Path(output), "main": main, "log": log if main else None}
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if hasattr(METHODS[method], "prepare"):  # adapters: the checkpoints hold the adapted model
         METHODS[method].prepare(model)

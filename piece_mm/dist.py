@@ -34,15 +34,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+BUCKET = 1 << 26  # elements per collective (256 MB of fp32): one flat copy of a 7B model's sums would not fit
+
+
 def sum_(tensors) -> None:
-    """Sum the tensors across processes, in place, through one flat buffer (one collective, not one per tensor)."""
+    """Sum the tensors across processes, in place, through flat buffers of up to BUCKET elements (few collectives,
+    never a copy of everything at once). Tensors kept in host memory go through the GPU when the backend is NCCL."""
     tensors = [t for t in tensors if t is not None]
     if world() == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    bucket, size = [], 0
+    for t in tensors + [None]:
+        if bucket and (t is None or size + t.numel() > BUCKET):
+            flat = torch.cat([b.reshape(-1).float().to(via or bucket[0].device) for b in bucket])
+            dist.all_reduce(flat)
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
+        if t is not None:
+            bucket.append(t)
+            size += t.numel()
 
 
 def share(items: list) -> list:

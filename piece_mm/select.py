@@ -150,7 +150,7 @@ BUDGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "budgets"
 BUDGET_DEFAULTS = {"fractions": {"vision": 0.0, "projector": 0.0, "llm": 0.001}, "pool": "component", "total": None,
                    "exclude": [r"embed_tokens\."], "components": {}, "score_examples": 1000,
                    "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0,
-                   "granularity": "element", "trace": {}}
+                   "granularity": "element", "score_memory": "auto", "trace": {}}
 # method="trace" options (piece_mm/trace.py); probe_steps None = a tenth of the task's training steps
 TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
                   "strength": 1.0, "threshold": 0.5}
@@ -204,6 +204,8 @@ def load_budget(name) -> dict:
         raise InputError(f"{path}: betas is {b['betas']!r}; expected [beta1, beta2] in [0, 1)")
     if b["granularity"] not in GRANULARITIES:
         raise InputError(f"{path}: granularity is {b['granularity']!r}; expected one of {', '.join(GRANULARITIES)}")
+    if b["score_memory"] not in ("auto", "device", "host"):
+        raise InputError(f"{path}: score_memory is {b['score_memory']!r}; expected auto, device or host")
     b["trace"] = _trace_options(path, b["trace"])
     return b
 

@@ -79,3 +79,72 @@ def test_scoring_batch_size_one_is_per_sample(tiny):
     assert _rel_err(per_sample[names[0]], ref) < 1e-4
     whole = pm.estimate_importance(model, [collate(processor, ex)], "piece-f", names=names)
     assert not torch.allclose(whole[names[0]], per_sample[names[0]])
+
+
+def _dense_sums(model, batches, names):
+    """The dense computation the lean scoring replaces: a whole backward, then every gradient added in fp32."""
+    params = dict(model.named_parameters())
+    s = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    sq = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        for n in names:
+            g = params[n].grad
+            if g is not None:
+                sq[n] += g.float() * g.float()
+                s[n] += g.float()
+    model.zero_grad(set_to_none=True)
+    return s, sq
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_lean_scoring_selects_what_dense_fp32_scoring_selects(tiny, where):
+    """Gradients folded in one weight at a time (and sums kept on the host) choose exactly the dense fp32 masks."""
+    _, model, processor = tiny
+    parts = pm.split_components(model)
+    names = [n for c in parts.values() for n in c]
+    batches = _batches(processor, n=8, bs=4)
+    s, sq = _dense_sums(model, batches, names)
+    dense = {"piece-f": sq, "piece-s": {n: s[n].abs() / torch.sqrt(sq[n] + 1) for n in names}}
+    budget = {"vision": 0.01, "projector": 0.01, "llm": 0.01}
+    lines = []
+    for method in ("piece-f", "piece-s"):
+        lean = pm.estimate_importance(model, batches, method, names=names, accumulate=where, log=lines.append)
+        for pool in ("component", "global"):
+            b = {"total": 0.01} if pool == "global" else budget
+            got = pm.select_masks(lean, parts, b, pool=pool)
+            want = pm.select_masks(dense[method], parts, b, pool=pool)
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[n], want[n]) for n in want), (method, pool)
+    assert len(lines) == 2 and ("on cpu" in lines[0] or "host" in lines[0]) and "accumulator" in lines[0]
+
+
+def test_lean_scoring_never_holds_the_whole_models_gradients(tiny):
+    """While scoring, at most one weight holds a gradient at any moment (a dense backward keeps all of them until it
+    ends), so gradient memory is one weight's, not the model's."""
+    _, model, processor = tiny
+    names = [n for c in pm.split_components(model).values() for n in c]
+    batches = _batches(processor, n=4, bs=2)
+    params = dict(model.named_parameters())
+    seen = []
+    # registered before scoring's own hooks, so each call sees the weight whose gradient has just been finished
+    handles = [params[n].register_post_accumulate_grad_hook(
+        lambda _: seen.append(sum(params[m].grad is not None for m in names))) for n in names]
+    try:
+        pm.estimate_importance(model, batches, "piece-f", names=names)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) > len(names) and max(seen) == 1, max(seen)
+
+
+def test_budget_score_memory_field(tmp_path):
+    from piece_mm.select import load_budget
+    from tasks.errors import InputError
+    f = tmp_path / "b.yaml"
+    f.write_text("score_memory: disk\n")
+    with pytest.raises(InputError, match=r"b.yaml: score_memory is 'disk'; expected auto, device or host"):
+        load_budget(f)
+    f.write_text("score_memory: host\n")
+    assert load_budget(f)["score_memory"] == "host"
