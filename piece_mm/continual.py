@@ -3,6 +3,8 @@ held-out set. Methods are registered by name (piece_mm/methods/__init__.py descr
 registered here, the baselines in piece_mm/methods/."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import sys
@@ -55,14 +57,20 @@ def _sparse_method(estimator: str):
                        "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
                        "strength": t["strength"], "threshold": t["threshold"],
                        "history": cfg.get("trace_history", []), "probe_out": cfg.get("trace_out")}
-        scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
-                                     **options)
+        if estimator in GRADIENT_SCORES and b["pool"] == "component":
+            # a component with no budget is not scored: on a 7B model that spares its fp32 sums (the vision tower's
+            # are ~1.2 GB), and the other components' gradients, hence scores, are the same without it
+            parts = {c: names if b["fractions"].get(c, 0) > 0 else [] for c, names in parts.items()}
+        with activation_checkpointing(model, cfg.get("gradient_checkpointing", False)):
+            scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
+                                         **options)
         return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"])
     make.__name__ = estimator
     return make
 
 
 SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
+GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
 for _name in SPARSE_METHODS:
     register(_name)(_sparse_method(_name))
 
@@ -158,6 +166,30 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> 
     return total
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model, on: bool):
+    """transformers' gradient checkpointing (non-reentrant, so only the tuned weights need gradients) while inside,
+    with the KV cache off (checkpointing refuses one); generation gets both back afterwards. Scoring inside it
+    checkpoints too (estimate_importance)."""
+    if not on:
+        yield
+        return
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    use_cache = [getattr(c, "use_cache", None) for c in configs]
+    for c in configs:
+        c.use_cache = False
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        for c, u in zip(configs, use_cache):
+            c.use_cache = u
+
+
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
                start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
@@ -165,21 +197,19 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
     rounding); gradient_checkpointing recomputes activations in backward instead of keeping them."""
     device = next(model.parameters()).device
     model.train()
-    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
-    use_cache = [getattr(c, "use_cache", None) for c in configs]
-    if gradient_checkpointing:  # transformers' own; non-reentrant, so only the tuned weights need gradients
-        for c in configs:  # no KV cache while training (checkpointing refuses one); generation asks for it again
-            c.use_cache = False
-        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_value = float("nan")
     world = dist.world()
     examples = getattr(opt, "train_examples", None) or task.train  # a method may train on more than the task's data
     bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
                                 world=world, micro=grad_accum), initial=start, total=steps, desc=desc,
                file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
+    with activation_checkpointing(model, gradient_checkpointing):
+        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step)
+    model.eval()
+    return loss_value
+
+
+def _train_steps(model, opt, sched, bar, start, device, world, on_step) -> float:
+    loss_value = float("nan")
     for step, batch in enumerate(bar, start=start):
         extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
         if isinstance(batch, list):  # gradient accumulation
@@ -219,11 +249,6 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
             bar.set_postfix(loss=f"{loss_value:.3f}")
         if on_step is not None:
             on_step(step + 1, loss_value)
-    if gradient_checkpointing:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        for c, u in zip(configs, use_cache):
-            c.use_cache = u
-    model.eval()
     return loss_value
 
 
@@ -260,7 +285,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
-           "output": Path(output), "main": main, "log": log if main else None}
+           "output": Path(output), "main": main, "log": log if main else None,
+           "gradient_checkpointing": gradient_checkpointing}
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if hasattr(METHODS[method], "prepare"):  # adapters: the checkpoints hold the adapted model
         METHODS[method].prepare(model)

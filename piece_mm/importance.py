@@ -154,7 +154,8 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
     the batch size of the scoring pass is the size of these dicts (1 = per-sample). With per_sample=True every sample
     of a dict counts as its own batch of 1, computed exactly in one batched pass (the fast way to score per-sample).
     Scoring runs in eval mode (no
-    dropout, deterministic); weights are never written and the mode and requires_grad flags are restored."""
+    dropout, deterministic), with activation checkpointing where the model has it switched on; weights are never
+    written and the mode and requires_grad flags are restored."""
     if method not in ESTIMATORS:
         raise KeyError(f"importance method {method!r}: unknown; known: {', '.join(sorted(ESTIMATORS))}")
     all_params = dict(model.named_parameters())
@@ -171,6 +172,9 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
             p.requires_grad_(n in params)  # only the scored weights hold a gradient
             p.grad = None
         model.eval()
+        for m in model.modules():  # transformers checkpoints a layer only in training mode: the layer objects alone
+            if getattr(m, "gradient_checkpointing", False) is True:  # (not their dropout) say so, scores stay exact
+                m.training = True
         with gather_paused():  # a live sparse optimizer's hooks would take the dense gradients scoring reads
             scores = ESTIMATORS[method](model, batches, params, **options)
     finally:

@@ -72,3 +72,27 @@ def test_bad_training_flags_are_one_line(tmp_path, capsys):
     assert main(["--tasks", str(seq), "--max-length", "5", "--max-steps", "1", "--output", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--max-length 5" in err and "'size'" in err
+
+
+def test_scoring_under_checkpointing_recomputes_and_gives_the_same_scores(llava_and_masks):
+    """Scoring runs in eval mode; with checkpointing on, the layers still recompute their forward in backward (each
+    LLM layer runs twice per batch), no dropout is switched on, and the scores are the dense ones."""
+    from piece_mm.continual import activation_checkpointing
+
+    model, processor, _ = llava_and_masks
+    model = copy.deepcopy(model)
+    names = [n for n in pm.split_components(model)["llm"]]
+    batches = [collate(processor, world.task_set("size", "train", 8, seed=4))]
+    plain = pm.estimate_importance(model, batches, "piece-s", names=names)
+    layer = model.model.language_model.layers[0]
+    calls = []
+    act = layer.mlp.act_fn.forward  # runs inside the checkpointed forward (module hooks do not run on recompute)
+    layer.mlp.act_fn.forward = lambda x: (calls.append(1), act(x))[1]
+    with activation_checkpointing(model, True):
+        ckpt = pm.estimate_importance(model, batches, "piece-s", names=names)
+        assert not any(m.training for m in model.modules() if not getattr(m, "gradient_checkpointing", False))
+    del layer.mlp.act_fn.forward
+    assert len(calls) == 2  # forward, then its recomputation in backward
+    assert not model.training and not layer.training and model.config.text_config.use_cache is not False
+    for n in names:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-5, atol=1e-8), n
