@@ -1,0 +1,356 @@
+"""Will it fit? `python -m piece_mm.plan --model DIR_OR_ID` reads only the model's config (no weights: the model is
+built on the meta device) and prints, per component, the parameters, the eligible ones and the selected ones, the
+bytes of weights, gradients, score sums and optimizer state, and the estimated peak of scoring and of training.
+
+The activations are traced, not guessed: one forward and backward of a batch of the planned shape runs on the meta
+device (shapes only, no memory, seconds even for 7B) under a dispatch mode that adds up the bytes of the tensors alive
+at each moment (PeakMemory). The trace runs the code the run runs (transformers' own layers, its checkpointing, the
+gradients dropped as scoring and the sparse optimizer drop them), with one substitution: attention is counted as a
+fused kernel (flash or memory-efficient SDPA, what a GPU runs), which keeps q, k, v, its output and a log-sum-exp, never
+the s x s matrix.
+
+What the peaks leave out: the CUDA context and the allocator's fragmentation (often 0.5-2 GB on a GPU), and
+evaluation (generation needs the weights and a KV cache, less than training)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from piece_mm.components import COMPONENTS, split_components
+from piece_mm.select import budget_arg, component_k, load_budget
+from tasks.errors import InputError
+
+SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1}  # fp32 score tensors kept
+PLANNED = tuple(SPARSE) + ("seqft",)
+GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")
+# per selected element: fp32 master (the compact copy), its fp32 gradient, Adam's two fp32 moments, an int64 index
+SPARSE_STATE_BYTES = 4 + 4 + 4 + 4 + 8
+TEXT_TOKENS = 64  # text tokens per example when --max-length is not given (prompt + answer)
+QWEN_IMAGE_SIZE = 448  # Qwen2-VL's processor resizes to its pixel budget; a common size when --image-size is not given
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class PeakMemory(TorchDispatchMode):
+    """Counts the bytes of every tensor storage an op creates inside the mode, until the storage is freed; `peak` is
+    the most alive at once. Works on any device, meta included (a meta tensor has a size, not memory). `existing`
+    (the weights and buffers) are never counted, not even when an op returns a view of them (a transposed weight)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = WeakIdKeyDictionary()
+        self.now = self.peak = 0
+        for t in existing:
+            self.live[t.untyped_storage()] = 0
+
+    def _free(self, n: int) -> None:
+        self.now -= n
+
+    def _track(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        if st in self.live:
+            return
+        n = st.nbytes()
+        self.live[st] = n
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._free, n)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._track(t)
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What flash / memory-efficient SDPA keeps for backward: q, k, v, the output and a fp32 log-sum-exp per row."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FusedAttention.apply(query, key, value)  # grouped-query k, v stay as few heads as they are
+
+
+@contextlib.contextmanager
+def _meta_forward():
+    """Fused attention, and no search for packed sequences in the position ids (a data-dependent check that a meta
+    tensor cannot answer; the planned batch holds one sequence per row)."""
+    import torch.nn.functional as F
+    from transformers import masking_utils
+    saved = F.scaled_dot_product_attention, getattr(masking_utils, "find_packed_sequence_indices", None)
+    F.scaled_dot_product_attention = _sdpa
+    if saved[1] is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = saved[0]
+        if saved[1] is not None:
+            masking_utils.find_packed_sequence_indices = saved[1]
+
+
+def load_config(name: str):
+    """The config of an alias, a local dir or a cached HF id, without any weights."""
+    from transformers import AutoConfig
+
+    from piece_mm.models import hub_reachable, resolve
+    src = resolve(str(name))
+    local = {"local_files_only": True} if isinstance(src, str) and not hub_reachable() else {}
+    try:
+        return AutoConfig.from_pretrained(src, **local)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--model {name!r}: cannot read its config ({first})") from None
+
+
+def meta_model(config, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+
+
+def _dtype(name: str, config) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "auto":  # what from_pretrained(dtype="auto") would load: the checkpoint's own dtype
+        name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+        name = name.replace("torch.", "")
+    return getattr(torch, name)
+
+
+def image_shape(config, image_size: int | None) -> dict:
+    """Per image: the pixel input and the number of image tokens the LLM reads."""
+    v = config.vision_config
+    if config.model_type == "llava":
+        size = image_size or v.image_size
+        n = (size // v.patch_size) ** 2
+        return {"family": "llava", "size": size, "tokens": n}
+    if config.model_type == "qwen2_vl":
+        size = image_size or QWEN_IMAGE_SIZE
+        g = size // v.patch_size
+        g -= g % v.spatial_merge_size
+        return {"family": "qwen2_vl", "size": size, "grid": g, "tokens": g * g // v.spatial_merge_size ** 2}
+    raise InputError(f"--model: model type {config.model_type!r} is not planned yet; the plan traces llava and "
+                     "qwen2_vl models")
+
+
+def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_grads: bool, checkpointing: bool,
+           dtype: torch.dtype) -> int:
+    """Peak bytes of one forward + backward on the meta device, weights excluded: activations, the gradients that
+    are alive, the logits and the loss's fp32 copy of them."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+        p.grad = None
+    hooks = []
+    if drop_grads:  # scoring folds each gradient into its sums, the sparse optimizer gathers it; both drop it at once
+        def drop(p):
+            p.grad = None
+        hooks = [p.register_post_accumulate_grad_hook(drop) for n, p in model.named_parameters() if n in trainable]
+    if checkpointing:
+        text = getattr(config, "text_config", None)
+        for c in (config, text):
+            if c is not None:
+                c.use_cache = False
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints in training mode; the meta device has no dropout to randomise
+    n_img, vocab = img["tokens"], config.text_config.vocab_size
+    text_len = max(1, seq - n_img)
+    try:
+        with _meta_forward(), PeakMemory(list(model.parameters()) + list(model.buffers())) as mem:
+            inner = model.model
+            if img["family"] == "llava":
+                pixels = torch.empty(batch, 3, img["size"], img["size"], device="meta", dtype=dtype)
+                feats = torch.stack(list(inner.get_image_features(pixel_values=pixels).pooler_output))
+            else:  # Qwen2-VL: patches laid out image after image; their positions from the (known) grid
+                from transformers.models.qwen2_vl import modeling_qwen2_vl as q
+                v, g = config.vision_config, img["grid"]
+                grid = torch.tensor([[1, g, g]] * batch)
+                width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+                pixels = torch.empty(batch * g * g, width, device="meta", dtype=dtype)
+                pos = q.get_vision_position_ids(grid, v.spatial_merge_size).to("meta")
+                cu, longest = q.get_vision_attention_seqlens(grid, v)
+                feats = inner.visual(pixels, grid_thw=grid, position_ids=pos, cu_seqlens=cu,
+                                     max_seqlen=longest).pooler_output.reshape(batch, n_img, -1)
+            ids = torch.empty(batch, text_len, dtype=torch.long, device="meta")
+            embeds = torch.cat([feats.to(dtype), inner.get_input_embeddings()(ids)], dim=1)
+            position = torch.arange(embeds.shape[1], device="meta").expand(batch, -1)
+            if img["family"] == "qwen2_vl":
+                position = position.unsqueeze(0).expand(3, -1, -1)
+            hidden = inner.language_model(inputs_embeds=embeds, position_ids=position, use_cache=False)
+            logits = model.lm_head(hidden.last_hidden_state)
+            labels = torch.empty(batch * embeds.shape[1], dtype=torch.long, device="meta")
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), labels)  # transformers' fp32 loss
+            del feats, embeds, hidden, logits, pixels
+            if any(p.requires_grad for p in model.parameters()):
+                loss.backward()
+            del loss
+        return mem.peak
+    finally:
+        for h in hooks:
+            h.remove()
+        if checkpointing:
+            model.activation_checkpointing_disable()
+        for p in model.parameters():
+            p.grad = None
+        model.eval()
+
+
+def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: str = "bfloat16", batch_size: int = 16,
+         max_length: int | None = None, gradient_checkpointing: bool = False, image_size: int | None = None) -> dict:
+    """The plan as a dict (what --json prints): components, bytes and peak_bytes (score, train)."""
+    if method not in PLANNED:
+        raise InputError(f"--method {method!r}: not planned; the plan covers {', '.join(PLANNED)}")
+    for flag, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--image-size", image_size)):
+        if v is not None and v <= 0:
+            raise InputError(f"{flag} {v}: expected a positive integer")
+    b = load_budget(budget)
+    config = load_config(model)
+    dt = _dtype(dtype, config)
+    from piece_mm.models import ALIASES
+    if image_size is None and model in ALIASES:  # the tiny models see the built-in world's pictures
+        from piece_mm.zoo import model_config
+        image_size = model_config(model)["image_size"]
+    img = image_shape(config, image_size)
+    seq = max_length or img["tokens"] + TEXT_TOKENS
+    if seq <= img["tokens"]:
+        raise InputError(f"--max-length {seq}: an example holds {img['tokens']} image tokens (image {img['size']} px) "
+                         "and its text; expected more")
+    m = meta_model(config, dt)
+    named = dict(m.named_parameters())
+    every = split_components(m, exclude=(), rules=b["components"])
+    parts = split_components(m, exclude=b["exclude"], rules=b["components"])
+    size = {c: sum(named[n].numel() for n in parts[c]) for c in COMPONENTS}
+    arg = budget_arg(b)
+    components = {}
+    for c in COMPONENTS:
+        sel = component_k(float(arg.get(c, 0.0)), size[c]) if b["pool"] == "component" else None
+        components[c] = {"parameters": sum(named[n].numel() for n in every[c]), "eligible": size[c], "selected": sel}
+    eligible = sum(size.values())
+    if b["pool"] == "component":
+        selected = sum(v["selected"] for v in components.values())
+    else:  # one top-k over everything: how it splits over the components is known only after scoring
+        frac = arg if isinstance(arg, float) else float(arg.get("total", sum(
+            float(arg.get(c, 0.0)) * size[c] for c in COMPONENTS) / max(eligible, 1)))
+        selected = component_k(frac, eligible)
+    total = sum(p.numel() for p in m.parameters())
+    width = torch.empty((), dtype=dt).element_size()
+    weights = total * width
+    out = {"model": str(model), "model_type": config.model_type, "method": method, "budget": b["path"],
+           "dtype": str(dt).replace("torch.", ""), "batch_size": batch_size, "max_length": seq,
+           "image": {k: v for k, v in img.items() if k != "family"}, "gradient_checkpointing": gradient_checkpointing,
+           "components": components, "total": {"parameters": total, "eligible": eligible, "selected": selected}}
+    if method == "seqft":  # full fine-tuning: every weight, its gradient and AdamW's two moments in the weights' dtype
+        trainable = set(named)
+        act = _trace(m, config, img, batch_size, seq, trainable, False, gradient_checkpointing, dt)
+        state = 2 * total * width
+        out["bytes"] = {"weights": weights, "gradients": total * width, "score_sums": 0, "optimizer_state": state,
+                        "activations_train": act}
+        out["peak_bytes"] = {"score": 0, "train": weights + state + act}  # act holds the gradients as they appear
+        return out
+    budgeted = [c for c in COMPONENTS if b["pool"] == "global" or float(arg.get(c, 0.0)) > 0]
+    scored = {n for c in (budgeted if method in GRADIENT_SCORES else COMPONENTS) for n in parts[c]}
+    score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
+    trainable = {n for c in budgeted for n in parts[c]}  # any of them may hold a chosen element
+    score_batch = 16 if b["score_batch_size"] == 1 else b["score_batch_size"]  # per-sample: chunks of 16
+    act_score = _trace(m, config, img, score_batch, seq, scored, True, gradient_checkpointing, dt) \
+        if method in GRADIENT_SCORES else 0
+    act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt)
+    state = selected * SPARSE_STATE_BYTES
+    largest = max((named[n].numel() for n in trainable), default=0) * width
+    out["bytes"] = {"weights": weights, "gradients": largest, "score_sums": score_sums, "optimizer_state": state,
+                    "activations_score": act_score, "activations_train": act_train}
+    on_host = b["score_memory"] == "host"  # "auto" may keep them on the GPU: counted there, to be safe
+    out["peak_bytes"] = {"score": weights + act_score + (0 if on_host else score_sums),
+                         "train": weights + state + act_train}
+    out["score_memory"] = b["score_memory"]
+    out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
+    out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
+    return out
+
+
+def _gb(n) -> str:
+    return "-" if not n else f"{n / 1e9:,.2f}" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def render(p: dict) -> str:
+    lines = [f"plan: {p['model']} ({p['model_type']}), {p['method']}, budget {p['budget']}, {p['dtype']}, "
+             f"batch {p['batch_size']} x {p['max_length']} tokens (image {p['image']['size']} px = "
+             f"{p['image']['tokens']} tokens)" + (", gradient checkpointing" if p["gradient_checkpointing"] else ""),
+             "", f"{'component':<10} {'parameters':>15} {'eligible':>15} {'selected':>12}"]
+    for c, v in list(p["components"].items()) + [("total", p["total"])]:
+        sel = "pooled" if v["selected"] is None else f"{v['selected']:,}"
+        lines.append(f"{c:<10} {v['parameters']:>15,} {v['eligible']:>15,} {sel:>12}")
+    by = p["bytes"]
+    lines += ["", f"{'memory (GB)':<34} {'scoring':>10} {'training':>10}",
+              f"{'weights':<34} {_gb(by['weights']):>10} {_gb(by['weights']):>10}",
+              f"{'fp32 score sums':<34} {_gb(by['score_sums']):>10} {'-':>10}",
+              f"{'optimizer state':<34} {'-':>10} {_gb(by['optimizer_state']):>10}",
+              f"{'activations and live gradients':<34} {_gb(by.get('activations_score', 0)):>10} "
+              f"{_gb(by['activations_train']):>10}",
+              f"{'estimated peak':<34} {_gb(p['peak_bytes']['score']):>10} {_gb(p['peak_bytes']['train']):>10}"]
+    if p["method"] != "seqft":
+        where = "in host memory (score_memory: host), not in the peak" if p["score_memory"] == "host" else \
+            f"counted on the GPU; in host memory (score_memory: host) the scoring peak is " \
+            f"{_gb(p['peak_bytes_sums_on_host']['score'])} GB"
+        lines.append(f"score sums: {where}")
+        lines.append(f"gradients: one weight's at a time (at most {_gb(by['gradients'])} GB), inside the activations")
+    lines.append("not counted: the CUDA context and allocator slack (often 0.5-2 GB), and evaluation")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.plan", description=(
+        "Estimate, from a model's config alone (no weights are loaded), what a piece_mm run needs: parameters per "
+        "component, bytes of weights, score sums and optimizer state, and the peak of scoring and of training."))
+    ap.add_argument("--model", required=True, help="an alias (llava, qwen2-vl), a checkpoint dir (config.json is "
+                    "enough) or a cached HF id")
+    ap.add_argument("--method", default="piece-f", help=f"one of {', '.join(PLANNED)} (default piece-f)")
+    ap.add_argument("--budget", default="default", help="a budget YAML (path or name in configs/budgets)")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the weights' dtype (default bfloat16, what "
+                    "the run uses on CUDA; auto = the checkpoint's own)")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per forward (with --grad-accum N: the "
+                    "batch size / N)")
+    ap.add_argument("--max-length", type=int, default=None, help="tokens per example, image tokens included "
+                    f"(default: the image's tokens + {TEXT_TOKENS})")
+    ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the vision "
+                    f"config's, or {QWEN_IMAGE_SIZE} for Qwen2-VL)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="as the train flag of the same name")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
+                 args.gradient_checkpointing, args.image_size)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=1) if args.json else render(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""python -m piece_mm.plan: counts by hand, peaks against measurement, the JSON contract and its errors."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.plan_check import TOLERANCE, check
+from piece_mm.plan import PeakMemory, main, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAVA_7B = ROOT / "configs" / "hf" / "llava-1.5-7b-hf"
+
+
+def _llava_7b_by_hand() -> dict:
+    """LLaVA-1.5-7B from its architecture: CLIP ViT-L/14 at 336 px, a two-layer GELU projector, Vicuna-7B (Llama)."""
+    d, f, L, vocab = 4096, 11008, 32, 32064
+    llm = vocab * d + L * (4 * d * d + 3 * d * f + 2 * d) + d + vocab * d  # embeddings, blocks, final norm, lm_head
+    dv, fv, Lv, patches = 1024, 4096, 24, (336 // 14) ** 2
+    vision = (3 * 14 * 14 * dv + dv + (patches + 1) * dv + 2 * dv  # patch conv, class, positions, pre-norm
+              + Lv * (4 * (dv * dv + dv) + (dv * fv + fv) + (fv * dv + dv) + 4 * dv) + 2 * dv)  # blocks, post-norm
+    projector = (dv * d + d) + (d * d + d)
+    # the paper budget leaves out every name with "embed": token embeddings, and CLIP's patch, class and positions
+    embed = vocab * d + 3 * 14 * 14 * dv + dv + (patches + 1) * dv
+    return {"llm": llm, "vision": vision, "projector": projector, "embed": embed}
+
+
+def test_plan_of_llava_7b_from_its_config_alone(tmp_path):
+    """A directory with nothing but config.json: the plan runs in seconds on CPU, its counts are the hand count, and
+    its JSON has the contract's keys."""
+    (tmp_path / "config.json").write_text((LLAVA_7B / "config.json").read_text())
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "piece_mm.plan", "--model", str(tmp_path), "--budget", "llava-1.5-7b",
+                        "--gradient-checkpointing", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    took = time.time() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert took < 30, took
+    p = json.loads(r.stdout)
+    hand = _llava_7b_by_hand()
+    comps = p["components"]
+    for c in ("vision", "projector", "llm"):
+        assert comps[c]["parameters"] == hand[c], c
+        assert set(comps[c]) == {"parameters", "eligible", "selected"}
+    assert p["total"]["parameters"] == hand["llm"] + hand["vision"] + hand["projector"] == 7_063_427_072
+    assert sum(comps[c]["parameters"] - comps[c]["eligible"] for c in comps) == hand["embed"]
+    for c in comps:  # 0.1 % of each component's eligible weights
+        assert comps[c]["selected"] == int(0.001 * comps[c]["eligible"])
+    assert set(p["peak_bytes"]) == {"score", "train"} and p["peak_bytes"]["score"] > p["peak_bytes"]["train"] > 0
+    w = p["bytes"]["weights"]
+    assert w == 2 * hand["llm"] + 2 * hand["vision"] + 2 * hand["projector"]  # bf16
+    assert p["bytes"]["score_sums"] == 4 * p["total"]["eligible"]  # PIECE-F: one fp32 sum per scored weight
+
+
+@pytest.mark.parametrize("alias", ["llava", "qwen2-vl"])
+def test_planned_peaks_agree_with_measured_peaks(alias):
+    """Scoring and one training step of the real code on the tiny models, counted tensor by tensor, against the
+    plan's meta-device trace (benchmarks/plan_check.py adds the 53 M `small` preset)."""
+    rows = check(alias)
+    assert len(rows) == 6
+    for r in rows:
+        assert abs(r["ratio"] - 1) <= TOLERANCE, r
+
+
+def test_checkpointing_and_batch_move_the_plan_as_they_should():
+    base = plan("llava", dtype="float32")
+    ckpt = plan("llava", dtype="float32", gradient_checkpointing=True)
+    small = plan("llava", dtype="float32", batch_size=4)
+    assert ckpt["bytes"]["activations_train"] < base["bytes"]["activations_train"]
+    assert small["bytes"]["activations_train"] < base["bytes"]["activations_train"]
+    assert small["bytes"]["score_sums"] == base["bytes"]["score_sums"]
+    s = plan("llava", method="piece-s", dtype="float32")
+    assert s["bytes"]["score_sums"] == 2 * base["bytes"]["score_sums"]
+    full = plan("llava", method="seqft", dtype="float32")
+    assert full["bytes"]["optimizer_state"] == 2 * full["bytes"]["weights"]  # AdamW's two moments
+    assert full["peak_bytes"]["train"] > base["peak_bytes"]["train"]
+
+
+def test_peak_memory_counts_what_is_alive():
+    """The counter against arithmetic: 40 MB then 20 MB alive gives a peak of 40 MB; views of weights are free."""
+    w = torch.zeros(1000, 1000)
+    with PeakMemory([w]) as m:
+        a = torch.empty(10_000_000)
+        del a
+        b = torch.empty(5_000_000)
+        wt = w.t()
+    assert m.peak == 40_000_000 and m.now == 20_000_000
+    del b, wt
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "llava", "--method", "lora"], ["--method 'lora'", "piece-f"]),
+    (["--model", "/no/such/dir"], ["/no/such/dir"]),
+    (["--model", "llava", "--budget", "nope"], ["--budget 'nope'"]),
+    (["--model", "llava", "--max-length", "10"], ["--max-length 10", "64 image tokens"]),
+    (["--model", "llava", "--batch-size", "0"], ["--batch-size 0"]),
+])
+def test_plan_errors_are_one_line_and_exit_2(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert all(w in err for w in words), err
