@@ -17,6 +17,8 @@ Training step methods (each: forward, backward, update, zero_grad):
 - shira:  PEFT SHiRA on the same linear layers with our mask as its mask_fn, AdamW;
 - sparse: pm.sparse_optimizer with the same mask, AdamW. SHiRA only takes masks of r·(in + out) weights per layer,
           so both tune r = 1's worth: 0.3 % of the small preset's LLM linear weights.
+- fullft_ckpt, sparse_ckpt: fullft and sparse with transformers' gradient checkpointing (--gradient-checkpointing),
+          measured for memory only.
 Importance estimation on the batch's 16 samples (every weight but the token embeddings):
 - loop:       Σ_n g_n² from 16 batch-1 forward + backward passes, as the reference code does;
 - per_sample: pm.estimate_importance(..., per_sample=True), one batched pass;
@@ -49,6 +51,7 @@ PRESETS = {
 BATCH, TOKENS, IMAGE_TOKENS, ANSWER_TOKENS = 16, 64, 16, 16
 SHIRA_R = 1  # SHiRA takes exactly r·(in + out) weights per layer; r = 1 is the fewest it can hold (~0.3 % here)
 STEP_METHODS = ("floor", "fullft", "lora", "shira", "sparse")
+CKPT_METHODS = ("fullft_ckpt", "sparse_ckpt")  # the same steps under --gradient-checkpointing: memory only
 FISHER_METHODS = ("loop", "per_sample", "batched")
 LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -98,6 +101,10 @@ def setup_step(method: str, preset: str):
 
     model = build_model(preset).train()
     masks = make_masks(model)
+    if method in CKPT_METHODS:  # transformers' checkpointing, as the train flag switches it on
+        model.config.text_config.use_cache = False
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        method = method.removesuffix("_ckpt")
     if method == "floor":
         for n, p in model.named_parameters():
             p.requires_grad_(n in masks)
@@ -222,9 +229,9 @@ def run(preset: str, rounds: int) -> dict:
     fisher_time = timed_rounds(fisher, rounds)
     # Two children at a time: each measures its own peak resident set, which the other cannot touch.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        peaks = dict(zip(STEP_METHODS + FISHER_METHODS,
-                         pool.map(lambda m: _memory_in_subprocess(m, preset), STEP_METHODS + FISHER_METHODS)))
-    mem = {m: peaks[m] for m in STEP_METHODS}
+        every = STEP_METHODS + CKPT_METHODS + FISHER_METHODS
+        peaks = dict(zip(every, pool.map(lambda m: _memory_in_subprocess(m, preset), every)))
+    mem = {m: peaks[m] for m in STEP_METHODS + CKPT_METHODS}
     fisher_mem = {m: peaks[m] for m in FISHER_METHODS}
     return {
         "preset": preset, "params": n_params, "tuned_weights": n_tuned, "batch": BATCH, "tokens": TOKENS,
@@ -236,6 +243,8 @@ def run(preset: str, rounds: int) -> dict:
             "sparse_vs_shira_time": step_time["sparse"] / step_time["shira"],
             "sparse_vs_lora_mem": mem["sparse"] / mem["lora"],
             "sparse_vs_fullft_mem": mem["sparse"] / mem["fullft"],
+            "sparse_ckpt_vs_fullft_mem": mem["sparse_ckpt"] / mem["fullft"],
+            "sparse_ckpt_vs_fullft_ckpt_mem": mem["sparse_ckpt"] / mem["fullft_ckpt"],
             "loop_vs_per_sample_fisher": fisher_time["loop"] / fisher_time["per_sample"],
             "per_sample_vs_batched_fisher": fisher_time["per_sample"] / fisher_time["batched"],
         },
@@ -244,6 +253,7 @@ def run(preset: str, rounds: int) -> dict:
 
 TARGETS = {"sparse_vs_floor_time": ("<=", 1.10), "sparse_vs_shira_time": ("<=", 0.90),
            "sparse_vs_lora_mem": ("<=", 1.00), "sparse_vs_fullft_mem": ("<=", 0.60),
+           "sparse_ckpt_vs_fullft_mem": ("<=", 0.50), "sparse_ckpt_vs_fullft_ckpt_mem": ("<=", 0.50),
            "loop_vs_per_sample_fisher": (">=", 3.0), "per_sample_vs_batched_fisher": ("<=", 2.0)}
 
 
@@ -253,6 +263,7 @@ def table(res: dict) -> str:
              f"median of {res['rounds']} alternating rounds, torch {res['torch']}.", "",
              "| training step | time (s) | peak memory (MB) |", "|---|---:|---:|"]
     lines += [f"| {m} | {res['step_time_s'][m]:.3f} | {res['peak_mem_mb'][m]:.0f} |" for m in STEP_METHODS]
+    lines += [f"| {m} (gradient checkpointing) | — | {res['peak_mem_mb'][m]:.0f} |" for m in CKPT_METHODS]
     lines += ["", "| importance, 16 samples | time (s) | peak memory (MB) |", "|---|---:|---:|"]
     lines += [f"| {m} | {res['fisher_time_s'][m]:.3f} | {res['fisher_peak_mem_mb'][m]:.0f} |" for m in FISHER_METHODS]
     lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|:---:|"]

@@ -14,12 +14,13 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     steps, fisher = {"floor", "fullft", "lora", "shira", "sparse"}, {"loop", "per_sample", "batched"}
-    assert set(res["step_time_s"]) == steps and set(res["peak_mem_mb"]) == steps
+    assert set(res["step_time_s"]) == steps and set(res["peak_mem_mb"]) == steps | {"fullft_ckpt", "sparse_ckpt"}
     assert set(res["fisher_time_s"]) == fisher
     assert all(v > 0 for v in res["step_time_s"].values())
     assert res["fisher_max_rel_err"] <= 1e-4
     assert set(res["ratios"]) == {"sparse_vs_floor_time", "sparse_vs_shira_time", "sparse_vs_lora_mem",
-                                  "sparse_vs_fullft_mem", "loop_vs_per_sample_fisher", "per_sample_vs_batched_fisher"}
+                                  "sparse_vs_fullft_mem", "loop_vs_per_sample_fisher", "per_sample_vs_batched_fisher",
+                                  "sparse_ckpt_vs_fullft_mem", "sparse_ckpt_vs_fullft_ckpt_mem"}
     assert "| sparse |" in (tmp_path / "table.md").read_text()
 
 
@@ -28,3 +29,23 @@ def test_bad_rounds_one_line_exit_2(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--rounds" in r.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_gpu_check_script_without_a_gpu_is_one_line_exit_2():
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=120, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                         "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr[-1000:]
+    assert r.stderr.strip().splitlines() == ["gpu_check: --device cuda: no CUDA device here "
+                                             "(torch.cuda.is_available() is False)"]
+
+
+def test_gpu_check_logic_on_cpu():
+    """The same code a GPU runs, in bf16 on CPU: frozen weights bit-identical, chosen ones moved, loss down, peaks
+    measured and planned for both phases."""
+    from benchmarks.gpu_check import report, run
+    res = run("cpu", "quick", 3, True)
+    assert all(res["checks"].values()), res["checks"]
+    assert [r["phase"] for r in res["peaks"]] == ["score", "train"]
+    assert all(r["planned"] > 0 and r["measured"] > 0 for r in res["peaks"])
+    assert "frozen weights bit-identical" in report(res)
