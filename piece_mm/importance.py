@@ -70,10 +70,12 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
     sq = {n: zeros(p) for n, p in params.items()}
     s = {n: zeros(p) for n, p in params.items()} if want_sum else None
     if log is not None:
-        gb = accumulator_bytes(params, want_sum) / 1e9
-        where = "in pinned host memory" if pin else f"on {device}"
-        log(f"scoring: {'2' if want_sum else '1'} fp32 accumulator(s) for {sum(p.numel() for p in params.values()):,} "
-            f"weights, {gb:.3g} GB, {where}; gradients folded in per weight as backward produces them")
+        n = accumulator_bytes(params, want_sum)
+        size = f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+        where = "in pinned host memory" if pin else "in host memory" if place == "host" else f"on {device}"
+        log(f"scoring: {'two fp32 sums' if want_sum else 'one fp32 sum'} per weight for "
+            f"{sum(p.numel() for p in params.values()):,} weights ({size}, {where}); each gradient is added as "
+            "backward makes it, then dropped")
     n_batches = 0
     if per_sample:
         scorer = PerSample(model, params)

@@ -290,7 +290,12 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
 
 
 def _gb(n) -> str:
+    """A table cell of the "memory (GB)" column: GB, or MB (said so) below 0.1 GB."""
     return "-" if not n else f"{n / 1e9:,.2f}" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def _size(n) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 def render(p: dict) -> str:
@@ -312,9 +317,9 @@ def render(p: dict) -> str:
     if p["method"] != "seqft":
         where = "in host memory (score_memory: host), not in the peak" if p["score_memory"] == "host" else \
             f"counted on the GPU; in host memory (score_memory: host) the scoring peak is " \
-            f"{_gb(p['peak_bytes_sums_on_host']['score'])} GB"
+            f"{_size(p['peak_bytes_sums_on_host']['score'])}"
         lines.append(f"score sums: {where}")
-        lines.append(f"gradients: one weight's at a time (at most {_gb(by['gradients'])} GB), inside the activations")
+        lines.append(f"gradients: one weight's at a time (at most {_size(by['gradients'])}), inside the activations")
     lines.append("not counted: the CUDA context and allocator slack (often 0.5-2 GB), and evaluation")
     return "\n".join(lines)
 

@@ -117,7 +117,8 @@ def test_lean_scoring_selects_what_dense_fp32_scoring_selects(tiny, where):
             want = pm.select_masks(dense[method], parts, b, pool=pool)
             assert got.keys() == want.keys()
             assert all(torch.equal(got[n], want[n]) for n in want), (method, pool)
-    assert len(lines) == 2 and ("on cpu" in lines[0] or "host" in lines[0]) and "accumulator" in lines[0]
+    assert len(lines) == 2 and "one fp32 sum per weight" in lines[0] and "two fp32 sums" in lines[1]
+    assert all(("in host memory" if where == "host" else "on cpu") in x for x in lines), lines
 
 
 def test_lean_scoring_never_holds_the_whole_models_gradients(tiny):
