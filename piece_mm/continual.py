@@ -425,7 +425,12 @@ def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task
 
 
 def check_resume(state: dict, now: dict, output: Path) -> None:
+    from piece_mm.select import BUDGET_DEFAULTS
     saved = state["config"]
+    if isinstance(saved.get("budget"), dict) and isinstance(now.get("budget"), dict):
+        # a budget field added since the run started, at its default, is no change (e.g. score_memory)
+        now = {**now, "budget": {k: v for k, v in now["budget"].items()
+                                 if k in saved["budget"] or v != BUDGET_DEFAULTS.get(k, object())}}
     for key in now:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "

@@ -185,3 +185,17 @@ def test_resume_dir_without_run_args_is_one_line(tmp_path):
     from piece_mm.train import main
     r = main(["--resume", str(tmp_path)])
     assert r == 2
+
+
+def test_a_budget_field_added_later_at_its_default_is_no_change(tmp_path):
+    """A run saved before a budget field existed resumes when the field is at its default, and not otherwise."""
+    from piece_mm.continual import check_resume
+    from piece_mm.select import load_budget
+    from tasks.errors import InputError
+
+    now = {"model": "llava", "budget": load_budget("default")}
+    old = {k: v for k, v in now["budget"].items() if k != "score_memory"}
+    check_resume({"config": {"model": "llava", "budget": old}}, now, tmp_path)
+    changed = {**now, "budget": {**now["budget"], "score_memory": "host"}}
+    with pytest.raises(InputError, match="was started with budget"):
+        check_resume({"config": {"model": "llava", "budget": old}}, changed, tmp_path)
