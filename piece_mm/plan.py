@@ -167,17 +167,14 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
         def drop(p):
             p.grad = None
         hooks = [p.register_post_accumulate_grad_hook(drop) for n, p in model.named_parameters() if n in trainable]
-    if checkpointing:
-        text = getattr(config, "text_config", None)
-        for c in (config, text):
-            if c is not None:
-                c.use_cache = False
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    from piece_mm.continual import activation_checkpointing  # the run's own switch
+
     model.train()  # transformers checkpoints in training mode; the meta device has no dropout to randomise
     n_img, vocab = img["tokens"], config.text_config.vocab_size
     text_len = max(1, seq - n_img)
     try:
-        with _meta_forward(), PeakMemory(list(model.parameters()) + list(model.buffers())) as mem:
+        with activation_checkpointing(model, checkpointing), _meta_forward(), \
+                PeakMemory(list(model.parameters()) + list(model.buffers())) as mem:
             inner = model.model
             if img["family"] == "llava":
                 pixels = torch.empty(batch, 3, img["size"], img["size"], device="meta", dtype=dtype)
@@ -209,8 +206,6 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
     finally:
         for h in hooks:
             h.remove()
-        if checkpointing:
-            model.activation_checkpointing_disable()
         for p in model.parameters():
             p.grad = None
         model.eval()
