@@ -1,0 +1,38 @@
+"""python -m eval.where: a task's delta split by layer and by kind, rebuilt from a finished run."""
+import pytest
+
+from eval.where import groups, main, where
+from piece_mm.delta import load_delta
+
+
+def test_groups_put_every_weight_in_one_layer_and_one_kind():
+    names = ["model.language_model.layers.0.self_attn.k_proj.weight", "model.language_model.layers.3.mlp.up_proj.weight",
+             "lm_head.weight", "model.language_model.layers.0.input_layernorm.weight"]
+    g = groups(names)
+    layers = [n for k, v in g.items() if k.startswith("layer") or k == "outside the layers" for n in v]
+    kinds = [n for k, v in g.items() if not (k.startswith("layer") or k == "outside the layers") for n in v]
+    assert sorted(layers) == sorted(names) == sorted(kinds)
+    assert g["layer 0"] == [names[0], names[3]] and g["k_proj"] == [names[0]] and g["norm"] == [names[3]]
+    assert g["outside the layers"] == ["lm_head.weight"] == g["lm_head"]
+
+
+def test_where_rebuilds_the_run_and_splits_the_delta(uninterrupted_run):
+    _, run = uninterrupted_run
+    rec = where(run, 2, limit=4)
+    delta = load_delta(sorted((run / "deltas").glob("2-*.safetensors"))[0])
+    total = sum(idx.numel() for idx, _ in delta.values())
+    layer_rows = [r for g, r in rec["groups"].items() if g.startswith("layer") or g == "outside the layers"]
+    kind_rows = [r for g, r in rec["groups"].items() if not (g.startswith("layer") or g == "outside the layers")]
+    assert sum(r["weights"] for r in layer_rows) == total == sum(r["weights"] for r in kind_rows)
+    assert rec["captions"] == 4 and 0 <= rec["before"]["wrong"] <= 4 and 0 <= rec["after"]["wrong"] <= 4
+    for r in rec["groups"].values():  # a group's delta alone, and all but it, are two rebuilt models
+        assert 0 <= r["only"]["wrong"] <= 4 and 0 <= r["without"]["wrong"] <= 4
+
+
+@pytest.mark.parametrize("argv, says", [(["--task", "1"], "no run_args.json"), (["--task", "9"], "--task 9")])
+def test_where_errors_are_one_line(uninterrupted_run, tmp_path, capsys, argv, says):
+    _, run = uninterrupted_run
+    target = tmp_path if "run_args" in says else run
+    assert main(["--run", str(target), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
