@@ -29,6 +29,12 @@ for m in llava qwen2-vl; do
     # another task order
     python -m eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
+    # where the captions go (results/README.md): the default budget with the LLM's attention keys in the pool (as it
+    # was) and with the queries left out too, seed 0
+    for b in keys-in no-qk; do
+        python -m eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --eval-limit 100 \
+            --budget "results/budgets/$b.yaml" --output "results/diag-$m-$b"
+    done
     # which weights carry the leak, at the previous default (3 % of the LLM, lr 5e-4): without lm_head, without the
     # first layer, or only the first two layers (budgets in results/budgets/; the last also at lr 2e-3)
     for b in nohead nolayer0; do
@@ -38,3 +44,8 @@ for m in llava qwen2-vl; do
     python -m eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4,2.0e-3 --eval-limit 100 \
         --budget results/budgets/early.yaml --output "results/diag-$m-early"
 done
+# the keys-in runs taken apart: which layer and kind of weight changes the captions
+python -m eval.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
+    --output results/where-llava-previous-size.json
+python -m eval.where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
+    --output results/where-qwen2-vl-previous-location.json

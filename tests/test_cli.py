@@ -76,9 +76,10 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     # trainable = the chosen weights per component: exactly k = floor(fraction x scorable elements)
     from piece_mm.select import load_budget
     base, _ = pm.load_model("qwen2-vl")
-    parts = pm.split_components(base)
+    budget = load_budget("default")
+    parts = pm.split_components(base, exclude=budget["exclude"])  # the budget's exclusions (the LLM's keys too)
     params = dict(base.named_parameters())
-    fr = load_budget("default")["fractions"]
+    fr = budget["fractions"]
     for c in ("vision", "projector", "llm"):
         n = sum(params[x].numel() for x in parts[c])
         assert m["trainable"][c] == (max(1, math.floor(fr[c] * n)) if fr[c] > 0 else 0), c
