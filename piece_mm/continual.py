@@ -4,7 +4,6 @@ registered here, the baselines in piece_mm/methods/."""
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import sys
