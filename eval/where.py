@@ -61,7 +61,8 @@ def where(run: Path, task: int, limit: int = 100) -> dict:
     if not 1 <= task <= len(files):
         raise InputError(f"--task {task}: the run has {len(files)} task deltas; expected 1..{len(files)}")
     model, processor = load_model(flags["model"])
-    seq = load_sequence(flags["tasks"], seed=flags.get("seed", 0))
+    tasks = Path(args.get("cwd", ".")) / flags["tasks"]  # a sequence YAML named relative to where the run started
+    seq = load_sequence(str(tasks) if tasks.is_file() else flags["tasks"], seed=flags.get("seed", 0))
     captions = seq.captions[:limit]
     for f in files[:task - 1]:
         apply_delta(model, load_delta(f))
