@@ -1,9 +1,10 @@
 """python -m eval.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava] [--jobs 2]
 
 Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
-for SeqFT), each through the ordinary CLI in its own process, and writes sweep.json, table.md and frontier.png:
-caption retention against own-task accuracy (mean of R[i][i]), one point per setting. A setting whose run already
-finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it stopped.
+for SeqFT; the grid's optional `exclude` list goes into every budget), each through the ordinary CLI in its own
+process, and writes sweep.json, table.md and frontier.png: caption retention against own-task accuracy (mean of
+R[i][i]), one point per setting. A setting whose run already finished (metrics.json present) is read back, not rerun,
+so an interrupted sweep continues where it stopped; a run made with another budget is refused.
 It drives the training CLI the way a user would, in subprocesses, and imports no training code."""
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def settings(grid: dict) -> list[dict]:
         for llm, proj, vis, lr, steps in itertools.product(grid["llm"], grid.get("projector", [0.0]),
                                                            grid.get("vision", [0.0]), grid["lr"], grid["steps"]):
             budget = {"fractions": {"vision": vis, "projector": proj, "llm": llm}}
+            if "exclude" in grid:  # regexes of weights never chosen, as in a budget YAML
+                budget["exclude"] = list(grid["exclude"])
             tag = f"{method}-llm{llm:g}-proj{proj:g}-vis{vis:g}-lr{lr:g}-s{steps}"
             out.append({"tag": tag, "method": method, "lr": lr, "steps": steps, "budget": budget})
     for lr, steps in itertools.product(grid.get("seqft_lr", []), grid.get("seqft_steps", grid["steps"])):
@@ -43,11 +46,15 @@ def settings(grid: dict) -> list[dict]:
 
 def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None, threads: int) -> dict:
     run_dir = out / "runs" / s["tag"]
+    bpath = out / "budgets" / f"{s['tag']}.yaml"
+    if s["budget"] and (run_dir / "metrics.json").is_file() and (
+            not bpath.is_file() or yaml.safe_load(bpath.read_text()) != s["budget"]):
+        raise SettingFailed(f"setting {s['tag']}: {run_dir} was made with another budget than {bpath.name} would "
+                            f"now hold (exclude?); use another --output")
     if not (run_dir / "metrics.json").is_file():
         cmd = [sys.executable, "-m", "piece_mm.train", "--model", model, "--method", s["method"], "--lr", str(s["lr"]),
                "--steps", str(s["steps"]), "--tasks", tasks, "--output", str(run_dir)]
         if s["budget"]:
-            bpath = out / "budgets" / f"{s['tag']}.yaml"
             bpath.parent.mkdir(parents=True, exist_ok=True)
             bpath.write_text(yaml.safe_dump(s["budget"]))
             cmd += ["--budget", str(bpath)]
@@ -62,6 +69,7 @@ def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None,
     R = m["scores"]
     own = [R[i + 1][i] for i in range(len(m["tasks"]))]
     return {**{k: s[k] for k in ("tag", "method", "lr", "steps")}, "fractions": (s["budget"] or {}).get("fractions"),
+            "exclude": (s["budget"] or {}).get("exclude"),
             "own_task": sum(own) / len(own), "min_own_task": min(own), **m["summary"],
             "VQA_retention": m["general"]["after"][-1].get("VQA", float("nan")) /
             max(m["general"]["before"].get("VQA", float("nan")), 1e-9), "trainable": m["trainable"]["total"]}
@@ -87,6 +95,9 @@ def main(argv=None) -> int:
             for v in grid.get(f, []) if isinstance(grid.get(f, []), list) else [grid[f]]:
                 if not isinstance(v, (int, float)) or isinstance(v, bool):  # YAML reads 1e-3 (no dot) as a string
                     raise InputError(f"{path}: {f} holds {v!r}; expected numbers (write 1.0e-3, not 1e-3)")
+        if "exclude" in grid and (not isinstance(grid["exclude"], list)
+                                  or not all(isinstance(x, str) for x in grid["exclude"])):
+            raise InputError(f"{path}: exclude is {grid['exclude']!r}; expected a list of regexes")
         if args.jobs < 1:
             raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
     except (InputError, yaml.YAMLError) as e:

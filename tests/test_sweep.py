@@ -30,6 +30,18 @@ def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
     mtime = (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime == mtime
+    # a grid's exclude goes into every budget; a finished run made without it is refused, not read back as if it fit
+    (tmp_path / "grid.yaml").write_text(json.dumps({**grid, "eval_limit": 3, "exclude": ["k_proj"]}))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "another budget" in r.stderr
+    assert (out / "runs" / rows[0]["tag"] / "metrics.json").stat().st_mtime == mtime
+
+
+def test_a_grid_exclude_reaches_every_budget():
+    from eval.sweep import settings
+    grid = {"llm": [0.01], "lr": [1e-3], "steps": [2], "seqft_lr": [1e-4], "exclude": ["embed_tokens", "k_proj"]}
+    sparse, seqft = settings(grid)
+    assert sparse["budget"]["exclude"] == ["embed_tokens", "k_proj"] and seqft["budget"] is None
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
@@ -44,3 +56,5 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
     r = sweep("llm: [2.0]\nlr: [1.0e-3]\nsteps: [2]\n")  # the run refuses the budget; the sweep passes it on
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "fractions.llm is 2.0" in r.stderr
+    r = sweep("llm: [0.01]\nlr: [1.0e-3]\nsteps: [2]\nexclude: k_proj\n")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "exclude is 'k_proj'" in r.stderr
