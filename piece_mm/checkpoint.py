@@ -18,9 +18,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from piece_mm import dist, shard
 from tasks.errors import InputError
 
 POINTER = "checkpoint.json"
@@ -34,10 +35,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _model_tensors(model) -> dict[str, torch.Tensor]:
-    """state_dict with tied weights stored once (safetensors refuses shared storage)."""
+def _model_tensors(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """state_dict (or the one given) with tied weights stored once (safetensors refuses shared storage)."""
     out, seen = {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.numel() and key in seen:
             continue
@@ -55,40 +56,70 @@ def set_rng_state(state: dict) -> None:
     random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
 
 
+def _train_file(rank: int) -> str:
+    """Each FSDP2 rank's optimizer state is its own shard's; under one process or data parallelism there is one."""
+    return "train.pt" if rank == 0 else f"train-{rank}.pt"
+
+
 def save(output: Path, state: dict, model, opt=None, sched=None, weights_unchanged: bool = False) -> Path:
     """Write a checkpoint of the run at `state` and point checkpoint.json to it. weights_unchanged: the weights are
-    those of the latest checkpoint, which are then hard-linked rather than written (and hashed) again."""
+    those of the latest checkpoint, which are then hard-linked rather than written (and hashed) again.
+
+    On FSDP2 shards (piece_mm/shard.py) every process calls it: the weights are gathered whole to the first process,
+    which writes them, and each process writes its own optimizer state (train-<rank>.pt)."""
     output = Path(output)
     root = output / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    number = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    sharded = shard.is_fsdp(model)
+    main = dist.is_main() or not sharded
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) if main else None
+    if sharded:
+        number = dist.gather_objects(number)[0]
     tmp = root / f"{number}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     previous = _latest(output) if weights_unchanged else None
     files = {}
     if previous is not None:  # its size and hash were recorded when it was written
-        os.link(previous[1] / "model.safetensors", tmp / "model.safetensors")
+        if main:
+            os.link(previous[1] / "model.safetensors", tmp / "model.safetensors")
         files["model.safetensors"] = previous[0]["files"]["model.safetensors"]
     else:
-        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": opt.state_dict() if opt is not None else None,
-                "scheduler": sched.state_dict() if sched is not None else None, "rng": rng_state()},
-               tmp / "train.pt")
-    for f in ("model.safetensors", "train.pt"):
-        files.setdefault(f, {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)})
-    (tmp / "state.json").write_text(json.dumps({**state, "files": files}))
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
+        whole = shard.full_state_dict(model) if sharded else None  # a collective: every rank sends its shards
+        if main:
+            save_file(_model_tensors(model, whole), str(tmp / "model.safetensors"))
+    if sharded:
+        dist.barrier()  # tmp exists before the other ranks write into it
+    mine = _train_file(dist.rank() if sharded else 0)
+    if main or sharded:
+        torch.save({"optimizer": opt.state_dict() if opt is not None else None,
+                    "scheduler": sched.state_dict() if sched is not None else None, "rng": rng_state()},
+                   tmp / mine)
+        with open(tmp / mine, "rb") as fh:
             os.fsync(fh.fileno())
+    if sharded:
+        dist.barrier()
     final = root / str(number)
-    tmp.rename(final)
-    pointer = output / POINTER
-    pointer.with_suffix(".json.tmp").write_text(json.dumps({"checkpoint": f"checkpoints/{number}"}))
-    os.replace(pointer.with_suffix(".json.tmp"), pointer)
-    for old in root.iterdir():
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    if main:
+        names = ["model.safetensors"] + [_train_file(r) for r in range(dist.world() if sharded else 1)]
+        for f in names:
+            files.setdefault(f, {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)})
+        (tmp / "state.json").write_text(json.dumps({**state, "files": files,
+                                                    "shards": dist.world() if sharded else None}))
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.rename(final)
+        pointer = output / POINTER
+        pointer.with_suffix(".json.tmp").write_text(json.dumps({"checkpoint": f"checkpoints/{number}"}))
+        os.replace(pointer.with_suffix(".json.tmp"), pointer)
+        for old in root.iterdir():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    if sharded:
+        dist.barrier()  # no rank goes on (or is killed as done) before the checkpoint is in place
     return final
 
 
@@ -132,24 +163,35 @@ def load(output: Path) -> tuple[dict, Path] | None:
 
 def restore(where: Path, model) -> dict:
     """Load the weights into `model` (strictly: every tensor, matching shapes) and return the training state
-    (optimizer / scheduler state dicts, RNG)."""
+    (optimizer / scheduler state dicts, RNG). On FSDP2 shards each process reads only its shard's rows of the
+    weights, and its own optimizer state; the run must have been sharded over as many processes."""
+    path = where / "model.safetensors"
+    sharded = shard.is_fsdp(model)
+    if sharded:
+        saved = json.loads((where / "state.json").read_text()).get("shards")
+        if saved != dist.world():
+            raise InputError(f"{where / 'state.json'}: written by a run {'sharded over ' + str(saved) if saved else 'not sharded'}"
+                             f" processes; resume it over {saved or 1} (this one has {dist.world()} FSDP2 processes)")
     try:
-        tensors = load_file(str(where / "model.safetensors"))
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            own = {k: (t.shape, t) for k, t in model.state_dict().items()}
+            missing = [k for k in _model_tensors(model) if k not in names]
+            bad = [k for k in names if k not in own or tuple(f.get_slice(k).get_shape()) != tuple(own[k][0])]
+            if missing or bad:
+                raise InputError(f"{path}: does not fit the model "
+                                 f"({'missing ' + missing[0] if missing else 'unexpected ' + bad[0]})")
+
+            def read(name, rows):
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+            shard.load_rows(model, read, names)
     except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{where / 'model.safetensors'}: unreadable ({str(e).splitlines()[0]})") from None
-    own = model.state_dict()
-    missing = [k for k in _model_tensors(model) if k not in tensors]
-    bad = [k for k, t in tensors.items() if k not in own or own[k].shape != t.shape]
-    if missing or bad:
-        raise InputError(f"{where / 'model.safetensors'}: does not fit the model "
-                         f"({'missing ' + missing[0] if missing else 'unexpected ' + bad[0]})")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            own[k].copy_(t)
+        raise InputError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    train = where / _train_file(dist.rank() if sharded else 0)
     try:
-        return torch.load(where / "train.pt", weights_only=True)
+        return torch.load(train, weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle and zip errors have no common base)
-        raise InputError(f"{where / 'train.pt'}: unreadable ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise InputError(f"{train}: unreadable ({str(e).splitlines()[0] if str(e) else e})") from None
 
 
 def remove(output: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from piece_mm import checkpoint, dist
+from piece_mm import checkpoint, dist, shard
 from piece_mm.batching import IGNORE_INDEX, collate, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
@@ -46,8 +46,11 @@ def _sparse_method(estimator: str):
         examples = task.train[: b["score_examples"]]
         per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
-        chunks = dist.share([examples[i:i + bs] for i in range(0, len(examples), bs)])  # this process's batches
-        batches = (collate(processor, c) for c in chunks)
+        chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+        if shard.is_fsdp(model):  # every scoring batch, this rank's share of its examples (FSDP2 sums the shares)
+            batches = (_share_batch(processor, c) for c in chunks)
+        else:
+            batches = (collate(processor, c) for c in dist.share(chunks))  # this process's whole batches
         options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b.get("score_memory", "auto"),
                    "log": cfg.get("log")}
         if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
@@ -63,13 +66,26 @@ def _sparse_method(estimator: str):
         with activation_checkpointing(model, cfg.get("gradient_checkpointing", False)):
             scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                          **options)
-        return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"])
+        shards = dict(model.named_parameters()) if shard.is_fsdp(model) else None
+        return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"],
+                            shards=shards)
     make.__name__ = estimator
     return make
 
 
+def _share_batch(processor, examples: list) -> dict:
+    """This rank's share of one scoring batch. A rank left without an example (a batch smaller than the process
+    count) runs the first one with no answer token counted, so it joins FSDP2's collectives and adds nothing."""
+    mine = examples[dist.rank()::dist.world()]
+    batch = collate(processor, mine or examples[:1])
+    if not mine:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
 SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
 GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
+SHARDED_METHODS = GRADIENT_SCORES + ("magnitude",)  # what runs on FSDP2 shards (piece_mm/shard.py)
 for _name in SPARSE_METHODS:
     register(_name)(_sparse_method(_name))
 
@@ -136,7 +152,10 @@ def _fit_length(processor, seq: Sequence, max_length: int, log) -> Sequence:
 
 
 def _sum_gradients(opt) -> None:
-    """Sum the gradients the optimizer follows over the processes (for the sparse optimizer: only its compact ones)."""
+    """Sum the gradients the optimizer follows over the processes (for the sparse optimizer: only its compact ones).
+    On FSDP2 shards they are summed already: FSDP2's reduce-scatter did it in backward."""
+    if getattr(opt, "sharded", False):
+        return
     grads = []
     for p in (opt.compact_params() if hasattr(opt, "compact_params") else
               [q for g in opt.param_groups for q in g["params"]]):
@@ -281,6 +300,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
     main = dist.is_main()
+    sharded = shard.is_fsdp(model)  # FSDP2: collectives in every forward and checkpoint, so every rank joins them
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
@@ -298,13 +318,14 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             f"resuming from {where}: before task {st['task'] + 1}")
     else:
         st = {"config": config, "task": 0, "step": 0, "in_task": False, "R": [], "before": None,
-              "after": [], "samples": [], "selection": [], "loss": None, "time_s": 0.0,
+              "after": [], "samples": [], "selection": [], "loss": None, "time_s": 0.0, "optimizer_bytes": [],
               "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
-        if main:
-            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size, "eval before",
-                                                clip, spice, task_answers)
+        if main or sharded:  # on shards every rank takes part in each forward, so all of them evaluate
+            with shard.whole_root(model):
+                scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
+                                                    "eval before", clip, spice, task_answers)
             log(f"before: scores {_fmt(scores)}  {_general(general)}")
-            if general.get("CIDEr", 1.0) < 0.1:
+            if main and general.get("CIDEr", 1.0) < 0.1:
                 print(f"warning: the base model's held-out CIDEr is {general['CIDEr']:.3f} (< 0.1): it cannot caption "
                       "this set, so caption retention says nothing about what tuning keeps", file=sys.stderr)
             st.update(R=[scores], before=general, samples=[samples])
@@ -356,7 +377,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             st.update(task=i, step=0, in_task=True)
 
         def on_step(done, loss, opt=opt, sched=sched):
-            if main and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+            if (main or sharded) and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
                 st.update(step=done, loss=loss, time_s=elapsed + time.time())
                 checkpoint.save(output, st, model, opt, sched)
 
@@ -364,18 +385,25 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
             st["loss"] = train_task(model, processor, task, opt, sched, steps, batch_size, seed * 1000 + i,
                                     desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step,
                                     grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
+        if hasattr(opt, "state_bytes") and start < steps:  # what each process held for the chosen elements
+            held = dist.gather_all(torch.tensor([opt.state_bytes()], dtype=torch.int64))
+            st["optimizer_bytes"] = [max(a, int(b)) for a, b in
+                                     zip(st.get("optimizer_bytes") or [0] * len(held), held.view(-1))]
         if hasattr(opt, "close"):
             opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
         if hasattr(opt, "after_task"):  # e.g. EWC: this task's Fisher, measured by every process, saved by the first
             opt.after_task(model)
         masks = getattr(opt, "masks", None)
         st.update(task=i + 1, step=0, in_task=False)
-        if main:
+        if main or sharded:
             if masks is not None:
-                save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
-                           {"task": task.name})
-            scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
-                                                f"eval {task.name}", clip, spice, task_answers)
+                values = shard.gather_values(model, masks)  # on shards each rank sends the values it holds
+                if main:
+                    save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
+                               {"task": task.name}, values=values)
+            with shard.whole_root(model):
+                scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
+                                                    f"eval {task.name}", clip, spice, task_answers)
             st["R"].append(scores)
             st["after"].append(general)
             st["samples"].append(samples)
@@ -394,6 +422,9 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
                "time_s": elapsed + time.time(), "parameters": parameters,
                "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
+    if st.get("optimizer_bytes"):  # per process, the most any task needed (sparse methods)
+        metrics["optimizer_state_bytes"] = {"per_process": st["optimizer_bytes"], "processes": dist.world(),
+                                            "sharded": sharded}
     if st["selection"]:
         all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
         metrics["budget"] = budget["path"]

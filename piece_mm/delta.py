@@ -47,14 +47,17 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
     return masks
 
 
-def save_delta(model, masks: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """The current values of the masked elements of `model` (call it after tuning the task)."""
+def save_delta(model, masks: dict[str, torch.Tensor], path: Path, metadata: dict | None = None,
+               values: dict[str, torch.Tensor] | None = None) -> None:
+    """The current values of the masked elements of `model` (call it after tuning the task). `values` gives them
+    instead, in each mask's order (on FSDP2 shards, gathered by piece_mm.shard.gather_values)."""
     params = dict(model.named_parameters())
     tensors = {}
     for n, idx in masks.items():
         idx = idx.to(torch.int64).cpu()
         tensors[n + _IDX] = idx.contiguous()
-        tensors[n + _VAL] = params[n].detach().reshape(-1).cpu()[idx].contiguous()
+        vals = values[n] if values is not None else params[n].detach().reshape(-1).cpu()[idx]
+        tensors[n + _VAL] = vals.contiguous()
     _atomic_save(tensors, path, metadata)
 
 

@@ -60,3 +60,39 @@ def sum_(tensors) -> None:
 def share(items: list) -> list:
     """This process's share of a global batch (or of a list of scoring batches): every world()-th item."""
     return items[rank()::world()]
+
+
+def _exact(t: torch.Tensor, op) -> torch.Tensor:
+    """One collective on `t` in its own dtype (through the GPU under NCCL); returns its result."""
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    return op(t.to(via)).to(t.device)
+
+
+def sum_exact(t: torch.Tensor) -> None:
+    """Sum `t` across processes in place, in its own dtype (int64 counts stay exact past 2**24)."""
+    if world() > 1:
+        def op(x):
+            dist.all_reduce(x)
+            return x
+        t.copy_(_exact(t, op))
+
+
+def gather_all(t: torch.Tensor) -> torch.Tensor:
+    """[world, *t.shape]: every process's `t` (same shape on all), in rank order."""
+    if world() == 1:
+        return t.unsqueeze(0)
+
+    def op(x):
+        out = [torch.empty_like(x) for _ in range(world())]
+        dist.all_gather(out, x)
+        return torch.stack(out)
+    return _exact(t, op)
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in rank order."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out

@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from piece_mm import dist
+from piece_mm import dist, shard
+from piece_mm.batching import IGNORE_INDEX
 from piece_mm.persample import PerSample
 from piece_mm.sparse import gather_paused
 
@@ -58,15 +59,23 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
     additions in the same order as with dense gradients, so the scores, and the masks, are the same.
 
     per_sample: each sample of a batch is its own b (its loss the mean over its answer tokens), computed exactly from
-    one batched pass (piece_mm/persample.py) instead of a batch-1 loop; its sums stay on the weights' device."""
+    one batched pass (piece_mm/persample.py) instead of a batch-1 loop; its sums stay on the weights' device.
+
+    On FSDP2 shards (piece_mm/shard.py) each batch is this rank's share of a global scoring batch: its loss is
+    divided by the global batch's answer-token count, FSDP2 sums the shares' gradients, and each rank adds the whole
+    batch's gradient, on its own shard, into sums the size of that shard."""
     device = next(iter(params.values())).device
+    sharded = any(shard.is_sharded(p) for p in params.values())
+    if sharded and per_sample:
+        raise ValueError("estimate_importance: per-sample scoring (score_batch_size 1) needs whole parameters; "
+                         "on FSDP2 shards score batches of 2 or more")
     # per-sample scoring adds into the sums from inside its own hooks, on the weights' device
     place = "device" if per_sample else accumulator_place(params, want_sum, accumulate)
     home = torch.device("cpu") if place == "host" else device
     pin = place == "host" and device.type == "cuda"
 
     def zeros(p):
-        return torch.zeros(p.shape, dtype=torch.float32, device=home, pin_memory=pin)
+        return torch.zeros(shard.local(p).shape, dtype=torch.float32, device=home, pin_memory=pin)
     sq = {n: zeros(p) for n, p in params.items()}
     s = {n: zeros(p) for n, p in params.items()} if want_sum else None
     if log is not None:
@@ -74,7 +83,8 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
         size = f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
         where = "in pinned host memory" if pin else "in host memory" if place == "host" else f"on {device}"
         log(f"scoring: {'two fp32 sums' if want_sum else 'one fp32 sum'} per weight for "
-            f"{sum(p.numel() for p in params.values()):,} weights ({size}, {where}); each gradient is added as "
+            f"{sum(p.numel() for p in params.values()):,} weights ({size}, {where}"
+            + (f", 1/{dist.world()} of it on each rank" if sharded else "") + "); each gradient is added as "
             "backward makes it, then dropped")
     n_batches = 0
     if per_sample:
@@ -85,7 +95,7 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
     else:
         def fold(name):
             def hook(p):
-                g = p.grad.detach().to(home, torch.float32)
+                g = shard.local(p.grad).detach().to(home, torch.float32)
                 p.grad = None  # this weight's gradient is in the sums: free it before the next one arrives
                 sq[name].addcmul_(g, g)
                 if s is not None:
@@ -97,7 +107,12 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 for p in params.values():
                     p.grad = None
-                model(**batch).loss.backward()  # a weight not on this batch's path gets no hook call: adds zero
+                if sharded:  # this rank's share of the batch, over the whole batch's answer tokens
+                    count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
+                    dist.sum_([count])
+                    model(**batch, num_items_in_batch=count.to(device)).loss.backward()
+                else:
+                    model(**batch).loss.backward()  # a weight not on this batch's path gets no hook call: adds zero
                 n_batches += 1
         finally:
             for h in handles:
@@ -105,7 +120,8 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
     # Under several processes each passes its own share of the batches: the sums are summed across them, so every
     # process ends with the same scores (and chooses the same mask).
     count = torch.tensor([float(n_batches)])
-    dist.sum_([count] + list(sq.values()) + (list(s.values()) if s is not None else []))
+    if not sharded:  # on shards every rank has seen every batch already, through FSDP2's reduce-scatter
+        dist.sum_([count] + list(sq.values()) + (list(s.values()) if s is not None else []))
     if count.item() == 0:
         raise ValueError("estimate_importance: `batches` yielded nothing")
     return s, sq
@@ -138,7 +154,7 @@ def grad_magnitude(model, batches, params, per_sample: bool = False, accumulate:
 @register("magnitude")
 def magnitude(model, batches, params, **_):
     """|θ|: ablation that ignores the task."""
-    return {n: p.detach().float().abs() for n, p in params.items()}
+    return {n: shard.local(p).detach().float().abs() for n, p in params.items()}
 
 
 @register("random")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from piece_mm import dist
 from piece_mm.components import COMPONENTS, layer_of
 from tasks.errors import InputError
 
@@ -20,45 +21,82 @@ def _order_key(t: torch.Tensor) -> torch.Tensor:
     return torch.where(i < 0, i ^ 0x7FFFFFFF, i)  # negative floats: reverse their bit order, sign bit kept
 
 
-def _top_k(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, torch.Tensor]:
+def _top_k(scores: dict[str, torch.Tensor], names: list[str], k: int,
+           shards: dict | None = None) -> dict[str, torch.Tensor]:
     """The k largest elements over the tensors `names`. Ties at the threshold go to the earlier parameter in `names`,
-    then to the lower flat index, so the result is deterministic. Returns {name: sorted int64 flat indices}."""
+    then to the lower flat index, so the result is deterministic. Returns {name: sorted int64 flat indices}.
+
+    shards ({name: parameter}, FSDP2 DTensors): each score tensor is this rank's shard of the parameter's scores.
+    The threshold is found by the same bisection, with each pass's count summed over the ranks (one scalar
+    all-reduce), the ties are shared out from one all-gather of the per-rank tie counts, and the chosen indices are
+    all-gathered, so every rank returns the same whole-parameter indices as one process would, and no score
+    tensor is ever gathered."""
     if k <= 0 or not names:
         return {}
     keys = {n: _order_key(scores[n]) for n in names}
+
+    def total(count) -> int:  # over every rank when sharded
+        c = torch.tensor([count], dtype=torch.int64)
+        if shards is not None:
+            dist.sum_exact(c)
+        return int(c.item())
     lo, hi = -(2 ** 31), 2 ** 31 - 1  # invariant: count(key >= lo) >= k, count(key >= hi + 1) < k
     while lo < hi:  # largest threshold t with at least k keys >= t; at most 32 passes
         mid = (lo + hi + 1) // 2
-        if sum(int((key >= mid).sum()) for key in keys.values()) >= k:
+        if total(sum(int((key >= mid).sum()) for key in keys.values())) >= k:
             lo = mid
         else:
             hi = mid - 1
     t = lo
-    take_ties = k - sum(int((key > t).sum()) for key in keys.values())
+    take_ties = k - total(sum(int((key > t).sum()) for key in keys.values()))
+    if shards is not None:  # this rank's share of the ties: name by name, ranks in the order of their shards
+        ties = torch.tensor([int((keys[n] == t).sum()) for n in names], dtype=torch.int64)
+        every = dist.gather_all(ties)  # [world, names]
+        mine, left = [], take_ties
+        for j in range(len(names)):
+            for r in range(every.shape[0]):
+                a = min(left, int(every[r, j]))
+                left -= a
+                if r == dist.rank():
+                    mine.append(a)
     out = {}
-    for n in names:
+    for j, n in enumerate(names):
         key = keys[n]
         chosen = key > t
-        if take_ties > 0:
-            ties = torch.nonzero(key == t).view(-1)[:take_ties]  # flat indices, ascending
+        quota = mine[j] if shards is not None else take_ties
+        if quota > 0:
+            ties = torch.nonzero(key == t).view(-1)[:quota]  # flat indices, ascending
             chosen[ties] = True
-            take_ties -= ties.numel()
+            if shards is None:
+                take_ties -= ties.numel()
         idx = torch.nonzero(chosen).view(-1).to(torch.int64)
-        if idx.numel():
+        if shards is not None:
+            from piece_mm.shard import offset
+            idx = idx + offset(shards[n])
+        if idx.numel() or shards is not None:
             out[n] = idx.cpu()
+    if shards is not None:
+        parts = dist.gather_objects(out)
+        out = {n: torch.cat([p[n] for p in parts]) for n in names}
+        out = {n: idx for n, idx in out.items() if idx.numel()}
     return out
 
 
-def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, torch.Tensor]:
+def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int,
+                   shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Whole tensors, in order of their mean score (ties: parameter order), each taken if it still fits in the k
-    elements left: at most k elements in all."""
-    order = sorted(range(len(names)), key=lambda i: (-float(scores[names[i]].float().mean()), i))
+    elements left: at most k elements in all. Sharded (see _top_k): the means are summed over the ranks."""
+    sums = torch.tensor([float(scores[n].double().sum()) for n in names], dtype=torch.float64)
+    if shards is not None:
+        dist.sum_exact(sums)
+    numel = [shards[n].numel() if shards is not None else scores[n].numel() for n in names]
+    order = sorted(range(len(names)), key=lambda i: (-float(sums[i] / max(numel[i], 1)), i))
     out, left = {}, k
     for i in order:
         n = names[i]
-        if 0 < scores[n].numel() <= left:
-            out[n] = torch.arange(scores[n].numel(), dtype=torch.int64)
-            left -= scores[n].numel()
+        if 0 < numel[i] <= left:
+            out[n] = torch.arange(numel[i], dtype=torch.int64)
+            left -= numel[i]
     return out
 
 
@@ -71,7 +109,8 @@ def component_k(fraction: float, n_elements: int) -> int:
 
 
 def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], budget: dict | float,
-                 pool: str = "component", granularity: str = "element") -> dict[str, torch.Tensor]:
+                 pool: str = "component", granularity: str = "element",
+                 shards: dict | None = None) -> dict[str, torch.Tensor]:
     """{param name: sorted 1-D int64 flat indices}; parameters with nothing chosen are omitted.
 
     granularity="tensor" chooses whole parameter tensors (as the TRACE code does): in order of their mean score,
@@ -80,15 +119,21 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
     pool="component": top-k inside each component, k = floor(budget[c] × scorable elements of c) (≥ 1 if > 0).
     pool="global": one top-k over all scorable elements, k from the total budget: a float, or budget["total"], or the
     element-weighted sum of the per-component fractions. This is the paper's selection, kept for ablation; scores
-    of different components live on different scales, so it tends to favour one component."""
+    of different components live on different scales, so it tends to favour one component.
+
+    shards: {name: parameter} when the scores are this rank's FSDP2 shards (piece_mm/shard.py); every rank then
+    returns the same whole-parameter masks, equal to those one process would choose from the whole scores."""
     for c, names in parts.items():
         missing = [n for n in names if n not in scores]
         if missing:
             raise KeyError(f"select_masks: no score for {missing[0]!r} ({c})")
-    sizes = {c: sum(scores[n].numel() for n in names) for c, names in parts.items()}
+    sizes = {c: sum((shards or scores)[n].numel() for n in names) for c, names in parts.items()}
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity: {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
-    top = _top_k if granularity == "element" else _whole_tensors
+    pick = _top_k if granularity == "element" else _whole_tensors
+
+    def top(scores, names, k):
+        return pick(scores, names, k, shards)
     if pool == "component":
         if not isinstance(budget, dict):
             raise InputError(f"budget: {budget!r}; pool 'component' needs a fraction per component")

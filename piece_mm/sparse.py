@@ -13,13 +13,21 @@ being lost.
 Memory: a hook that runs right after autograd accumulates a parameter's gradient gathers the selected elements into
 the compact gradient (adding to it, so micro-batch accumulation works) and drops the dense gradient at once. During
 backward at most the dense gradient being gathered is alive, not one per parameter. A consequence: dense `.grad` of
-masked parameters stays None, so clip through `clip_grad_norm_` here, not over model.parameters()."""
+masked parameters stays None, so clip through `clip_grad_norm_` here, not over model.parameters().
+
+FSDP2 shards (piece_mm/shard.py): the masks stay whole-parameter flat indices, and each rank keeps masters and state
+only for the chosen elements inside its own shard, gathers them from its shard of the (reduce-scattered) gradient
+and writes them back into its shard. A parameter with chosen elements on any rank keeps requires_grad on every rank
+(FSDP2's collectives need the same parameters everywhere), with an empty compact tensor where its shard has none.
+The gradient norm for clipping is summed over the ranks."""
 from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
 
 import torch
+
+from piece_mm import dist, shard
 
 _paused = 0  # > 0 while importance scoring needs the dense gradients that the gather hooks would take away
 
@@ -43,6 +51,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise KeyError(f"sparse_optimizer: mask for {unknown[0]!r}, which the model does not have")
         self.masks = {n: idx for n, idx in masks.items() if idx.numel()}
         self._targets: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, idx, compact)
+        self.sharded = any(shard.is_sharded(p) for p in named.values())
         for n, p in named.items():
             idx = self.masks.get(n)
             if idx is None:
@@ -50,12 +59,14 @@ class SparseOptimizer(torch.optim.Optimizer):
                 p.grad = None
                 continue
             _require_whole(n, p)
-            idx = idx.to(device=p.device, dtype=torch.int64)  # flat indices, sorted
+            idx = idx.to(dtype=torch.int64)  # flat indices, sorted
             if idx.min() < 0 or idx.max() >= p.numel():
                 raise IndexError(f"sparse_optimizer: mask for {n!r} indexes outside its {p.numel()} elements")
+            part = shard.local(p)
+            idx = shard.local_part(idx, p).to(part.device)  # into this rank's shard (all of it when unsharded)
             p.requires_grad_(True)
             master = torch.float64 if p.dtype == torch.float64 else torch.float32  # fp32 master for bf16 / fp16
-            compact = p.detach().reshape(-1)[idx].to(master).clone().requires_grad_(True)  # [k]
+            compact = part.detach().reshape(-1)[idx].to(master).clone().requires_grad_(True)  # [k]
             self._targets.append((p, idx, compact))
         if not self._targets:
             raise ValueError("sparse_optimizer: the masks select no element")
@@ -91,10 +102,17 @@ class SparseOptimizer(torch.optim.Optimizer):
     def compact_params(self) -> list[torch.Tensor]:
         return [c for _, _, c in self._targets]
 
+    def state_bytes(self) -> int:
+        """Bytes this process holds for the chosen elements: fp32 masters, the inner optimizer's state tensors and
+        the indices."""
+        n = sum(c.numel() * c.element_size() + idx.numel() * idx.element_size() for _, idx, c in self._targets)
+        return n + sum(v.numel() * v.element_size() for st in self.inner.state.values() for v in st.values()
+                       if torch.is_tensor(v) and v.dim() > 0)
+
     @torch.no_grad()
     def _gather(self, i: int) -> None:
         p, idx, c = self._targets[i]
-        g = p.grad.reshape(-1)[idx].to(c.dtype)  # [k]
+        g = shard.local(p.grad).reshape(-1)[idx].to(c.dtype)  # [k]
         c.grad = g if c.grad is None else c.grad.add_(g)
         p.grad = None
 
@@ -110,9 +128,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         (clip_grad_norm_ over the model's dense gradients would count elements that never move). The norm is taken
         over the concatenated compact gradient, so clipping matches clipping that one vector exactly."""
         grads = [c.grad for c in self.compact_params() if c.grad is not None]
-        if not grads:
+        if not grads and not self.sharded:
             return torch.tensor(0.0)
-        norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+        flat = torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0)
+        if self.sharded:  # each rank holds its shard's part of the vector: the squares are summed over the ranks
+            sq = flat.double().square().sum().reshape(1).cpu()
+            dist.sum_exact(sq)
+            norm = sq.sqrt().to(flat.dtype).squeeze(0).to(flat.device)
+        else:
+            norm = torch.linalg.vector_norm(flat)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
         for g in grads:
             g.mul_(coef)
@@ -131,10 +155,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.inner.step()
         with torch.no_grad():
             for p, idx, c in self._targets:
-                if p.is_contiguous():
-                    p.view(-1).index_copy_(0, idx, c.to(p.dtype))
+                part = shard.local(p)  # the whole parameter, or this rank's shard of it
+                if part.is_contiguous():
+                    part.view(-1).index_copy_(0, idx, c.to(p.dtype))
                 else:
-                    p.copy_(p.reshape(-1).index_copy(0, idx, c.to(p.dtype)).view_as(p))
+                    part.copy_(part.reshape(-1).index_copy(0, idx, c.to(p.dtype)).view_as(part))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -151,7 +176,7 @@ def _sync_master(p, idx, c) -> None:
     """Take into the master copy the selected weights that someone else changed (a loaded checkpoint, a user's own
     write): those that no longer equal the master rounded to the parameter's dtype. The others keep the master's
     extra precision."""
-    cur = p.reshape(-1)[idx]
+    cur = shard.local(p).reshape(-1)[idx]
     if c.dtype == cur.dtype:
         c.copy_(cur)
         return
@@ -161,15 +186,18 @@ def _sync_master(p, idx, c) -> None:
 
 
 def _require_whole(name: str, p) -> None:
-    """Flat indices address a whole parameter. A shard (FSDP2's DTensor, FSDP1's FlatParameter, DeepSpeed ZeRO-3's
-    partitioned parameter) holds only part of it, so it is refused rather than indexed wrongly."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter" or hasattr(p, "ds_id"):
-        raise TypeError(f"sparse_optimizer: parameter {name!r} is sharded ({type(p).__name__}); sparse tuning needs "
-                        "whole parameters on every process: use data parallelism (configs/accelerate/ddp.yaml)")
+    """Flat indices address a whole parameter, or (FSDP2) a DTensor sharded on dim 0, whose shard is one run of
+    them. Other shards (FSDP1's FlatParameter, DeepSpeed ZeRO-3's partitioned parameter, other DTensor placements)
+    are refused rather than indexed wrongly."""
+    if shard.is_sharded(p):
+        from torch.distributed.tensor import Shard
+        if len(p.placements) == 1 and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0:
+            return
+    elif type(p).__name__ != "FlatParameter" and not hasattr(p, "ds_id"):
+        return
+    raise TypeError(f"sparse_optimizer: parameter {name!r} is sharded in a way sparse tuning cannot index "
+                    f"({type(p).__name__}); use FSDP2 (configs/accelerate/fsdp2.yaml) or data parallelism "
+                    "(configs/accelerate/ddp.yaml)")
 
 
 def _gather_hook(ref, i: int):

@@ -244,9 +244,9 @@ def _run(args, state: dict) -> int:
     if not sys.stderr.isatty():  # progress bars only on a terminal; a log or a pipe gets the log lines
         transformers.utils.logging.disable_progress_bar()
 
-    from piece_mm import checkpoint, dist
+    from piece_mm import checkpoint, dist, shard
     from piece_mm.components import split_components
-    from piece_mm.continual import METHODS, SPARSE_METHODS, check_resume, run, run_config
+    from piece_mm.continual import METHODS, SHARDED_METHODS, SPARSE_METHODS, check_resume, run, run_config
     from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
     from tasks.errors import InputError
@@ -257,10 +257,13 @@ def _run(args, state: dict) -> int:
         dtype = resolve_dtype(args.dtype, args.device)
         if args.model not in ALIASES:
             resolve(args.model)  # an unknown dir or an uncached HF id: one line now, before the data and CLIP load
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
-                os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            raise InputError("accelerate config: FSDP / DeepSpeed shard the parameters, and this CLI's sparse tuning "
-                             "needs whole ones; launch with configs/accelerate/ddp.yaml (see README)")
+        sharding = shard.requested()
+        if sharding in ("fsdp1", "deepspeed"):
+            raise InputError(f"accelerate config: {'FSDP1' if sharding == 'fsdp1' else 'DeepSpeed'} is not supported "
+                             "by sparse tuning; launch with configs/accelerate/fsdp2.yaml (FSDP2) or ddp.yaml")
+        if sharding == "fsdp2" and args.method not in SHARDED_METHODS:
+            raise InputError(f"--method {args.method!r}: not supported on FSDP2 shards; supported: "
+                             f"{', '.join(SHARDED_METHODS)}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             group = dist.init()  # the process group `accelerate launch` describes
             if args.device.startswith("cuda"):
@@ -277,6 +280,9 @@ def _run(args, state: dict) -> int:
                               caption_max_new_tokens=args.caption_max_new_tokens,
                               answer_max_new_tokens=args.answer_max_new_tokens)
         budget = load_budget(args.budget) if args.method in SPARSE_METHODS else None
+        if sharding == "fsdp2" and budget["score_batch_size"] == 1:
+            raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
+                             "parameters; on FSDP2 shards use 2 or more")
         steps = args.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
         if args.max_steps:
             steps = min(steps, args.max_steps)
@@ -318,6 +324,10 @@ def _run(args, state: dict) -> int:
             check_vocabulary(processor.tokenizer, seq, args.model)
         # every parameter must have a component before anything is written (a model family the rules do not know)
         split_components(model, exclude=budget["exclude"] if budget else (), rules=(budget or {}).get("components"))
+        if sharding == "fsdp2":
+            if dist.world() < 2:
+                raise InputError("accelerate config: FSDP2 over 1 process; launch 2 or more (--num_processes)")
+            shard.shard_model(model)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -343,9 +353,10 @@ def _run(args, state: dict) -> int:
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2
+    whole = shard.full_state_dict(model) if shard.is_fsdp(model) else None  # a collective: every rank sends
     if not main_process:
         return 0
-    model.save_pretrained(output / "model")
+    model.save_pretrained(output / "model", state_dict=whole)
     processor.save_pretrained(output / "model")
     s = metrics["summary"]
     print(f"OP {s['OP']:.3f}  BWT {s['BWT']:+.3f}  FWT {s['FWT']:+.3f}  caption retention "

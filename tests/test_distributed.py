@@ -10,9 +10,10 @@ SEQ = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: worl
        "world: {train_examples: 16, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
 
 
-def _train(out, seq, env=None):
+def _train(out, seq, env=None, extra=()):
     return subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", "llava", "--tasks", str(seq),
-                           "--max-steps", "4", "--batch-size", "4", "--eval-limit", "4", "--output", str(out)],
+                           "--max-steps", "4", "--batch-size", "4", "--eval-limit", "4", "--output", str(out),
+                           *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -46,35 +47,44 @@ def test_two_processes_choose_the_same_masks_and_take_the_same_steps(uninterrupt
                     assert (vals - db[n][1]).norm() <= 1e-2 * vals.norm(), n
 
 
-def test_sharding_configs_are_refused_in_one_line(tmp_path):
+def test_unsupported_sharding_is_refused_in_one_line(tmp_path):
+    """FSDP1 and DeepSpeed are refused naming the FSDP2 config; FSDP2 over one process, or with a method that has
+    no sharded path, is refused too. Nothing is written."""
     seq = tmp_path / "two.yaml"
     seq.write_text(SEQ)
-    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        r = _train(tmp_path / var, seq, env={var: "true"})
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "ddp.yaml" in r.stderr, var
-        assert not (tmp_path / var).exists()
+    cases = [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "fsdp2.yaml"),
+             ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "fsdp2.yaml"),
+             ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--method", "seqft"], "--method 'seqft'"),
+             ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, [], "FSDP2 over 1 process")]
+    for i, (env, extra, words) in enumerate(cases):
+        r = _train(tmp_path / str(i), seq, env=env, extra=extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, (env, r.stderr)
+        assert not (tmp_path / str(i)).exists()
 
 
-def test_sparse_optimizer_refuses_a_sharded_parameter(tmp_path):
-    """A DTensor (FSDP2's parameter) holds a shard: flat indices of the whole parameter would address the wrong
-    elements, so it is refused with a clear error."""
+def test_sparse_optimizer_takes_dim0_shards_and_refuses_other_placements(tmp_path):
+    """A DTensor sharded on dim 0 (FSDP2) holds one run of the flat indices, which the optimizer indexes; any other
+    placement would be indexed wrongly, so it is refused with a clear error."""
     code = f"""
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import distribute_tensor, Shard
+from torch.distributed.tensor import distribute_tensor, Replicate, Shard
 import piece_mm as pm
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
-lin = torch.nn.Linear(4, 4)
-lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
-try:
-    pm.sparse_optimizer(lin, {{"weight": torch.tensor([0, 5])}}, torch.optim.AdamW)
-except TypeError as e:
-    print("refused:", e)
+for placement in (Shard(0), Replicate()):
+    lin = torch.nn.Linear(4, 4)
+    lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [placement]))
+    try:
+        opt = pm.sparse_optimizer(lin, {{"weight": torch.tensor([0, 5])}}, torch.optim.AdamW)
+        print("taken:", placement, [c.numel() for c in opt.compact_params()])
+    except TypeError as e:
+        print("refused:", e)
 dist.destroy_process_group()
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert "refused: sparse_optimizer: parameter 'weight' is sharded (DTensor)" in r.stdout, r.stderr[-2000:]
+    assert "taken: S(0) [2]" in r.stdout, r.stderr[-2000:]
+    assert "refused: sparse_optimizer: parameter 'weight' is sharded in a way sparse tuning cannot index" in r.stdout
 
 
 def test_dist_helpers_are_the_identity_for_one_process():
