@@ -167,11 +167,11 @@ def restore(where: Path, model) -> dict:
     weights, and its own optimizer state; the run must have been sharded over as many processes."""
     path = where / "model.safetensors"
     sharded = shard.is_fsdp(model)
-    if sharded:
-        saved = json.loads((where / "state.json").read_text()).get("shards")
-        if saved != dist.world():
-            raise InputError(f"{where / 'state.json'}: written by a run {'sharded over ' + str(saved) if saved else 'not sharded'}"
-                             f" processes; resume it over {saved or 1} (this one has {dist.world()} FSDP2 processes)")
+    saved = json.loads((where / "state.json").read_text()).get("shards")
+    if saved != (dist.world() if sharded else None):  # each rank's optimizer state is its own shard's
+        was = f"sharded over {saved} FSDP2 processes" if saved else "not sharded"
+        now = f"{dist.world()} FSDP2 processes" if sharded else "no FSDP2"
+        raise InputError(f"{where / 'state.json'}: the run was {was}; this one has {now}: resume it as it started")
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
