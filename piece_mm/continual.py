@@ -301,6 +301,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         config.update(grad_accum=grad_accum, max_length=max_length)
     main = dist.is_main()
     sharded = shard.is_fsdp(model)  # FSDP2: collectives in every forward and checkpoint, so every rank joins them
+    if sharded and not main:  # the others generate alongside the first; only its metrics are kept
+        clip, spice = None, False
     # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
     task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
     cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,

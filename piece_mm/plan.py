@@ -212,13 +212,29 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
 
 
 def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: str = "bfloat16", batch_size: int = 16,
-         max_length: int | None = None, gradient_checkpointing: bool = False, image_size: int | None = None) -> dict:
-    """The plan as a dict (what --json prints): components, bytes and peak_bytes (score, train)."""
+         max_length: int | None = None, gradient_checkpointing: bool = False, image_size: int | None = None,
+         num_processes: int = 1, fsdp: bool = False) -> dict:
+    """The plan as a dict (what --json prints): components, bytes and peak_bytes (score, train), per process.
+
+    num_processes > 1 splits each global batch (and scoring batch) over the processes. fsdp: FSDP2 shards
+    (piece_mm/shard.py), so each process holds 1/N of the weights, score sums and optimizer state, plus the
+    gathered weights of two blocks (the one running and the one prefetched) and one block's unsharded gradients
+    before they are reduce-scattered (counted as the whole gathered set, an upper bound)."""
     if method not in PLANNED:
         raise InputError(f"--method {method!r}: not planned; the plan covers {', '.join(PLANNED)}")
-    for flag, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--image-size", image_size)):
+    for flag, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--image-size", image_size),
+                    ("--num-processes", num_processes)):
         if v is not None and v <= 0:
             raise InputError(f"{flag} {v}: expected a positive integer")
+    if fsdp and method == "seqft":
+        raise InputError("--fsdp: planned for the sparse methods (piece_mm runs only those on FSDP2 shards)")
+    if fsdp and num_processes < 2:
+        raise InputError(f"--num-processes {num_processes}: FSDP2 shards over 2 or more")
+    if batch_size < num_processes:
+        raise InputError(f"--batch-size {batch_size}: split over --num-processes {num_processes}; expected at least "
+                         f"{num_processes}")
+    n_proc = num_processes
+    batch_size = -(-batch_size // n_proc)  # this process's share of the global batch (the largest share)
     b = load_budget(budget)
     config = load_config(model)
     dt = _dtype(dtype, config)
@@ -252,7 +268,8 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     width = torch.empty((), dtype=dt).element_size()
     weights = total * width
     out = {"model": str(model), "model_type": config.model_type, "method": method, "budget": b["path"],
-           "dtype": str(dt).replace("torch.", ""), "batch_size": batch_size, "max_length": seq,
+           "dtype": str(dt).replace("torch.", ""), "batch_size": batch_size * n_proc, "max_length": seq,
+           "processes": n_proc, "fsdp": fsdp, "batch_per_process": batch_size,
            "image": {k: v for k, v in img.items() if k != "family"}, "gradient_checkpointing": gradient_checkpointing,
            "components": components, "total": {"parameters": total, "eligible": eligible, "selected": selected}}
     if method == "seqft":  # full fine-tuning: every weight, its gradient and AdamW's two moments in the weights' dtype
@@ -268,6 +285,8 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
     trainable = {n for c in budgeted for n in parts[c]}  # any of them may hold a chosen element
     score_batch = 16 if b["score_batch_size"] == 1 else b["score_batch_size"]  # per-sample: chunks of 16
+    if fsdp:  # each scoring batch is split over the shards; under data parallelism each process scores whole ones
+        score_batch = -(-score_batch // n_proc)
     act_score = _trace(m, config, img, score_batch, seq, scored, True, gradient_checkpointing, dt) \
         if method in GRADIENT_SCORES else 0
     act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt)
@@ -276,12 +295,30 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     out["bytes"] = {"weights": weights, "gradients": largest, "score_sums": score_sums, "optimizer_state": state,
                     "activations_score": act_score, "activations_train": act_train}
     on_host = b["score_memory"] == "host"  # "auto" may keep them on the GPU: counted there, to be safe
+    if fsdp:  # 1/N of everything sharded; two gathered blocks and one block's unsharded gradients on top
+        block = _gathered(m) * width
+        weights = -(-weights // n_proc) + block
+        score_sums, state = -(-score_sums // n_proc), -(-state // n_proc)
+        act_score, act_train = act_score + block, act_train + block
+        out["bytes"].update(weights=weights, score_sums=score_sums, optimizer_state=state,
+                            activations_score=act_score, activations_train=act_train, gathered_block=block)
     out["peak_bytes"] = {"score": weights + act_score + (0 if on_host else score_sums),
                          "train": weights + state + act_train}
     out["score_memory"] = b["score_memory"]
     out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
     out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
     return out
+
+
+def _gathered(model) -> int:
+    """Elements FSDP2 holds whole at once: the root's own parameters (embeddings, head, final norms; gathered for the
+    whole forward and backward) and two blocks of `_no_split_modules` (the one running and the one prefetched)."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    inner = [m for m in model.modules() if m is not model and type(m).__name__ in blocks]
+    inner = [m for m in inner if not any(o is not m and m in set(o.modules()) for o in inner)]  # outermost only
+    owned = {id(p) for m in inner for p in m.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in owned)
+    return root + 2 * max([sum(p.numel() for p in m.parameters()) for m in inner] or [0])
 
 
 def _gb(n) -> str:
@@ -296,7 +333,9 @@ def _size(n) -> str:
 def render(p: dict) -> str:
     lines = [f"plan: {p['model']} ({p['model_type']}), {p['method']}, budget {p['budget']}, {p['dtype']}, "
              f"batch {p['batch_size']} x {p['max_length']} tokens (image {p['image']['size']} px = "
-             f"{p['image']['tokens']} tokens)" + (", gradient checkpointing" if p["gradient_checkpointing"] else ""),
+             f"{p['image']['tokens']} tokens)" + (", gradient checkpointing" if p["gradient_checkpointing"] else "")
+             + (f"; per process, {p['processes']} processes" + (" on FSDP2 shards" if p["fsdp"] else
+                                                                " (data parallel)") if p["processes"] > 1 else ""),
              "", f"{'component':<10} {'parameters':>15} {'eligible':>15} {'selected':>12}"]
     for c, v in list(p["components"].items()) + [("total", p["total"])]:
         sel = "pooled" if v["selected"] is None else f"{v['selected']:,}"
@@ -315,6 +354,10 @@ def render(p: dict) -> str:
             f"{_size(p['peak_bytes_sums_on_host']['score'])}"
         lines.append(f"score sums: {where}")
         lines.append(f"gradients: one weight's at a time (at most {_size(by['gradients'])}), inside the activations")
+    if p["fsdp"]:
+        lines.append(f"weights: 1/{p['processes']} of them, plus the root's own and two blocks gathered whole "
+                     f"({_size(by['gathered_block'])}); optimizer state: the chosen weights assumed spread evenly "
+                     "over the shards")
     lines.append("not counted: the CUDA context and allocator slack (often 0.5-2 GB), and evaluation")
     return "\n".join(lines)
 
@@ -336,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the vision "
                     f"config's, or {QWEN_IMAGE_SIZE} for Qwen2-VL)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="as the train flag of the same name")
+    ap.add_argument("--num-processes", type=int, default=1, help="processes the global batch is split over "
+                    "(default 1)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 shards over --num-processes "
+                    "(configs/accelerate/fsdp2.yaml): memory per process")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
@@ -344,7 +391,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
-                 args.gradient_checkpointing, args.image_size)
+                 args.gradient_checkpointing, args.image_size, args.num_processes, args.fsdp)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,6 +78,26 @@ def test_checkpointing_and_batch_move_the_plan_as_they_should():
     assert full["peak_bytes"]["train"] > base["peak_bytes"]["train"]
 
 
+def test_fsdp_plan_is_per_process():
+    """FSDP2 over N: 1/N of the weights, score sums and optimizer state plus the gathered blocks, and each process's
+    share of the batch; the 72B config fits 8 x 80 GB only sharded."""
+    from piece_mm.plan import _gathered, meta_model, load_config
+    one = plan("llava", dtype="float32")
+    two = plan("llava", dtype="float32", num_processes=2, fsdp=True)
+    gathered = _gathered(meta_model(load_config("llava"), torch.float32)) * 4
+    assert two["bytes"]["gathered_block"] == gathered and 0 < gathered < one["bytes"]["weights"]
+    assert two["bytes"]["weights"] == -(-one["bytes"]["weights"] // 2) + gathered
+    assert two["bytes"]["score_sums"] == -(-one["bytes"]["score_sums"] // 2)
+    assert two["bytes"]["optimizer_state"] == -(-one["bytes"]["optimizer_state"] // 2)
+    assert two["batch_per_process"] == 8 and two["batch_size"] == 16 and two["processes"] == 2
+    big = ROOT / "configs" / "hf" / "qwen2-vl-72b-instruct"
+    whole = plan(str(big), gradient_checkpointing=True)
+    shards = plan(str(big), num_processes=8, fsdp=True, gradient_checkpointing=True)
+    assert whole["total"]["parameters"] == 73_405_560_320  # Qwen2-VL-72B's published 73.4 B
+    assert whole["peak_bytes"]["train"] > 80e9 > shards["peak_bytes"]["train"]
+    assert shards["peak_bytes"]["score"] < 80e9
+
+
 def test_peak_memory_counts_what_is_alive():
     """The counter against arithmetic: 40 MB then 20 MB alive gives a peak of 40 MB; views of weights are free."""
     w = torch.zeros(1000, 1000)
@@ -96,6 +116,9 @@ def test_peak_memory_counts_what_is_alive():
     (["--model", "llava", "--budget", "nope"], ["--budget 'nope'"]),
     (["--model", "llava", "--max-length", "10"], ["--max-length 10", "64 image tokens"]),
     (["--model", "llava", "--batch-size", "0"], ["--batch-size 0"]),
+    (["--model", "llava", "--fsdp"], ["--num-processes 1", "2 or more"]),
+    (["--model", "llava", "--fsdp", "--num-processes", "2", "--method", "seqft"], ["--fsdp", "sparse"]),
+    (["--model", "llava", "--num-processes", "32"], ["--batch-size 16", "--num-processes 32"]),
 ])
 def test_plan_errors_are_one_line_and_exit_2(argv, words, capsys):
     assert main(argv) == 2
