@@ -260,6 +260,7 @@ def write_sweep(out_dir: Path, model: str, rows: list[dict], meta: dict) -> None
     (out_dir / "sweep.json").write_text(json.dumps({"model": model, **meta, "settings": rows}, indent=1))
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.fill_between([0.8, 1.02], 0.9, 1.1, color="tab:green", alpha=0.12, label="target: retention ≥ 0.90, every task ≥ 0.80")
+    placed = []  # points already labelled: a label near one of them goes one line lower, so none overlap
     for method in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == method]
         ax.scatter([r["min_own_task"] for r in pts], [r["caption_retention"] for r in pts], label=method,
@@ -268,8 +269,10 @@ def write_sweep(out_dir: Path, model: str, rows: list[dict], meta: dict) -> None
             label = f"{r['fractions']['llm'] * 100:g} %, lr {r['lr']:g}" if r["fractions"] else f"lr {r['lr']:g}"
             if r["steps"] != pts[0]["steps"]:
                 label += f", {r['steps']} st"
-            ax.annotate(label, (r["min_own_task"], r["caption_retention"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            x, y = r["min_own_task"], r["caption_retention"]
+            near = sum(abs(px - x) < 0.1 and abs(py - y) < 0.03 for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3 - 9 * near), textcoords="offset points")
     ax.set_xlabel("own-task accuracy, the worst task (min R[i][i], right after learning it)")
     ax.set_ylabel("caption retention (CIDEr after the last task / before)")
     ax.set_xlim(-0.02, 1.02)
