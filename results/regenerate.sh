@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 for m in llava qwen2-vl; do
     # the prompt-conditioning probe of each base, before any tuning
     python -m eval.probe --model "$m" --output "results/probe-$m.json"
-    # the budget x lr grid (configs/sweeps/world.yaml): PIECE-F at 0.1, 0.3, 1 and 3 % of the LLM x lr 3e-4, 5e-4,
-    # 1e-3, and SeqFT at three lrs; configs/budgets/default.yaml is the setting chosen from it (its comment says how)
+    # the budget x lr grid (configs/sweeps/world.yaml): PIECE-F at 0.1, 0.3, 1 and 3 % of the LLM (keys left out, as
+    # in the default budget) x lr 3e-4, 5e-4, 1e-3, and SeqFT at three lrs
     python -m eval.sweep --model "$m" --jobs 2
+    # the same grid with the keys in the pool (configs/budgets/default.yaml's fraction and lr were chosen from it,
+    # its comment says how), and with lm_head left out too (at the settings where the tasks are learned)
+    python -m eval.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-keys-in.yaml --output "results/sweep-$m-keys-in"
+    python -m eval.sweep --model "$m" --jobs 2 --grid "configs/sweeps/no-head-$m.yaml" --output "results/sweep-$m-no-head"
     # the default budget (1 % at 3e-4) with PIECE-F and PIECE-S, and SeqFT, on seeds 0, 1, 2 (lrs: results/lrs-*.json).
     # SeqFT at 3e-4 on seed 0 is the sweep's run with the same flags: copied, not rerun.
     mkdir -p "results/world-$m/runs"
@@ -49,3 +53,9 @@ python -m eval.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed
     --output results/where-llava-previous-size.json
 python -m eval.where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
     --output results/where-qwen2-vl-previous-location.json
+# where the damage lives at two sweep settings that learn the tasks (keys out): LLaVA's colour task at 0.3 %, lr 1e-3,
+# and Qwen2-VL's count task at 0.1 %, lr 1e-3
+python -m eval.where --run results/sweep-llava/runs/piece-f-llm0.003-proj0-vis0-lr0.001-s300 --task 2 \
+    --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
+python -m eval.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
+    --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
