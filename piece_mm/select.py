@@ -86,11 +86,15 @@ def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int,
                    shards: dict | None = None) -> dict[str, torch.Tensor]:
     """Whole tensors, in order of their mean score (ties: parameter order), each taken if it still fits in the k
     elements left: at most k elements in all. Sharded (see _top_k): the means are summed over the ranks."""
-    sums = torch.tensor([float(scores[n].double().sum()) for n in names], dtype=torch.float64)
-    if shards is not None:
+    if shards is None:
+        numel = [scores[n].numel() for n in names]
+        means = [float(scores[n].float().mean()) for n in names]
+    else:  # each shard's sum, summed over the ranks, over the whole parameter's size
+        sums = torch.tensor([float(scores[n].double().sum()) for n in names], dtype=torch.float64)
         dist.sum_exact(sums)
-    numel = [shards[n].numel() if shards is not None else scores[n].numel() for n in names]
-    order = sorted(range(len(names)), key=lambda i: (-float(sums[i] / max(numel[i], 1)), i))
+        numel = [shards[n].numel() for n in names]
+        means = [float(sums[i]) / max(numel[i], 1) for i in range(len(names))]
+    order = sorted(range(len(names)), key=lambda i: (-means[i], i))
     out, left = {}, k
     for i in order:
         n = names[i]
