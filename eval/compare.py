@@ -128,6 +128,8 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
               "answer.",
               "", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
+    seeds = summary["seeds"]
+    over = f"seed {seeds[0]}" if len(seeds) == 1 else "mean over seeds"
     fig, ax = plt.subplots(figsize=(6, 4.5))
     style = {m: {"color": plt.cm.tab20(i % 20), "marker": "osD^v<>ph*"[i % 10]}  # twelve methods, no repeats
              for i, m in enumerate(summary["methods"])}
@@ -135,13 +137,14 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
         ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]), xerr=statistics.pstdev(r["OP"]),
                     yerr=statistics.pstdev(r["caption_retention"]), fmt=style[m]["marker"], color=style[m]["color"],
                     label=m, capsize=3)
-    ax.set_xlabel("OP (mean over seeds)")
-    ax.set_ylabel("caption retention")
+    ax.set_xlabel(f"OP ({over})")
+    ax.set_ylabel(f"caption retention ({over})")
     ax.set_xlim(0, 1.02)  # both are shares: a fixed frame, so one method's point is not blown up to fill the plot
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in summary["methods"].values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_title(f"{model}, {out_dir.name}: one point per method (seeds {', '.join(map(str, summary['seeds']))})")
-    ax.legend(fontsize=7)
+    ax.set_title(f"{model}, {out_dir.name}: one point per method "
+                 f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))})")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
     plt.close(fig)
@@ -151,10 +154,10 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
         ax.plot([statistics.mean(c) for c in zip(*curves)], label=m, **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylabel("CIDEr (mean over seeds)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"held-out CIDEr ({over})")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room above the curves, which start at the top, for the legend
     ax.set_title(f"{model}, {out_dir.name}: held-out CIDEr after each task")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out_dir / "cider.png", dpi=110)
     plt.close(fig)

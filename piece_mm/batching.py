@@ -11,6 +11,15 @@ from tasks.base import Example, chat_messages, load_image
 IGNORE_INDEX = -100
 
 
+def global_answer_tokens(batches: list[dict]) -> torch.Tensor:
+    """[1] float: the answer tokens (the labels a causal LM predicts) of these batches, summed over every process
+    (piece_mm/dist.py), so that each process can divide its summed loss by the whole step's count."""
+    from piece_mm import dist
+    count = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches).float().reshape(1)
+    dist.sum_([count])
+    return count
+
+
 def _pieces(processor, ex: Example) -> list[tuple[str, bool]]:
     """The conversation rendered by the model's own chat template, cut into pieces in order: each user turn (with
     the generation cue) untrained, each assistant reply (answer + end-of-turn) trained. The cuts are where each

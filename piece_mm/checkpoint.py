@@ -87,7 +87,7 @@ def save(output: Path, state: dict, model, opt=None, sched=None, weights_unchang
             os.link(previous[1] / "model.safetensors", tmp / "model.safetensors")
         files["model.safetensors"] = previous[0]["files"]["model.safetensors"]
     else:
-        whole = shard.full_state_dict(model) if sharded else None  # a collective: every rank sends its shards
+        whole = shard.full_state_dict(model)  # on shards a collective: every rank sends its part
         if main:
             save_file(_model_tensors(model, whole), str(tmp / "model.safetensors"))
     if sharded:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from piece_mm import checkpoint, dist, shard
-from piece_mm.batching import IGNORE_INDEX, collate, training_batches
+from piece_mm.batching import IGNORE_INDEX, collate, global_answer_tokens, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.importance import estimate_importance
@@ -170,9 +170,7 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> 
     by the step's token count (over every process), so the gradients add up to those of the whole batch. Returns
     the step's loss (this process's share)."""
     micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro_batches]
-    count = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches).float().reshape(1)
-    if world > 1:
-        dist.sum_([count])
+    count = global_answer_tokens(micro_batches)
     total = torch.zeros((), device=device)
     for b in micro_batches:
         out = model(**b, num_items_in_batch=count.to(device))
@@ -245,8 +243,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step) -> float
             loss.backward()
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
-            dist.sum_([count])
+            count = global_answer_tokens([batch])
             out = model(**batch, num_items_in_batch=count.to(device))
             loss = out.loss
             if extra is not None:  # the gradients are summed over the processes: each adds its share

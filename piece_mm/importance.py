@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from piece_mm import dist, shard
-from piece_mm.batching import IGNORE_INDEX
+from piece_mm.batching import global_answer_tokens
 from piece_mm.persample import PerSample
 from piece_mm.sparse import gather_paused
 
@@ -108,8 +108,7 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
                 for p in params.values():
                     p.grad = None
                 if sharded:  # this rank's share of the batch, over the whole batch's answer tokens
-                    count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
-                    dist.sum_([count])
+                    count = global_answer_tokens([batch])
                     model(**batch, num_items_in_batch=count.to(device)).loss.backward()
                 else:
                     model(**batch).loss.backward()  # a weight not on this batch's path gets no hook call: adds zero

@@ -315,7 +315,6 @@ def _gathered(model) -> int:
     whole forward and backward) and two blocks of `_no_split_modules` (the one running and the one prefetched)."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     inner = [m for m in model.modules() if m is not model and type(m).__name__ in blocks]
-    inner = [m for m in inner if not any(o is not m and m in set(o.modules()) for o in inner)]  # outermost only
     owned = {id(p) for m in inner for p in m.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in owned)
     return root + 2 * max([sum(p.numel() for p in m.parameters()) for m in inner] or [0])

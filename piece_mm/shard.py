@@ -116,9 +116,9 @@ def whole_root(model):
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     """Every weight whole, on the CPU of the first process (None on the others). A collective: every process calls
-    it. Unsharded models: their own state_dict."""
+    it. None for a model that is not sharded: its own state_dict is whole."""
     if not is_fsdp(model):
-        return model.state_dict()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if dist.is_main() else None
@@ -141,10 +141,11 @@ def load_rows(model, read, names) -> None:
 
 def gather_values(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """{name: values of the masked elements, in the mask's order} on the first process (None on the others): each
-    rank sends the values inside its shard. A collective."""
-    params = dict(model.named_parameters())
+    rank sends the values inside its shard. A collective. None for a model that is not sharded (save_delta reads
+    the values itself)."""
     if not is_fsdp(model):
-        return {n: params[n].detach().reshape(-1).cpu()[idx.to(torch.int64).cpu()] for n, idx in masks.items()}
+        return None
+    params = dict(model.named_parameters())
     mine = {}
     for n, idx in masks.items():
         p = params[n]

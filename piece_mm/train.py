@@ -353,7 +353,7 @@ def _run(args, state: dict) -> int:
     except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
         print(f"error: {e}", file=sys.stderr)
         return 2
-    whole = shard.full_state_dict(model) if shard.is_fsdp(model) else None  # a collective: every rank sends
+    whole = shard.full_state_dict(model)  # on shards a collective: every rank sends its part
     if not main_process:
         return 0
     model.save_pretrained(output / "model", state_dict=whole)
