@@ -2,21 +2,34 @@
 
     python examples/trainer_piece.py [--steps 60] [--output runs/trainer-piece]
 
-The lines that make an ordinary Trainer script a PIECE one are marked "# PIECE"."""
+The same script on FSDP2 shards, N processes (each holds 1/N of every weight, of the scores and of the optimizer
+state; the global batch stays 16, so the run takes the same steps as one process):
+
+    accelerate launch --multi_gpu --num_processes N examples/trainer_piece.py
+
+The model is then sharded by transformers as it loads (DistributedConfig), which the Trainer takes as it is. Launch
+with a plain multi-process config, not configs/accelerate/fsdp2.yaml: under accelerate's FSDP plugin, Trainer refuses
+an optimizer passed in `optimizers=`. The lines that make an ordinary Trainer script a PIECE one are marked "# PIECE";
+those marked "# shards" are what FSDP2 adds."""
 import argparse
+import sys
 
 import torch
 from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
 
 import piece_mm as pm
+from piece_mm import shard
 from piece_mm.batching import collate
 from tasks import world
 from tasks.base import exact_match
 
+BATCH = 16
+
 
 def accuracy(model, processor, examples):
     from eval.generate import generate
-    answers = generate(model, processor, examples, batch_size=32, max_new_tokens=8)
+    with shard.whole_root(model):  # shards: generate calls the vision tower outside the model's forward
+        answers = generate(model, processor, examples, batch_size=32, max_new_tokens=8)
     return sum(exact_match(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples)
 
 
@@ -25,25 +38,39 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--output", default="runs/trainer-piece")
     args = ap.parse_args()
+    if shard.requested() is not None:  # launched with accelerate's FSDP or DeepSpeed plugin
+        print(f"examples/trainer_piece.py: launched with accelerate's {shard.requested()} config, under which the "
+              "Trainer refuses optimizers=(...); launch with --multi_gpu --num_processes N: the model is sharded as "
+              "it loads", file=sys.stderr)
+        sys.exit(2)
 
-    model, processor = pm.load_model("llava")
+    targs = TrainingArguments(output_dir=args.output, max_steps=args.steps, use_cpu=not torch.cuda.is_available(),
+                              max_grad_norm=0.0,  # PIECE: the callback clips the selected gradient instead
+                              report_to=[], save_strategy="no", logging_steps=20, remove_unused_columns=False,
+                              disable_tqdm=True)
+    n, rank = targs.world_size, targs.process_index
+    targs.per_device_train_batch_size = BATCH // n
+    if n > 1:                                                                             # shards
+        from transformers.distributed import DistributedConfig
+        model, processor = pm.load_model("llava", distributed_config=DistributedConfig(fsdp_size=n))
+    else:
+        model, processor = pm.load_model("llava")
     train = world.task_set("size", "train", 256, seed=1)
     test = world.task_set("size", "test", 64, seed=2)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    print(f"size task before: accuracy {accuracy(model, processor, test):.2f}")
+    base = {k: shard.local(p).detach().clone() for k, p in model.named_parameters()}
+    say = print if rank == 0 else (lambda *a: None)
+    say(f"size task before: accuracy {accuracy(model, processor, test):.2f}")
 
     parts = pm.split_components(model)                                                   # PIECE
-    batches = [collate(processor, train[i:i + 16]) for i in range(0, 128, 16)]           # PIECE
+    # each process scores its share of every batch of 16 (all of it in one process)     # shards
+    batches = [collate(processor, train[i:i + BATCH][rank::n]) for i in range(0, 128, BATCH)]  # PIECE
     scores = pm.estimate_importance(model, batches, "piece-f",                           # PIECE
-                                    names=[n for c in parts.values() for n in c])
-    masks = pm.select_masks(scores, parts, {"vision": 0.0, "projector": 0.0, "llm": 0.03})  # PIECE
+                                    names=[k for c in parts.values() for k in c])
+    masks = pm.select_masks(scores, parts, {"vision": 0.0, "projector": 0.0, "llm": 0.03},   # PIECE
+                            shards=dict(model.named_parameters()) if n > 1 else None)    # shards
     opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95))  # PIECE
     sched = get_cosine_schedule_with_warmup(opt, max(1, args.steps // 10), args.steps)
 
-    targs = TrainingArguments(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=16,
-                              max_grad_norm=0.0,  # PIECE: the callback clips the selected gradient instead
-                              use_cpu=True, report_to=[], save_strategy="no", logging_steps=20,
-                              remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=train,
                       data_collator=lambda b: collate(processor, b),
                       optimizers=(opt, sched),                                            # PIECE
@@ -51,19 +78,27 @@ def main():
     trainer.train()
 
     model.eval()
-    frozen = all(torch.equal(p.detach().reshape(-1)[_unselected(masks, n, p)], base[n].reshape(-1)[
-        _unselected(masks, n, p)]) for n, p in model.named_parameters())
-    print(f"size task after: accuracy {accuracy(model, processor, test):.2f}; tuned "
-          f"{sum(m.numel() for m in masks.values()):,} weights; every other weight bit-identical: {frozen}")
+    frozen = _frozen_elsewhere(model, base, masks)
+    say(f"size task after: accuracy {accuracy(model, processor, test):.2f}; tuned "
+        f"{sum(m.numel() for m in masks.values()):,} weights; every other weight bit-identical: {frozen}")
     pm.save_delta(model, masks, f"{args.output}/size-delta.safetensors")                  # PIECE
-    print(f"wrote {args.output}/size-delta.safetensors")
+    say(f"wrote {args.output}/size-delta.safetensors")
 
 
-def _unselected(masks, name, p):
-    keep = torch.ones(p.numel(), dtype=torch.bool)
-    if name in masks:
-        keep[masks[name]] = False
-    return keep
+def _frozen_elsewhere(model, base, masks) -> bool:
+    """Every unselected element equals the base, bit for bit (on shards: in every process's shard)."""
+    same = True
+    for k, p in model.named_parameters():
+        now = shard.local(p).detach().reshape(-1)
+        keep = torch.ones(now.numel(), dtype=torch.bool)
+        if k in masks:
+            keep[shard.local_part(masks[k], p)] = False
+        same &= torch.equal(now[keep].view(torch.int32), base[k].reshape(-1)[keep].view(torch.int32))
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([int(same)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        same = bool(flag.item())
+    return same
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from piece_mm import shard
 from tasks.errors import InputError
 
 _IDX, _VAL = "::indices", "::values"
@@ -50,7 +51,12 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
 def save_delta(model, masks: dict[str, torch.Tensor], path: Path, metadata: dict | None = None,
                values: dict[str, torch.Tensor] | None = None) -> None:
     """The current values of the masked elements of `model` (call it after tuning the task). `values` gives them
-    instead, in each mask's order (on FSDP2 shards, gathered by piece_mm.shard.gather_values)."""
+    instead, in each mask's order. On FSDP2 shards this is a collective: every process calls it, each sends the
+    values inside its shard, and the first process writes the file."""
+    if values is None and shard.is_fsdp(model):
+        values = shard.gather_values(model, masks)
+        if values is None:  # not the first process
+            return
     params = dict(model.named_parameters())
     tensors = {}
     for n, idx in masks.items():

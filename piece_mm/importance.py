@@ -4,6 +4,7 @@ An estimator is fn(model, batches, params: {name: Parameter}, **options) -> {nam
 param}. `estimate_importance` looks the name up, makes sure weights and train/eval mode come back untouched."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -102,17 +103,19 @@ def _grad_sums(model, batches: Iterable[dict], params: dict, want_sum: bool, per
                     s[name].add_(g)
             return hook
         handles = [p.register_post_accumulate_grad_hook(fold(n)) for n, p in params.items()]
+        # on shards the ranks' shares of a batch must add up, however the model was sharded (shard.summed)
         try:
-            for batch in batches:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                for p in params.values():
-                    p.grad = None
-                if sharded:  # this rank's share of the batch, over the whole batch's answer tokens
-                    count = global_answer_tokens([batch])
-                    model(**batch, num_items_in_batch=count.to(device)).loss.backward()
-                else:
-                    model(**batch).loss.backward()  # a weight not on this batch's path gets no hook call: adds zero
-                n_batches += 1
+            with shard.summed(model) if sharded else contextlib.nullcontext():
+                for batch in batches:
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    for p in params.values():
+                        p.grad = None
+                    if sharded:  # this rank's share of the batch, over the whole batch's answer tokens
+                        count = global_answer_tokens([batch])
+                        model(**batch, num_items_in_batch=count.to(device)).loss.backward()
+                    else:
+                        model(**batch).loss.backward()  # a weight off this batch's path gets no hook call: adds 0
+                    n_batches += 1
         finally:
             for h in handles:
                 h.remove()
@@ -175,6 +178,8 @@ def estimate_importance(model, batches: Iterable[dict], method: str = "piece-f",
     written and the mode and requires_grad flags are restored."""
     if method not in ESTIMATORS:
         raise KeyError(f"importance method {method!r}: unknown; known: {', '.join(sorted(ESTIMATORS))}")
+    if shard.is_fsdp(model):
+        shard.reshard(model)  # its parameters as shards, not left whole by an earlier forward
     all_params = dict(model.named_parameters())
     names = list(all_params) if names is None else list(names)
     missing = [n for n in names if n not in all_params]

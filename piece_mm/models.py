@@ -64,8 +64,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
-    """(model, processor) for an alias ("llava", "qwen2-vl"), an HF id or a local dir. The model is in eval mode."""
+def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
+               distributed_config=None):
+    """(model, processor) for an alias ("llava", "qwen2-vl"), an HF id or a local dir. The model is in eval mode.
+
+    distributed_config: transformers' DistributedConfig, e.g. DistributedConfig(fsdp_size=N) under N processes, to
+    shard the model with FSDP2 as it loads (each rank reads only its shard); it then stays where transformers put
+    it, and `device` is not used. See examples/trainer_piece.py."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     src = resolve(str(name))
@@ -73,12 +78,16 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     local = {"local_files_only": True} if isinstance(src, str) and not hub_reachable() else {}
     try:
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, **local)
+        if distributed_config is not None:
+            local["distributed_config"] = distributed_config
         model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code,
                                                             **local)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--model {name!r}: cannot load ({first})") from None
-    model.to(device).eval()
+    if distributed_config is None:  # `.to()` is refused on parameters FSDP2 manages
+        model.to(device)
+    model.eval()
     if processor.tokenizer.pad_token_id is None:  # real LLMs often ship without one; batching needs it
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor

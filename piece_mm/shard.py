@@ -101,6 +101,28 @@ def shard_model(model):
 
 
 @contextlib.contextmanager
+def summed(model):
+    """Sum the ranks' gradients (no averaging) on every FSDP2 unit for the duration, then restore what was set.
+    Scoring divides each rank's loss by the global batch's answer-token count itself, so the reduce-scatter must
+    add the shares: shard_model sets this for good, while a model sharded by transformers at load time
+    (`from_pretrained(distributed_config=...)`) or by accelerate averages, as a Trainer expects."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDPModule has setters but no getters: read what each unit's parameter groups hold now
+    before = [[(g.gradient_divide_factor, g.force_sum_reduction_for_comms)
+               for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    for m in units:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    try:
+        yield
+    finally:
+        for m, was in zip(units, before):
+            for g, (factor, force) in zip(m._get_fsdp_state()._fsdp_param_groups, was):
+                g.gradient_divide_factor, g.force_sum_reduction_for_comms = factor, force
+
+
+@contextlib.contextmanager
 def whole_root(model):
     """Generation calls the model's parts (embeddings, the vision tower's norms) outside its forward, where FSDP2
     would gather the root's own parameters: gather them for the duration. The blocks gather themselves."""
@@ -111,7 +133,17 @@ def whole_root(model):
     try:
         yield
     finally:
-        model.reshard()
+        reshard(model)
+
+
+def reshard(model) -> None:
+    """Put every FSDP2 unit back on its shards. A unit set not to reshard after forward (transformers' plan does so
+    for the last ones, which backward needs at once) keeps its whole parameters after a forward with no backward,
+    such as generation; code that reads `named_parameters()` for shards must not find them whole."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:

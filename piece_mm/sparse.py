@@ -45,6 +45,8 @@ def gather_paused():
 
 class SparseOptimizer(torch.optim.Optimizer):
     def __init__(self, model, masks: dict[str, torch.Tensor], optimizer_cls=torch.optim.AdamW, **kwargs):
+        if shard.is_fsdp(model):
+            shard.reshard(model)  # its parameters as shards, not left whole by an earlier forward
         named = dict(model.named_parameters())
         unknown = [n for n in masks if n not in named]
         if unknown:

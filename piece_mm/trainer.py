@@ -11,7 +11,10 @@ class PieceCallback(TrainerCallback):
 
     Trainer's `max_grad_norm` clips model.parameters(), whose dense gradients the sparse optimizer drops as soon as
     it has gathered them, so it has nothing to clip: set max_grad_norm=0 in TrainingArguments and give the value
-    here."""
+    here.
+
+    On FSDP2 shards (a model sharded by transformers as it loads, examples/trainer_piece.py) the norm is summed over
+    every process's shard of the selected gradient, so all of them clip by the same factor."""
 
     def __init__(self, max_grad_norm: float = 1.0):
         self.max_grad_norm = max_grad_norm

@@ -166,3 +166,74 @@ def test_distributed_top_k_equals_one_process_with_ties_and_uneven_shards(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "mismatches 0", rank
+
+
+def test_the_trainer_example_on_shards_matches_one_process(tmp_path):
+    """examples/trainer_piece.py over 2 processes (the model sharded by transformers as it loads, Trainer and
+    PieceCallback on the shards) takes the steps of the 1-process run: same mask, same values."""
+    from piece_mm.delta import load_delta
+
+    runs = {"one": [sys.executable, "examples/trainer_piece.py"],
+            "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "examples/trainer_piece.py"]}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + ["--steps", "12", "--output", str(tmp_path / name)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env=ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("every other weight bit-identical: True") == 1, r.stdout  # printed by the first rank
+    a, b = (load_delta(tmp_path / name / "size-delta.safetensors") for name in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[n][0], b[n][0]) for n in a)
+    va, vb = torch.cat([a[n][1] for n in a]), torch.cat([b[n][1] for n in a])
+    assert ((va - vb).norm() / va.norm()).item() <= 1e-5  # measured: 2.1e-8
+
+
+_SCORES = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from safetensors.torch import save_file
+    from transformers.distributed import DistributedConfig
+    import piece_mm as pm
+    from piece_mm import shard
+    from piece_mm.batching import collate
+    from tasks import world
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, processor = pm.load_model("llava", distributed_config=DistributedConfig(fsdp_size=2))
+    ex = world.task_set("count", "train", 24, seed=3)
+    batches = [collate(processor, ex[i:i + 8][rank::2]) for i in range(0, 24, 8)]  # this rank's share of each
+    scores = pm.estimate_importance(model, batches, "piece-s")
+    params = dict(model.named_parameters())
+    save_file({n: s.contiguous() for n, s in scores.items()}, sys.argv[1] + f"/scores{rank}.safetensors",
+              {n: str(shard.offset(params[n])) for n in scores})
+    dist.destroy_process_group()
+""")
+
+
+def test_piece_s_on_shards_that_transformers_made_equals_one_process(tmp_path):
+    """A model sharded by transformers at load time averages gradients over ranks; scoring sums them itself
+    (shard.summed), so PIECE-S, whose +1 makes the scale matter, equals the whole-model scores."""
+    from safetensors import safe_open
+
+    from piece_mm.batching import collate
+    from piece_mm.importance import estimate_importance
+    from piece_mm.models import load_model
+    from tasks import world
+
+    script = tmp_path / "scores.py"
+    script.write_text(_SCORES)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, processor = load_model("llava")
+    ex = world.task_set("count", "train", 24, seed=3)
+    whole = estimate_importance(model, [collate(processor, ex[i:i + 8]) for i in range(0, 24, 8)], "piece-s")
+    got = {n: torch.zeros(s.numel()) for n, s in whole.items()}
+    for rank in (0, 1):
+        with safe_open(str(tmp_path / f"scores{rank}.safetensors"), "pt") as f:
+            offsets = f.metadata()
+            for n in f.keys():
+                part = f.get_tensor(n).reshape(-1)
+                lo = int(offsets[n])
+                got[n][lo:lo + part.numel()] = part
+    a = torch.cat([s.reshape(-1) for s in whole.values()])
+    b = torch.cat([got[n] for n in whole])
+    assert ((a - b).norm() / a.norm()).item() <= 1e-5
