@@ -15,5 +15,8 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/python -m piece_mm.train --model llava
 
+# lint, the default suite (fast), then the slow end-to-end tests (the wheel in a fresh environment among them)
 test: install
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow

@@ -27,7 +27,7 @@ TOLERANCE = 0.15
 
 def _world_batch(alias, processor):
     from piece_mm.batching import collate
-    from tasks import world
+    from piece_mm.tasks import world
     return collate(processor, world.task_set("color", "train", 16, seed=3))
 
 
@@ -97,7 +97,8 @@ def check(target: str, preset: str | None = None, cases=CASES) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | case | phase | planned (MB) | measured (MB) | planned / measured |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | case | phase | planned (MB) | measured (MB) | planned / measured |",
+             "|---|---|---|---:|---:|---:|"]
     for r in rows:
         ok = abs(r["ratio"] - 1) <= TOLERANCE
         lines.append(f"| {r['model']} | {r['case']} | {r['kind']} | {r['planned'] / 1e6:.1f} | "

@@ -1,8 +1,8 @@
 """Captioning metrics through pycocoevalcap, general-VQA accuracy, and a standalone retention check.
 
-    python -m eval.captioning --model llava                       # built-in held-out world captions
-    python -m eval.captioning --model runs/x/model --baseline llava   # + retention per metric
-    python -m eval.captioning --model <dir> --data captions_val.json --images val2014 \
+    python -m piece_mm.eval.captioning --model llava                       # built-in held-out world captions
+    python -m piece_mm.eval.captioning --model runs/x/model --baseline llava   # + retention per metric
+    python -m piece_mm.eval.captioning --model <dir> --data captions_val.json --images val2014 \
         [--format karpathy] [--clip-model ViT-B-32 --clip-weights <file>] [--spice --corenlp <dir>]
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from tasks.base import Example, exact_match, normalize_answer
+from piece_mm.tasks.base import Example, exact_match, normalize_answer
 
 METRIC_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -187,8 +187,9 @@ def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[
                    answer_max_new_tokens: int = 8) -> tuple[dict, list[str]]:
     """Caption metrics on `captions` (their `refs`), CLIPScore / RefCLIPScore with a `clip` scorer
     (eval/clipscore.py), SPICE as in caption_scores, plus general-VQA exact-match accuracy on `vqa`."""
-    from eval.generate import generate
-    from tasks.base import load_image
+    from piece_mm.tasks.base import load_image
+
+    from .generate import generate
 
     preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=caption_max_new_tokens,
                      progress=progress)
@@ -213,15 +214,16 @@ def _load(name: str, device: str):
 
 
 def main(argv=None) -> int:
-    from eval.clipscore import load_clip
-    from eval.generate import generate
-    from tasks import world
-    from tasks.base import load_image
-    from tasks.coco import load_coco_captions, load_karpathy
-    from tasks.errors import InputError
+    from piece_mm.tasks import world
+    from piece_mm.tasks.base import load_image
+    from piece_mm.tasks.coco import load_coco_captions, load_karpathy
+    from piece_mm.tasks.errors import InputError
 
-    ap = argparse.ArgumentParser(prog="python -m eval.captioning", description="Caption metrics of a model, and its "
-                                 "retention against a baseline model.")
+    from .clipscore import load_clip
+    from .generate import generate
+
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.captioning",
+                                 description="Caption metrics of a model, and its retention against a baseline model.")
     ap.add_argument("--model", required=True, help="alias (llava, qwen2-vl), HF id or local checkpoint dir")
     ap.add_argument("--baseline", help="a second model; prints metric(model) / metric(baseline) per metric")
     ap.add_argument("--data", type=Path, help="COCO-captions JSON ({images, annotations}); default: world held-out")
@@ -263,7 +265,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = [k for k in results[args.model]]
-    print("metric".ljust(10) + "".join(n[-24:].rjust(26) for n in results) + ("retention".rjust(12) if args.baseline else ""))
+    print("metric".ljust(10) + "".join(n[-24:].rjust(26) for n in results)
+          + ("retention".rjust(12) if args.baseline else ""))
     for k in keys:
         row = k.ljust(10) + "".join(f"{r[k]:26.4f}" for r in results.values())
         if args.baseline:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from tasks.errors import InputError
+from piece_mm.tasks.errors import InputError
 
 WORLD_CLIP = Path(__file__).resolve().parent.parent / "piece_mm" / "checkpoints" / "clip-world"
 PROMPT = "A photo depicts "

@@ -1,4 +1,5 @@
-"""python -m eval.compare --model llava --methods all --seeds 0,1,2 --output results/world-llava [--max-steps N]
+"""python -m piece_mm.eval.compare --model llava --methods all --seeds 0,1,2 --output results/world-llava
+    [--max-steps N]
 
 Runs every method through the ordinary training CLI, each in its own process, on the same sequence, and writes:
 - summary.json: {"seeds": [...], "methods": {method: {"OP": [per seed], "BWT": [...], "FWT": [...],
@@ -12,7 +13,8 @@ Runs every method through the ordinary training CLI, each in its own process, on
 Learning rate: every method gets the same small sweep (--lrs) on the first seed, and the other seeds use the lr with
 the best OP there (--lr-from <summary.json> takes each method's lr from an earlier comparison instead: no sweep,
 every seed at it). --max-steps and --budget apply to every method alike. A run that already finished (metrics.json
-present) is read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training code."""
+present) is read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training
+code."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tasks.errors import InputError
+from piece_mm.tasks.errors import InputError
 
 # The methods of the comparison, in table order; "all" means these.
 ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
@@ -181,7 +183,8 @@ def _chosen_lrs(path: Path, methods: list[str]) -> dict[str, float]:
     except FileNotFoundError:
         raise InputError(f"--lr-from {path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"--lr-from {path}: not a summary.json of eval.compare ({type(e).__name__}: {e})") from None
+        raise InputError(f"--lr-from {path}: not a summary.json of piece_mm.eval.compare "
+                         f"({type(e).__name__}: {e})") from None
     out = {}
     for m in methods:
         row = rows.get(m) if isinstance(rows, dict) else None
@@ -195,7 +198,7 @@ def _chosen_lrs(path: Path, methods: list[str]) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.compare", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
     ap.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(ALL)})")
     ap.add_argument("--seeds", default="0,1,2")
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
         return 2
     summary = summarise(runs, seeds)
     write(args.output, args.model, summary, runs,
-          "python -m eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+          "python -m piece_mm.eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'}")
     return 0
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from tasks.base import Example, chat_messages, load_image
+from piece_mm.tasks.base import Example, chat_messages, load_image
 
 
 def prompt_batch(processor, examples: Sequence[Example]) -> dict:

@@ -1,7 +1,7 @@
 """The prompt-conditioning probe: before any tuning, does the prompt decide what a model says?
 
-    python -m eval.probe --model llava                        # the default sequence (configs/sequences/world.yaml)
-    python -m eval.probe --model <dir or HF id> --tasks my.yaml --limit 200 --output probe.json
+    python -m piece_mm.eval.probe --model llava          # the default sequence (configs/sequences/world.yaml)
+    python -m piece_mm.eval.probe --model <dir or HF id> --tasks my.yaml --limit 200 --output probe.json
 
 A real instruction-tuned VLM answers "what is the colour in Spanish" with a Spanish word (or tries to) and "describe
 the image" with a caption; a base that does not tell the prompts apart ties whatever a task teaches to the picture,
@@ -9,7 +9,7 @@ and the task's words then come out in every caption. On the held-out caption ima
 reference captions) the probe asks the captioning prompt and each task's prompts about the same images, and reports
 per task:
 - caption_leak: the share of captions that use a word of the task's answers that no reference caption uses
-  (eval.captioning.answer_leak), before any tuning: a base should be at 0;
+  (piece_mm.eval.captioning.answer_leak), before any tuning: a base should be at 0;
 - reply_is_caption: the share of task replies that are the caption of the same image (the task prompt ignored);
 - reply_in_vocabulary: the share of task replies that are one of the task's answers (the skill already there, or a
   vocabulary the prompt names);
@@ -25,15 +25,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from tasks.base import METRICS, Example, normalize_answer
+from piece_mm.tasks.base import METRICS, Example, normalize_answer
 
 
 def probe(model, processor, captions: Sequence[Example], tasks: Sequence, batch_size: int = 64,
           max_new_tokens: int = 24) -> dict:
     """The probe's record for `model` on `captions` (examples with refs, asked with their own caption prompt) and
     `tasks` (tasks.sequence.Task: name, train, test, metric). Generation is greedy; nothing is trained."""
-    from eval.captioning import answer_leak
-    from eval.generate import generate
+    from .captioning import answer_leak
+    from .generate import generate
 
     refs = [ex.refs or (ex.answer,) for ex in captions]
     preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -76,11 +76,12 @@ def format_table(record: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from eval.captioning import _load
-    from tasks.errors import InputError
-    from tasks.sequence import load_sequence
+    from piece_mm.tasks.errors import InputError
+    from piece_mm.tasks.sequence import load_sequence
 
-    ap = argparse.ArgumentParser(prog="python -m eval.probe", description=__doc__.splitlines()[0])
+    from .captioning import _load
+
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.probe", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="alias (llava, qwen2-vl), HF id or local checkpoint dir")
     ap.add_argument("--tasks", default="world", help="sequence YAML or a name in configs/sequences (default: world)")
     ap.add_argument("--limit", type=int, default=100, help="held-out caption images asked (and test examples per task)")

@@ -259,7 +259,8 @@ def write_sweep(out_dir: Path, model: str, rows: list[dict], meta: dict) -> None
     out_dir = Path(out_dir)
     (out_dir / "sweep.json").write_text(json.dumps({"model": model, **meta, "settings": rows}, indent=1))
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.fill_between([0.8, 1.02], 0.9, 1.1, color="tab:green", alpha=0.12, label="target: retention ≥ 0.90, every task ≥ 0.80")
+    ax.fill_between([0.8, 1.02], 0.9, 1.1, color="tab:green", alpha=0.12,
+                    label="target: retention ≥ 0.90, every task ≥ 0.80")
     placed = []  # points already labelled: a label near one of them goes one line lower, so none overlap
     for method in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == method]
@@ -283,7 +284,8 @@ def write_sweep(out_dir: Path, model: str, rows: list[dict], meta: dict) -> None
     fig.savefig(out_dir / "frontier.png", dpi=110)
     plt.close(fig)
     lines = [f"# Sweep on {model}", "", f"Command: `{meta['command']}` (grid `{meta['grid']}`)", "",
-             "| setting | own-task mean | own-task min | caption retention | VQA retention | OP | BWT | tuned weights |",
+             "| setting | own-task mean | own-task min | caption retention | VQA retention | OP | BWT "
+             "| tuned weights |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], -r["caption_retention"])):
         lines.append(f"| {r['tag']} | {r['own_task']:.3f} | {r['min_own_task']:.3f} | {r['caption_retention']:.3f} | "

@@ -1,4 +1,5 @@
-"""python -m eval.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava] [--jobs 2]
+"""python -m piece_mm.eval.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava]
+    [--jobs 2]
 
 Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
 for SeqFT; the grid's optional `exclude` list goes into every budget), each through the ordinary CLI in its own
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import InputError
+from piece_mm.tasks.errors import InputError
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
 
@@ -76,9 +77,10 @@ def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
-    ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"), help="grid YAML (default: configs/sweeps/world.yaml)")
+    ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"),
+                    help="grid YAML (default: configs/sweeps/world.yaml)")
     ap.add_argument("--output", type=Path, help="default: results/sweep-<model>")
     ap.add_argument("--tasks", default="world", help="sequence YAML or name (default: world)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
@@ -118,8 +120,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
-    from eval.report import write_sweep
-    write_sweep(out, args.model, rows, {"grid": os.path.relpath(path), "command": "python -m eval.sweep " +
+    from .report import write_sweep
+    write_sweep(out, args.model, rows, {"grid": os.path.relpath(path), "command": "python -m piece_mm.eval.sweep " +
                                         " ".join(argv if argv is not None else sys.argv[1:])})
     print(f"wrote {out / 'sweep.json'}, {out / 'table.md'}, {out / 'frontier.png'}")
     return 0

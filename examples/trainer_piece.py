@@ -20,14 +20,14 @@ from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_wa
 import piece_mm as pm
 from piece_mm import shard
 from piece_mm.batching import collate
-from tasks import world
-from tasks.base import exact_match
+from piece_mm.tasks import world
+from piece_mm.tasks.base import exact_match
 
 BATCH = 16
 
 
 def accuracy(model, processor, examples):
-    from eval.generate import generate
+    from piece_mm.eval.generate import generate
     with shard.whole_root(model):  # shards: generate calls the vision tower outside the model's forward
         answers = generate(model, processor, examples, batch_size=32, max_new_tokens=8)
     return sum(exact_match(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples)

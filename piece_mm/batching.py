@@ -1,4 +1,5 @@
-"""Examples -> model batches, through the model's own processor and chat template, with the loss on answer tokens only."""
+"""Examples -> model batches, through the model's own processor and chat template, with the loss on answer tokens
+only."""
 from __future__ import annotations
 
 import random
@@ -6,7 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tasks.base import Example, chat_messages, load_image
+from piece_mm.tasks.base import Example, chat_messages, load_image
 
 IGNORE_INDEX = -100
 

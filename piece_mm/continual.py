@@ -21,9 +21,9 @@ from piece_mm.importance import estimate_importance
 from piece_mm.methods import METHODS, load_tensors, register, save_tensors
 from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
 from piece_mm.sparse import sparse_optimizer
-from tasks.base import METRICS
-from tasks.errors import InputError
-from tasks.sequence import GENERATION_DEFAULTS, Sequence
+from piece_mm.tasks.base import METRICS
+from piece_mm.tasks.errors import InputError
+from piece_mm.tasks.sequence import GENERATION_DEFAULTS, Sequence
 
 PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
 
@@ -104,8 +104,8 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
     """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
     scorer, SPICE with a CoreNLP dir `spice`, the leak of `task_answers` into the captions); the first captions
     with their references)."""
-    from eval.captioning import answer_leak, general_scores
-    from eval.generate import generate
+    from piece_mm.eval.captioning import answer_leak, general_scores
+    from piece_mm.eval.generate import generate
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
     caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
@@ -282,8 +282,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
-    from eval.cl_metrics import summary
-    from eval.report import write_report
+    from piece_mm.eval.cl_metrics import summary
+    from piece_mm.eval.report import write_report
 
     if method not in METHODS:
         raise KeyError(method)

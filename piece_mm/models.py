@@ -3,21 +3,23 @@ from_pretrained as a local dir or an HF id, through exactly the same code."""
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
-from tasks.errors import InputError
+from piece_mm.tasks.errors import InputError
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(str(files("piece_mm") / "checkpoints"))  # shipped as package data
 ALIASES = ("llava", "qwen2-vl")
 
 
 def resolve(name: str) -> Path | str:
-    """Alias -> embedded checkpoint dir (built on first use if missing); a dir -> itself; 'org/name' -> HF id."""
+    """Alias -> embedded checkpoint dir; a dir -> itself; 'org/name' -> HF id. Loading never trains: an embedded
+    checkpoint that is missing is an error naming the command that builds it."""
     if name in ALIASES:
         path = CHECKPOINT_DIR / name
         if not (path / "config.json").is_file():
-            from piece_mm import zoo  # first use on a machine without the shipped weights: build them here
-            zoo.build(name, path)
+            raise InputError(f"--model {name!r}: the embedded checkpoint {path} is missing; build it with "
+                             f"`python -m piece_mm.zoo build {name}` (about 45 min on 2 cores)")
         return path
     path = Path(name).expanduser()
     if path.is_dir():
@@ -54,7 +56,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     `timeout` seconds (a machine with no network fails the name lookup at once)."""
     import socket
     from urllib.parse import urlparse
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:

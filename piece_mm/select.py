@@ -9,7 +9,8 @@ import torch
 
 from piece_mm import dist
 from piece_mm.components import COMPONENTS, layer_of
-from tasks.errors import InputError
+from piece_mm.configs import DIR as CONFIGS
+from piece_mm.tasks.errors import InputError
 
 
 def _order_key(t: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,7 @@ def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return inter / union if union else 1.0
 
 
-BUDGET_DIR = Path(__file__).resolve().parent.parent / "configs" / "budgets"
+BUDGET_DIR = CONFIGS / "budgets"
 BUDGET_DEFAULTS = {"fractions": {"vision": 0.0, "projector": 0.0, "llm": 0.001}, "pool": "component", "total": None,
                    "exclude": [r"embed_tokens\."], "components": {}, "score_examples": 1000,
                    "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0,

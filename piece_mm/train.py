@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from piece_mm.configs import DIR as CONFIGS
 
 RUN_ARGS = "run_args.json"  # the flags a run was started with and where: `--resume DIR` reads them back
 
 
 def _names(kind: str) -> str:
-    root = Path(__file__).resolve().parent.parent / "configs" / kind
+    root = CONFIGS / kind
     return ", ".join(sorted(p.stem for p in root.glob("*.yaml"))) or "none found"
 
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     """The flags. `--resume DIR` fills every flag not given on this call from DIR/run_args.json, and sets `cwd` to
     the directory the run was started in, where its relative paths (model, tasks, budget) mean what they meant."""
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -133,7 +134,7 @@ def resolve_device(name: str) -> str:
     """The device to train on, checked before anything loads: auto -> cuda if there is one, else cpu."""
     import torch
 
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -166,7 +167,7 @@ def check_vocabulary(tokenizer, seq, model_name: str) -> None:
     """A task answer or reference caption word that the tokenizer cannot represent would be trained and scored as
     <unk>: the run would "succeed" with nothing learned. Stop with the file, the example and the word."""
     from piece_mm.batching import first_unknown_word
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
     where = [(f"task {t.name!r} {split} example", [ex.answer for ex in getattr(t, split)])
              for t in seq.tasks for split in ("train", "test")]
     where.append(("general caption set, example", [" ".join(ex.refs) for ex in seq.captions]))
@@ -180,7 +181,7 @@ def check_vocabulary(tokenizer, seq, model_name: str) -> None:
 
 
 def _check_positive(flag: str, value, kind=int):
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
     if value is None:
         return
     if not isinstance(value, kind) or value <= 0:
@@ -190,7 +191,7 @@ def _check_positive(flag: str, value, kind=int):
 def _clip_scorer(args, seq):
     """The CLIPScore model: as given, else the tiny world CLIP for the world's captions, else none (a CLIP trained
     on the toy world says nothing about real photos)."""
-    from eval.clipscore import WORLD_CLIP, load_clip
+    from piece_mm.eval.clipscore import WORLD_CLIP, load_clip
 
     if args.clip_model or args.clip_weights:
         return load_clip(args.clip_model, args.clip_weights, device=args.device)
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv, state: dict) -> int:
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
     try:
         args = parse_args(argv)
     except InputError as e:
@@ -249,8 +250,8 @@ def _run(args, state: dict) -> int:
     from piece_mm.continual import METHODS, SHARDED_METHODS, SPARSE_METHODS, check_resume, run, run_config
     from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
-    from tasks.errors import InputError
-    from tasks.sequence import load_sequence, with_generation
+    from piece_mm.tasks.errors import InputError
+    from piece_mm.tasks.sequence import load_sequence, with_generation
 
     try:
         args.device = resolve_device(args.device)  # before anything loads: a device that is not there is one line
@@ -360,8 +361,8 @@ def _run(args, state: dict) -> int:
     processor.save_pretrained(output / "model")
     s = metrics["summary"]
     print(f"OP {s['OP']:.3f}  BWT {s['BWT']:+.3f}  FWT {s['FWT']:+.3f}  caption retention "
-          f"{s['caption_retention']:.3f}  (run time {metrics['time_s']:.0f} s, as in report.md)\nwrote {output / 'metrics.json'}, "
-          f"{output / 'report.md'}")
+          f"{s['caption_retention']:.3f}  (run time {metrics['time_s']:.0f} s, as in report.md)\n"
+          f"wrote {output / 'metrics.json'}, {output / 'report.md'}")
     return 0
 
 

@@ -18,16 +18,17 @@ import argparse
 import collections
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 import yaml
 
-from tasks import world
+from piece_mm.configs import DIR as CONFIGS
+from piece_mm.tasks import world
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs" / "models"
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CONFIG_DIR = CONFIGS / "models"
+CHECKPOINT_DIR = Path(str(files("piece_mm") / "checkpoints"))  # shipped as package data
 
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -101,7 +102,8 @@ def build_untrained(alias: str, cfg: dict):
         text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **cfg["text"])
         # A 2-layer tower has no useful penultimate layer: take the last one (-1), so every vision weight gets gradient.
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        config = LlavaConfig(vision_config=vision, text_config=text,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"),
                              vision_feature_layer=-1, vision_feature_select_strategy="default",
                              projector_hidden_act="gelu", tie_word_embeddings=False)
         processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=cfg["vision"]["patch_size"],
@@ -252,7 +254,7 @@ def build_clip(alias: str, out: Path | None = None, steps: int | None = None) ->
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from eval.clipscore import PROMPT
+    from piece_mm.eval.clipscore import PROMPT
 
     cfg = model_config(alias)
     p = cfg["pretrain"]
@@ -333,7 +335,8 @@ def main(argv=None) -> int:
             if cfg.get("family") != "open_clip":
                 check_mixture(cfg.get("pretrain", {}), f"{CONFIG_DIR / alias}.yaml: ")
         if args.output and len(args.alias) > 1:
-            raise FileNotFoundError(f"--output {args.output}: names one checkpoint dir; {len(args.alias)} aliases given")
+            raise FileNotFoundError(f"--output {args.output}: names one checkpoint dir; "
+                                    f"{len(args.alias)} aliases given")
         if len(args.alias) == 1:
             _build_one(args.alias[0], args.output, args.steps)
             return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from tasks.errors import InputError
+from .errors import InputError
 
 IMAGE_TOKEN = "<image>"  # LLaVA-JSON's placeholder for where the picture goes
 

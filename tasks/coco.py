@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.base import Example
-from tasks.errors import InputError
-from tasks.jsonio import check_image, field, records
+from .base import Example
+from .errors import InputError
+from .jsonio import check_image, field, records
 
 CAPTION_PROMPT = "describe the image"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tasks.base import Example
-from tasks.errors import InputError
+from .base import Example
+from .errors import InputError
 
 COLUMNS = {"image": "image", "question": "question", "answer": "answer"}
 

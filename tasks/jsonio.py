@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from tasks.errors import InputError
+from .errors import InputError
 
 _WS = " \t\n\r"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.base import IMAGE_TOKEN, Example
-from tasks.errors import InputError
-from tasks.jsonio import check_image, field, records
+from .base import IMAGE_TOKEN, Example
+from .errors import InputError
+from .jsonio import check_image, field, records
 
 USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks import coco, hf_dataset, llava_json, vqa_v2, world
-from tasks.base import METRICS, Example
-from tasks.errors import InputError
+from . import coco, hf_dataset, llava_json, vqa_v2, world
+from .base import METRICS, Example
+from .errors import InputError
 
 SEQUENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "sequences"
 FORMATS = ("world", "llava-json", "vqa-v2", "hf-dataset")

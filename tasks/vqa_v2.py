@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks.base import Example, most_common_answer
-from tasks.errors import InputError
-from tasks.jsonio import check_image, field, records
+from .base import Example, most_common_answer
+from .errors import InputError
+from .jsonio import check_image, field, records
 
 GROUPS_FILE = Path(__file__).resolve().parent.parent / "configs" / "vqacl_groups.yaml"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from tasks.base import Example
+from .base import Example
 
 IMAGE_SIZE = 64
 COLORS = {
@@ -309,7 +309,8 @@ def task_set(name: str, split: str, n: int, seed: int = 0) -> list[Example]:
 
 def vocabulary(knowledge: bool = True) -> list[str]:
     """Every word the world can say or ask, for building the tiny models' word-level tokenizer."""
-    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"] + ([f"{q} {a}" for q, a in KNOWLEDGE] if knowledge else [])
+    texts = [p for p, _ in CAPTION_PROMPTS] + ["is there a do you see yes no"]
+    texts += [f"{q} {a}" for q, a in KNOWLEDGE] if knowledge else []
     for prompts, _ in list(GENERAL_QUESTIONS.values()) + list(TASKS.values()):
         texts += prompts
     for prompts, _, mapping in PROMPTED.values():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks import world
+from piece_mm.tasks import world
 
 N_IMAGES = 24
 

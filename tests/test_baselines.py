@@ -6,8 +6,8 @@ import torch
 
 from piece_mm.continual import METHODS, make_scheduler, train_task
 from piece_mm.methods.ln import norm_params
-from tasks import world
-from tasks.sequence import Task
+from piece_mm.tasks import world
+from piece_mm.tasks.sequence import Task
 
 
 def _seq(n=20):

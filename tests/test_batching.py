@@ -1,7 +1,7 @@
 import torch
 
 from piece_mm.batching import IGNORE_INDEX, collate, training_batches
-from tasks import world
+from piece_mm.tasks import world
 
 
 def test_labels_cover_exactly_the_answer_and_end_of_turn(tiny):

@@ -1,6 +1,6 @@
 import pytest
 
-from eval.captioning import caption_scores
+from piece_mm.eval.captioning import caption_scores
 
 REFS = [["two big red circles on the left", "there are two big red circles on the left"],
         ["a small blue square at the top", "there is a small blue square at the top"],
@@ -31,7 +31,7 @@ def test_mismatched_lengths():
 
 
 def test_answer_leak_counts_task_words_that_no_reference_uses():
-    from eval.captioning import answer_leak
+    from piece_mm.eval.captioning import answer_leak
 
     answers = ["tiny", "huge", "Rojo", "three", "no",  # "three" is a caption word (REFS[2]): it never counts
                "because the shapes look rather pointy"]  # a long reply: its words are not looked for
@@ -53,14 +53,13 @@ def test_the_loop_counts_the_task_answers_not_its_own_replies(monkeypatch):
     task questions (a reply that happens to be a caption's word must not count)."""
     from types import SimpleNamespace
 
-    import eval.captioning
-    import eval.generate
     from piece_mm.continual import evaluate
-    from tasks.base import Example
+    from piece_mm.eval import captioning, generate
+    from piece_mm.tasks.base import Example
 
     captions = ["two huge red circles on the left", "tiny", "a big green circle at the bottom", "huge"]
-    monkeypatch.setattr(eval.generate, "generate", lambda *a, **k: ["left"])  # the task reply: a caption word
-    monkeypatch.setattr(eval.captioning, "general_scores", lambda *a, **k: ({}, list(captions)))
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: ["left"])  # the task reply: a caption word
+    monkeypatch.setattr(captioning, "general_scores", lambda *a, **k: ({}, list(captions)))
     seq = SimpleNamespace(tasks=[SimpleNamespace(test=[Example(None, "are they tiny or huge", "tiny")],
                                                  metric="exact")],
                           captions=[Example(None, "describe the image", r[0], refs=tuple(r)) for r in REFS],

@@ -1,6 +1,6 @@
 import pytest
 
-from eval.cl_metrics import bwt, caption_retention, fwt, op, summary
+from piece_mm.eval.cl_metrics import bwt, caption_retention, fwt, op, summary
 
 # 3 tasks; row 0 before any task, row i after task i.
 R = [[0.1, 0.2, 0.3],

@@ -96,7 +96,7 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     tuned, _ = pm.load_model(str(out / "model"))
     assert all(torch.equal(p, q) for p, q in zip(base.state_dict().values(), tuned.state_dict().values()))
     # the saved final model is a checkpoint the standalone retention check can read
-    r = _run("eval.captioning", "--model", str(out / "model"), "--baseline", "qwen2-vl", "--eval-limit", "6")
+    r = _run("piece_mm.eval.captioning", "--model", str(out / "model"), "--baseline", "qwen2-vl", "--eval-limit", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "CIDEr" in r.stdout and "retention" in r.stdout
 
@@ -143,9 +143,9 @@ def test_bad_budget_one_line_exit_2(tmp_path):
 def test_captioning_cli_bad_data_exit_2(tmp_path):
     bad = tmp_path / "caps.json"
     bad.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]}')
-    r = _run("eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path))
+    r = _run("piece_mm.eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path))
     assert r.returncode == 2 and "image_id" in r.stderr and r.stderr.strip().count("\n") == 0
-    r = _run("eval.captioning", "--model", "llava", "--eval-limit", "0")
+    r = _run("piece_mm.eval.captioning", "--model", "llava", "--eval-limit", "0")
     assert r.returncode == 2 and "--eval-limit" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
@@ -155,7 +155,7 @@ def test_per_sample_budget_scores_like_the_batch_1_loop(tmp_path):
     import piece_mm as pm
     from piece_mm.batching import collate
     from piece_mm.delta import load_masks
-    from tasks.sequence import load_sequence
+    from piece_mm.tasks.sequence import load_sequence
 
     seq = tmp_path / "two.yaml"
     seq.write_text(TWO_TASKS)
@@ -221,8 +221,8 @@ def test_an_uncached_hf_id_fails_at_once_saying_how_to_use_a_local_dir(tmp_path,
 def test_a_task_answer_the_tokenizer_cannot_spell_stops_the_run(tmp_path, capsys):
     import time
 
+    from piece_mm.tasks import world
     from piece_mm.train import main
-    from tasks import world
     img = tmp_path / "a.png"
     world.scenes(1, 1)[0].image().save(img)
     rows = [{"id": f"r{i}", "image": "a.png", "conversations": [

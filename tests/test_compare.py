@@ -1,4 +1,5 @@
-"""python -m eval.compare: every method through the CLI, the same lr sweep for all, summary.json in its schema."""
+"""python -m piece_mm.eval.compare: every method through the CLI, the same lr sweep for all, summary.json in its
+schema."""
 import json
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ def _compare(tmp_path, *extra):
     seq = tmp_path / "two.yaml"
     seq.write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                    "world: {train_examples: 16, test_examples: 4}\ngeneral: {captions: 4, vqa: 4}\n")
-    return subprocess.run([sys.executable, "-m", "eval.compare", "--model", "llava", "--tasks", str(seq),
+    return subprocess.run([sys.executable, "-m", "piece_mm.eval.compare", "--model", "llava", "--tasks", str(seq),
                            "--output", str(tmp_path / "cmp"), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
 
@@ -75,7 +76,7 @@ def test_an_interrupted_run_is_resumed_not_refused(tmp_path, monkeypatch):
     refuses to start afresh over an unfinished run)."""
     import argparse
 
-    import eval.compare as cmp
+    import piece_mm.eval.compare as cmp
 
     calls = []
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("alias", ["llava", "qwen2-vl"])
 def test_seqft_learns_each_task_and_forgets_captioning(alias, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", alias, "--method", "seqft", "--output", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", alias, "--method", "seqft",
+                        "--output", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())

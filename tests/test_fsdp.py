@@ -139,8 +139,9 @@ _TOPK = textwrap.dedent("""
     mesh = init_device_mesh("cpu", (2,))
     gen = torch.Generator().manual_seed(0)
     # integer-valued scores: many ties at any threshold; odd row counts: unequal shards (the last one shorter)
-    full = {"a": torch.randint(0, 5, (7, 3), generator=gen).float(), "b": torch.randint(0, 5, (5,), generator=gen).float(),
-            "c": torch.randint(0, 5, (9, 2), generator=gen).float(), "d": torch.randint(0, 5, (1, 4), generator=gen).float()}
+    def ints(*shape):
+        return torch.randint(0, 5, shape, generator=gen).float()
+    full = {"a": ints(7, 3), "b": ints(5), "c": ints(9, 2), "d": ints(1, 4)}
     parts = {"vision": ["a"], "projector": ["b"], "llm": ["c", "d"]}
     shards = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
     local = {n: s.to_local() for n, s in shards.items()}
@@ -194,7 +195,7 @@ _SCORES = textwrap.dedent("""
     import piece_mm as pm
     from piece_mm import shard
     from piece_mm.batching import collate
-    from tasks import world
+    from piece_mm.tasks import world
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model, processor = pm.load_model("llava", distributed_config=DistributedConfig(fsdp_size=2))
@@ -216,7 +217,7 @@ def test_piece_s_on_shards_that_transformers_made_equals_one_process(tmp_path):
     from piece_mm.batching import collate
     from piece_mm.importance import estimate_importance
     from piece_mm.models import load_model
-    from tasks import world
+    from piece_mm.tasks import world
 
     script = tmp_path / "scores.py"
     script.write_text(_SCORES)

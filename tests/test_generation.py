@@ -2,8 +2,8 @@
 same names; the defaults stay "describe the image", 24 and 8."""
 import pytest
 
-from tasks.errors import InputError
-from tasks.sequence import GENERATION_DEFAULTS, load_sequence, with_generation
+from piece_mm.tasks.errors import InputError
+from piece_mm.tasks.sequence import GENERATION_DEFAULTS, load_sequence, with_generation
 
 SEQ = "tasks:\n  - {name: color, format: world}\nworld: {train_examples: 8, test_examples: 4}\n"
 

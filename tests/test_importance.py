@@ -3,7 +3,7 @@ import torch
 
 import piece_mm as pm
 from piece_mm.batching import collate
-from tasks import world
+from piece_mm.tasks import world
 
 
 def _batches(processor, n=6, bs=2):
@@ -142,7 +142,7 @@ def test_lean_scoring_never_holds_the_whole_models_gradients(tiny):
 
 def test_budget_score_memory_field(tmp_path):
     from piece_mm.select import load_budget
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
     f = tmp_path / "b.yaml"
     f.write_text("score_memory: disk\n")
     with pytest.raises(InputError, match=r"b.yaml: score_memory is 'disk'; expected auto, device or host"):

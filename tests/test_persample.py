@@ -6,7 +6,7 @@ import torch
 
 import piece_mm as pm
 from piece_mm.batching import collate
-from tasks import world
+from piece_mm.tasks import world
 
 
 def _loop_reference(model, examples, processor, names):

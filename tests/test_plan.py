@@ -81,7 +81,7 @@ def test_checkpointing_and_batch_move_the_plan_as_they_should():
 def test_fsdp_plan_is_per_process():
     """FSDP2 over N: 1/N of the weights, score sums and optimizer state plus the gathered blocks, and each process's
     share of the batch; the 72B config fits 8 x 80 GB only sharded."""
-    from piece_mm.plan import _gathered, meta_model, load_config
+    from piece_mm.plan import _gathered, load_config, meta_model
     one = plan("llava", dtype="float32")
     two = plan("llava", dtype="float32", num_processes=2, fsdp=True)
     gathered = _gathered(meta_model(load_config("llava"), torch.float32)) * 4

@@ -1,9 +1,9 @@
 import json
 
-import eval.generate
-from eval.probe import format_table, probe
-from tasks.base import Example
-from tasks.sequence import Task
+from piece_mm.eval import generate
+from piece_mm.eval.probe import format_table, probe
+from piece_mm.tasks.base import Example
+from piece_mm.tasks.sequence import Task
 
 
 def _examples(n, prompt, answers):
@@ -22,7 +22,7 @@ def test_probe_counts_leaks_and_ignored_prompts_by_hand(monkeypatch):
 
     def fake_generate(model, processor, examples, batch_size=64, max_new_tokens=16, progress=None):
         return list(replies[examples[0].prompt][: len(examples)])
-    monkeypatch.setattr(eval.generate, "generate", fake_generate)
+    monkeypatch.setattr(generate, "generate", fake_generate)
     r = probe(None, None, captions, [colour, count])
     # hand count: captions 2 and 4 use "rojo", a colour answer no reference uses; no caption uses a German word
     assert r["caption_leak"] == 0.5
@@ -42,7 +42,7 @@ def test_probe_counts_leaks_and_ignored_prompts_by_hand(monkeypatch):
 def test_probe_runs_on_a_real_model(tiny):
     # Any model the project loads: the record's shares are shares, and a base pretrained to follow the prompt
     # does not answer a task's prompt with its caption.
-    from tasks.sequence import load_sequence
+    from piece_mm.tasks.sequence import load_sequence
     _, model, processor = tiny
     seq = load_sequence("world")
     r = probe(model, processor, seq.captions[:8], [t for t in seq.tasks[:2]], batch_size=8)

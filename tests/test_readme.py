@@ -57,7 +57,7 @@ def test_the_python_block_runs_as_written(tmp_path):
 
 
 def test_the_yaml_block_is_the_loaders_contract():
-    from tasks.sequence import FORMATS, GENERAL_FORMATS  # what the loader knows
+    from piece_mm.tasks.sequence import FORMATS, GENERAL_FORMATS  # what the loader knows
     (text,) = _blocks("yaml")
     seq = yaml.safe_load(text)
     assert {t["format"] for t in seq["tasks"]} <= set(FORMATS)

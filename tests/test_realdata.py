@@ -11,10 +11,10 @@ import pytest
 import realdata
 import torch
 
-from tasks import base, hf_dataset
-from tasks.coco import load_karpathy
-from tasks.errors import InputError
-from tasks.sequence import load_sequence
+from piece_mm.tasks import base, hf_dataset
+from piece_mm.tasks.coco import load_karpathy
+from piece_mm.tasks.errors import InputError
+from piece_mm.tasks.sequence import load_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,13 +220,13 @@ def test_cli_subprocess_bad_input_has_no_traceback(data):
 
 @pytest.fixture(scope="module")
 def world_clip():
-    from eval.clipscore import load_clip
+    from piece_mm.eval.clipscore import load_clip
     return load_clip()
 
 
 def test_clipscore_prefers_matching_captions(world_clip):
     """On held-out world scenes, a caption scores higher with its own image than with another's."""
-    from tasks import world
+    from piece_mm.tasks import world
     exs = world.caption_set(world.HELDOUT_CAPTION_SEED, 200, prompt=world.CAPTION_EVAL_PROMPT)
     images, caps = [ex.image for ex in exs], [ex.answer for ex in exs]
     shuffled = caps[7:] + caps[:7]
@@ -239,7 +239,7 @@ def test_clipscore_prefers_matching_captions(world_clip):
 def test_clipscore_formula(world_clip):
     """CLIPScore = 2.5 max(cos, 0) with the "A photo depicts" prompt; RefCLIPScore = harmonic mean with the best
     reference cosine: computed here from the open_clip model directly."""
-    from tasks import world
+    from piece_mm.tasks import world
     exs = world.caption_set(5, 6, prompt=world.CAPTION_EVAL_PROMPT)
     cands = ["a small red circle on the left", "two big blue squares at the top", "", "a", "yes", "circle"]
     refs = [ex.refs for ex in exs]
@@ -247,7 +247,8 @@ def test_clipscore_formula(world_clip):
     with torch.no_grad():
         img = torch.stack([world_clip.preprocess(ex.image) for ex in exs])
         e_i = torch.nn.functional.normalize(m.encode_image(img), dim=-1)
-        enc = lambda ts: torch.nn.functional.normalize(m.encode_text(tok(["A photo depicts " + t for t in ts])), dim=-1)
+        def enc(ts):
+            return torch.nn.functional.normalize(m.encode_text(tok(["A photo depicts " + t for t in ts])), dim=-1)
         e_c = enc(cands)
     clip = [2.5 * max(float(e_i[k] @ e_c[k]), 0.0) for k in range(6)]
     best = [max(max(float(e_c[k] @ r) for r in enc(list(refs[k]))), 0.0) for k in range(6)]
@@ -258,7 +259,7 @@ def test_clipscore_formula(world_clip):
 
 
 def test_load_clip_errors(tmp_path):
-    from eval.clipscore import load_clip
+    from piece_mm.eval.clipscore import load_clip
     cfg_only = tmp_path / "cfg"
     cfg_only.mkdir()
     (cfg_only / "open_clip_config.json").write_text('{"model_cfg": {}}')
@@ -274,7 +275,7 @@ def test_load_clip_errors(tmp_path):
 @pytest.mark.parametrize("with_fake_jars", [False, True])
 def test_spice_skips_with_one_warning(with_fake_jars, tmp_path, monkeypatch, capsys):
     """No CoreNLP jars (or jars that cannot run): one warning line, the other metrics still there, no download."""
-    import eval.captioning as cap
+    import piece_mm.eval.captioning as cap
     monkeypatch.setattr(cap, "_spice_warned", False)
     monkeypatch.delenv(cap.CORENLP_ENV, raising=False)
     if cap.corenlp_dir() is not None:

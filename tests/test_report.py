@@ -2,7 +2,7 @@
 from results/ on the same model and task order."""
 import json
 
-from eval.report import seqft_reference, verdict, write_report
+from piece_mm.eval.report import seqft_reference, verdict, write_report
 
 
 def _metrics(retention_after: float, threshold: float = 0.9) -> dict:

@@ -191,7 +191,7 @@ def test_a_budget_field_added_later_at_its_default_is_no_change(tmp_path):
     """A run saved before a budget field existed resumes when the field is at its default, and not otherwise."""
     from piece_mm.continual import check_resume
     from piece_mm.select import load_budget
-    from tasks.errors import InputError
+    from piece_mm.tasks.errors import InputError
 
     now = {"model": "llava", "budget": load_budget("default")}
     old = {k: v for k, v in now["budget"].items() if k != "score_memory"}

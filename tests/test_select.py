@@ -5,7 +5,7 @@ import torch
 
 import piece_mm as pm
 from piece_mm.select import jaccard, load_budget, mask_summary
-from tasks.errors import InputError
+from piece_mm.tasks.errors import InputError
 
 
 def _scores(seed=0):

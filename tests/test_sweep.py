@@ -7,14 +7,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
-    from eval.sweep import settings
+    from piece_mm.eval.sweep import settings
     grid = {"llm": [0.01, 0.1], "lr": [1e-3], "steps": [2], "seqft_lr": [1e-4]}
     assert [s["method"] for s in settings(grid)] == ["piece-f", "piece-f", "seqft"]
     (tmp_path / "grid.yaml").write_text(json.dumps({**grid, "eval_limit": 3}))
     (tmp_path / "seq.yaml").write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                                        "world: {train_examples: 8, test_examples: 4}\ngeneral: {captions: 3, vqa: 3}\n")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "eval.sweep", "--model", "llava", "--grid", str(tmp_path / "grid.yaml"),
+    cmd = [sys.executable, "-m", "piece_mm.eval.sweep", "--model", "llava", "--grid", str(tmp_path / "grid.yaml"),
            "--tasks", str(tmp_path / "seq.yaml"), "--output", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -38,7 +38,7 @@ def test_sweep_runs_each_setting_and_draws_the_frontier(tmp_path):
 
 
 def test_a_grid_exclude_reaches_every_budget():
-    from eval.sweep import settings
+    from piece_mm.eval.sweep import settings
     grid = {"llm": [0.01], "lr": [1e-3], "steps": [2], "seqft_lr": [1e-4], "exclude": ["embed_tokens", "k_proj"]}
     sparse, seqft = settings(grid)
     assert sparse["budget"]["exclude"] == ["embed_tokens", "k_proj"] and seqft["budget"] is None
@@ -47,7 +47,7 @@ def test_a_grid_exclude_reaches_every_budget():
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
     def sweep(grid):
         (tmp_path / "grid.yaml").write_text(grid)
-        return subprocess.run([sys.executable, "-m", "eval.sweep", "--model", "llava", "--grid",
+        return subprocess.run([sys.executable, "-m", "piece_mm.eval.sweep", "--model", "llava", "--grid",
                                str(tmp_path / "grid.yaml"), "--output", str(tmp_path / "sweep")], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
 

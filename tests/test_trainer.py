@@ -4,7 +4,7 @@ import torch
 
 import piece_mm as pm
 from piece_mm.batching import collate
-from tasks import world
+from piece_mm.tasks import world
 
 
 def test_hf_trainer_with_the_sparse_optimizer_and_a_scheduler(tmp_path):

@@ -8,8 +8,8 @@ import torch
 import piece_mm as pm
 from piece_mm.batching import collate, fit_length
 from piece_mm.continual import make_scheduler, train_task
-from tasks import world
-from tasks.sequence import Task
+from piece_mm.tasks import world
+from piece_mm.tasks.sequence import Task
 
 
 def _tuned(model, processor, masks, **kw):

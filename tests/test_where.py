@@ -1,12 +1,13 @@
-"""python -m eval.where: a task's delta split by layer and by kind, rebuilt from a finished run."""
+"""python -m piece_mm.eval.where: a task's delta split by layer and by kind, rebuilt from a finished run."""
 import pytest
 
-from eval.where import groups, main, where
 from piece_mm.delta import load_delta
+from piece_mm.eval.where import groups, main, where
 
 
 def test_groups_put_every_weight_in_one_layer_and_one_kind():
-    names = ["model.language_model.layers.0.self_attn.k_proj.weight", "model.language_model.layers.3.mlp.up_proj.weight",
+    names = ["model.language_model.layers.0.self_attn.k_proj.weight",
+             "model.language_model.layers.3.mlp.up_proj.weight",
              "lm_head.weight", "model.language_model.layers.0.input_layernorm.weight"]
     g = groups(names)
     layers = [n for k, v in g.items() if k.startswith("layer") or k == "outside the layers" for n in v]

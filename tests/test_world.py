@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tasks import world
-from tasks.base import exact_match, normalize_answer
+from piece_mm.tasks import world
+from piece_mm.tasks.base import exact_match, normalize_answer
 
 
 def _pixels(examples):
