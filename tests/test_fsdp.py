@@ -155,6 +155,7 @@ _TOPK = textwrap.dedent("""
             bad += not same
     with open(sys.argv[1] + f"/rank{dist.get_rank()}.txt", "w") as f:  # not stdout: the two ranks' lines interleave
         f.write(f"mismatches {bad}")
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort, now and then)
     dist.destroy_process_group()
 """)
 
@@ -205,6 +206,7 @@ _SCORES = textwrap.dedent("""
     params = dict(model.named_parameters())
     save_file({n: s.contiguous() for n, s in scores.items()}, sys.argv[1] + f"/scores{rank}.safetensors",
               {n: str(shard.offset(params[n])) for n in scores})
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort, now and then)
     dist.destroy_process_group()
 """)
 
