@@ -84,6 +84,7 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     assert all(bool((later["fisher"][n] >= f[n]).all()) for n in f)  # summed over the tasks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "seqlora", "olora", "migu"])
 def test_baselines_run_through_the_cli(method, tmp_path):
     """The loop's hooks, end to end: replay's examples, EWC's saved Fisher, LwF's saved teacher."""

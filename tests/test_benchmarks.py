@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_figure(tmp_path):
     """A smoke run on the toy preset: the schema, and per-sample scores equal to the loop's (no timing asserted:
     ratios on a shared machine belong to the real run, recorded in benchmarks/RESULTS.md)."""
@@ -40,6 +43,7 @@ def test_gpu_check_script_without_a_gpu_is_one_line_exit_2():
                                              "(torch.cuda.is_available() is False)"]
 
 
+@pytest.mark.slow
 def test_gpu_check_logic_on_cpu():
     """The same code a GPU runs, in bf16 on CPU: frozen weights bit-identical, chosen ones moved, loss down, peaks
     measured and planned for both phases."""

@@ -12,30 +12,41 @@ def _run(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_model_one_line_exit_2(tmp_path):
-    r = _run("piece_mm.train", "--model", "no-such-model", "--output", str(tmp_path / "o"))
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "no-such-model" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+def _main(module: str, *args) -> int:
+    """The CLI's main in this process (its error paths stop before any model loads): the exit code."""
+    import importlib
+    try:
+        return importlib.import_module(module).main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        return e.code
 
 
-def test_missing_sequence_and_bad_flag(tmp_path):
-    r = _run("piece_mm.train", "--tasks", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "nope.yaml" in r.stderr and r.stderr.strip().count("\n") == 0
+def test_unknown_model_one_line_exit_2(tmp_path, capsys):
+    assert _main("piece_mm.train", "--model", "no-such-model", "--output", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no-such-model" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_missing_sequence_and_bad_flag(tmp_path, capsys):
+    assert _main("piece_mm.train", "--tasks", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml" in err and err.strip().count("\n") == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  - {name: color, format: world}\nworld: {train_examples: -3}\n")
-    r = _run("piece_mm.train", "--tasks", str(bad), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "world.train_examples" in r.stderr and "-3" in r.stderr
-    r = _run("piece_mm.train", "--max-steps", "0", "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "--max-steps" in r.stderr
+    assert _main("piece_mm.train", "--tasks", str(bad), "--output", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "world.train_examples" in err and "-3" in err
+    assert _main("piece_mm.train", "--max-steps", "0", "--output", str(tmp_path / "o")) == 2
+    assert "--max-steps" in capsys.readouterr().err
 
 
-def test_finished_run_is_not_overwritten(tmp_path):
+def test_finished_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text('{"keep": true}')
-    r = _run("piece_mm.train", "--output", str(out))
-    assert r.returncode == 2 and "metrics.json" in r.stderr
+    assert _main("piece_mm.train", "--output", str(out)) == 2
+    assert "metrics.json" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == '{"keep": true}'
 
 
@@ -43,6 +54,7 @@ TWO_TASKS = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format
              "world: {train_examples: 16, test_examples: 8}\ngeneral: {captions: 6, vqa: 6}\n")
 
 
+@pytest.mark.slow
 def test_short_run_writes_metrics_in_the_schema(tmp_path):
     import math
 
@@ -101,6 +113,7 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     assert "CIDEr" in r.stdout and "retention" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--method", "seqft"], ["--budget", "paper-global"], ["--method", "piece-s"],
                                    ["--method", "trace", "--budget", "trace-tensor"]])
 def test_other_methods_and_budgets_run_end_to_end(tmp_path, extra):
@@ -132,23 +145,27 @@ def test_other_methods_and_budgets_run_end_to_end(tmp_path, extra):
         assert m["method"] == "piece-s" and t["llm"] > 0
 
 
-def test_bad_budget_one_line_exit_2(tmp_path):
+def test_bad_budget_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "b.yaml"
     bad.write_text("fractions: {vision: 0.0, llm: -0.5}\n")
-    r = _run("piece_mm.train", "--budget", str(bad), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "fractions.llm" in r.stderr and "-0.5" in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "o").exists()
+    assert _main("piece_mm.train", "--budget", str(bad), "--output", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "fractions.llm" in err and "-0.5" in err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
-def test_captioning_cli_bad_data_exit_2(tmp_path):
+def test_captioning_cli_bad_data_exit_2(tmp_path, capsys):
     bad = tmp_path / "caps.json"
     bad.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]}')
-    r = _run("piece_mm.eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path))
-    assert r.returncode == 2 and "image_id" in r.stderr and r.stderr.strip().count("\n") == 0
-    r = _run("piece_mm.eval.captioning", "--model", "llava", "--eval-limit", "0")
-    assert r.returncode == 2 and "--eval-limit" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert _main("piece_mm.eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "image_id" in err and err.strip().count("\n") == 0
+    assert _main("piece_mm.eval.captioning", "--model", "llava", "--eval-limit", "0") == 2
+    err = capsys.readouterr().err
+    assert "--eval-limit" in err and err.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_per_sample_budget_scores_like_the_batch_1_loop(tmp_path):
     """score_batch_size: 1 runs the exact batched per-sample path; task 1's mask equals the one chosen from
     batch-1-loop scores of the same base model on the same examples."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,6 +20,7 @@ def _compare(tmp_path, *extra):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_and_seed(tmp_path):
     r = _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lrs", "1.0e-4,1.0e-3",
                  "--max-steps", "2", "--eval-limit", "4")
@@ -51,6 +54,7 @@ def test_compare_bad_input_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "--seeds" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_compare_lr_from_an_earlier_summary_runs_every_seed_at_that_lr(tmp_path):
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"seeds": [0], "methods": {"piece-f": {"lr": 1.0e-3}, "seqft": {"lr": 3.0e-4}}}))

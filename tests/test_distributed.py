@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +19,7 @@ def _train(out, seq, env=None, extra=()):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_processes_choose_the_same_masks_and_take_the_same_steps(uninterrupted_run, tmp_path):
     """accelerate launch, 2 CPU processes (accelerate's torchrun path; its --cpu path starts MPI or one process):
     importance sums and compact gradients are summed across them, so masks and tuned values match one process."""
@@ -47,6 +49,7 @@ def test_two_processes_choose_the_same_masks_and_take_the_same_steps(uninterrupt
                     assert (vals - db[n][1]).norm() <= 1e-2 * vals.norm(), n
 
 
+@pytest.mark.slow
 def test_unsupported_sharding_is_refused_in_one_line(tmp_path):
     """FSDP1 and DeepSpeed are refused naming the FSDP2 config; FSDP2 over one process, or with a method that has
     no sharded path, is refused too. Nothing is written."""

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
           str(ROOT / "configs" / "accelerate" / "fsdp2-cpu.yaml")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # 2-process runs: CI runs them with the slow tests
 
 
 def _fsdp_args(seq, out, *extra):

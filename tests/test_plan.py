@@ -28,6 +28,7 @@ def _llava_7b_by_hand() -> dict:
     return {"llm": llm, "vision": vision, "projector": projector, "embed": embed}
 
 
+@pytest.mark.slow
 def test_plan_of_llava_7b_from_its_config_alone(tmp_path):
     """A directory with nothing but config.json: the plan runs in seconds on CPU, its counts are the hand count, and
     its JSON has the contract's keys."""
@@ -78,6 +79,7 @@ def test_checkpointing_and_batch_move_the_plan_as_they_should():
     assert full["peak_bytes"]["train"] > base["peak_bytes"]["train"]
 
 
+@pytest.mark.slow
 def test_fsdp_plan_is_per_process():
     """FSDP2 over N: 1/N of the weights, score sums and optimizer state plus the gathered blocks, and each process's
     share of the batch; the 72B config fits 8 x 80 GB only sharded."""

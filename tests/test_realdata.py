@@ -296,6 +296,7 @@ def test_spice_skips_with_one_warning(with_fake_jars, tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end
 
+@pytest.mark.slow
 @pytest.mark.parametrize("yaml_name, steps, limit", [("mixed.yaml", 20, 16), ("mixed-karpathy.yaml", 4, 8)])
 def test_real_formats_end_to_end(yaml_name, steps, limit, data_root, tmp_path):
     """llava-json, vqa-v2, hf-dataset and world tasks with a coco-captions general set (the issue's command), and a

@@ -58,6 +58,7 @@ def runs(tmp_path_factory, uninterrupted_run):
     return seq, whole, killed, spare, env
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_the_uninterrupted_result(runs):
     seq, whole, killed, _, env = runs
     r = subprocess.run(_args(seq, killed, "--resume"), capture_output=True, text=True, env=env, timeout=600)
@@ -74,6 +75,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(runs):
     assert again.returncode == 0 and "nothing to resume" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_checkpoint_is_refused_in_one_line(runs, tmp_path, damage):
     seq, _, _, spare, env = runs
@@ -95,6 +97,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(runs, tmp_path, damage):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_needs_resume_and_the_same_flags(runs, tmp_path):
     seq, _, _, spare, env = runs
     out = tmp_path / "run"
@@ -144,6 +147,7 @@ def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_how_to_resume_from_anywhere(uninterrupted_run, tmp_path):
     """SIGINT inside task 2: exit 130, a short stderr ending in the resume command; that command, run from another
     working directory with no other flag, finishes with the uninterrupted run's metrics."""
