@@ -1,4 +1,5 @@
 """piece_mm: modality-aware sparse continual tuning for vision-language models."""
+from piece_mm.budget import Budget
 from piece_mm.components import split_components
 from piece_mm.delta import apply_delta, load_delta, save_delta
 from piece_mm.importance import estimate_importance
@@ -15,5 +16,5 @@ def __getattr__(name):  # PieceCallback imports transformers' Trainer machinery:
     raise AttributeError(f"module 'piece_mm' has no attribute {name!r}")
 
 
-__all__ = ["load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
+__all__ = ["Budget", "load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
            "save_delta", "load_delta", "apply_delta", "transfer_masks", "PieceCallback"]

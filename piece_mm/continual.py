@@ -454,7 +454,7 @@ def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task
 
 
 def check_resume(state: dict, now: dict, output: Path) -> None:
-    from piece_mm.select import BUDGET_DEFAULTS
+    from piece_mm.budget import BUDGET_DEFAULTS
     saved = state["config"]
     if isinstance(saved.get("budget"), dict) and isinstance(now.get("budget"), dict):
         # a budget field added since the run started, at its default, is no change (e.g. score_memory)

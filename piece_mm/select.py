@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from piece_mm import dist
+from piece_mm.budget import GRANULARITIES, Budget
 from piece_mm.components import COMPONENTS, layer_of
-from piece_mm.configs import DIR as CONFIGS
 from piece_mm.tasks.errors import InputError
 
 
@@ -105,7 +104,6 @@ def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int,
     return out
 
 
-GRANULARITIES = ("element", "tensor")
 
 
 def component_k(fraction: float, n_elements: int) -> int:
@@ -113,10 +111,13 @@ def component_k(fraction: float, n_elements: int) -> int:
     return max(1, math.floor(fraction * n_elements)) if fraction > 0 else 0
 
 
-def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], budget: dict | float,
+def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], budget: Budget | dict | float,
                  pool: str = "component", granularity: str = "element",
                  shards: dict | None = None) -> dict[str, torch.Tensor]:
     """{param name: sorted 1-D int64 flat indices}; parameters with nothing chosen are omitted.
+
+    budget: a pm.Budget (its fractions or total, its pool and its granularity are used), or the fractions per
+    component as a dict, or for pool="global" a total fraction.
 
     granularity="tensor" chooses whole parameter tensors (as the TRACE code does): in order of their mean score,
     each one that still fits in the budget's k elements (so at most k are chosen).
@@ -128,6 +129,8 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
 
     shards: {name: parameter} when the scores are this rank's FSDP2 shards (piece_mm/shard.py); every rank then
     returns the same whole-parameter masks, equal to those one process would choose from the whole scores."""
+    if isinstance(budget, Budget):
+        budget, pool, granularity = budget.selection(), budget.pool, budget.granularity
     for c, names in parts.items():
         missing = [n for n in names if n not in scores]
         if missing:
@@ -196,94 +199,9 @@ def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return inter / union if union else 1.0
 
 
-BUDGET_DIR = CONFIGS / "budgets"
-BUDGET_DEFAULTS = {"fractions": {"vision": 0.0, "projector": 0.0, "llm": 0.001}, "pool": "component", "total": None,
-                   "exclude": [r"embed_tokens\."], "components": {}, "score_examples": 1000,
-                   "score_batch_size": 16, "lr": None, "steps": None, "betas": [0.9, 0.95], "weight_decay": 0.0,
-                   "granularity": "element", "score_memory": "auto", "trace": {}}
-# method="trace" options (piece_mm/trace.py); probe_steps None = a tenth of the task's training steps
-TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
-                  "strength": 1.0, "threshold": 0.5}
-
-
 def load_budget(name) -> dict:
-    """A budget YAML (a path, or a stem in configs/budgets) merged over BUDGET_DEFAULTS, validated; errors name the
-    file, the field and the value."""
-    import yaml
-
-    path = Path(name)
-    if not path.is_file():
-        path = BUDGET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise InputError(f"--budget {str(name)!r}: file not found (nor {path})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping, found {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(BUDGET_DEFAULTS))
-    if unknown:
-        raise InputError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(BUDGET_DEFAULTS)}")
-    try:  # shown in logs and metrics.json: relative to the working directory where it can be
-        shown = str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(path)
-    b = {**BUDGET_DEFAULTS, **raw, "path": shown}
-    fr = b["fractions"]
-    if not isinstance(fr, dict) or set(fr) - set(COMPONENTS):
-        raise InputError(f"{path}: fractions is {fr!r}; expected a mapping over {', '.join(COMPONENTS)}")
-    for c, v in fr.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
-            raise InputError(f"{path}: fractions.{c} is {v!r}; expected a number in [0, 1]")
-    if b["pool"] not in ("component", "global"):
-        raise InputError(f"{path}: pool is {b['pool']!r}; expected 'component' or 'global'")
-    if b["total"] is not None and (not isinstance(b["total"], (int, float)) or not 0.0 < b["total"] <= 1.0):
-        raise InputError(f"{path}: total is {b['total']!r}; expected a number in (0, 1]")
-    if not isinstance(b["exclude"], list) or not all(isinstance(x, str) for x in b["exclude"]):
-        raise InputError(f"{path}: exclude is {b['exclude']!r}; expected a list of regexes")
-    if not isinstance(b["components"], dict) or any(v not in COMPONENTS for v in b["components"].values()):
-        raise InputError(f"{path}: components is {b['components']!r}; expected {{regex: vision|projector|llm}}")
-    for f in ("score_examples", "score_batch_size", "steps"):
-        v = b[f]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise InputError(f"{path}: {f} is {v!r}; expected a positive integer")
-    if b["lr"] is not None and (not isinstance(b["lr"], (int, float)) or b["lr"] <= 0):
-        raise InputError(f"{path}: lr is {b['lr']!r}; expected a positive number")
-    if not (isinstance(b["betas"], list) and len(b["betas"]) == 2 and all(0 <= x < 1 for x in b["betas"])):
-        raise InputError(f"{path}: betas is {b['betas']!r}; expected [beta1, beta2] in [0, 1)")
-    if b["granularity"] not in GRANULARITIES:
-        raise InputError(f"{path}: granularity is {b['granularity']!r}; expected one of {', '.join(GRANULARITIES)}")
-    if b["score_memory"] not in ("auto", "device", "host"):
-        raise InputError(f"{path}: score_memory is {b['score_memory']!r}; expected auto, device or host")
-    b["trace"] = _trace_options(path, b["trace"])
-    return b
-
-
-def _trace_options(path, t) -> dict:
-    from piece_mm.trace import LEVELS, SPECIFICITY_RULES
-
-    if not isinstance(t, dict):
-        raise InputError(f"{path}: trace is {t!r:.60}; expected a mapping")
-    unknown = sorted(set(t) - set(TRACE_DEFAULTS))
-    if unknown:
-        raise InputError(f"{path}: trace.{unknown[0]} is not a trace option; known: {', '.join(TRACE_DEFAULTS)}")
-    t = {**TRACE_DEFAULTS, **t}
-    v = t["probe_steps"]
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-        raise InputError(f"{path}: trace.probe_steps is {v!r}; expected a positive integer")
-    for f, lo, hi in (("probe_lr", 0.0, None), ("mix", 0.0, 1.0), ("strength", 0.0, None), ("threshold", -1.0, 1.0)):
-        v = t[f]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or (hi is not None and v > hi) or \
-                (f == "probe_lr" and v == 0):
-            top = hi if hi is not None else "inf"
-            raise InputError(f"{path}: trace.{f} is {v!r}; expected a number in [{lo}, {top}]")
-    if t["level"] not in LEVELS:
-        raise InputError(f"{path}: trace.level is {t['level']!r}; expected one of {', '.join(LEVELS)}")
-    if t["specificity"] not in SPECIFICITY_RULES:
-        raise InputError(f"{path}: trace.specificity is {t['specificity']!r}; expected one of "
-                         f"{', '.join(SPECIFICITY_RULES)}")
-    return t
+    """A budget YAML (a path, or a stem in configs/budgets), validated (piece_mm/budget.py), in its plain form."""
+    return Budget.from_yaml(name).to_dict()
 
 
 def budget_arg(b: dict):

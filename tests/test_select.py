@@ -101,3 +101,35 @@ def test_shipped_budgets_load_and_bad_ones_name_the_field(tmp_path):
         load_budget(bad)
     with pytest.raises(InputError, match="nope"):
         load_budget(tmp_path / "nope.yaml")
+
+
+def test_budget_is_the_typed_yaml_and_select_masks_takes_it(tmp_path):
+    """pm.Budget.from_yaml holds every field of the file over the documented defaults; made in Python it is validated
+    the same way; select_masks reads its fractions (or total), pool and granularity."""
+    import yaml
+
+    import piece_mm as pm
+    from piece_mm.configs import DIR
+
+    raw = yaml.safe_load((DIR / "budgets" / "default.yaml").read_text())
+    b = pm.Budget.from_yaml("default")
+    for k, v in raw.items():
+        assert getattr(b, k) == v, k
+    assert b.to_dict() == load_budget("default") and b.path.endswith("default.yaml")
+    with pytest.raises(InputError, match=r"^Budget: fractions\.llm is -0\.5"):
+        pm.Budget(fractions={"llm": -0.5})
+    with pytest.raises(InputError, match=r"^Budget: weight_decay is -1"):
+        pm.Budget(weight_decay=-1)
+    with pytest.raises(InputError, match=r"^Budget: unknown field 'fraction'"):
+        pm.Budget.from_dict({"fraction": {"llm": 0.1}})
+    gen = torch.Generator().manual_seed(1)
+    scores = {"v": torch.rand(40, generator=gen), "p": torch.rand(10, generator=gen), "l": torch.rand(50, generator=gen)}
+    parts = {"vision": ["v"], "projector": ["p"], "llm": ["l"]}
+    for budget, pool, arg in [(pm.Budget(fractions={"vision": 0.1, "llm": 0.2}), "component",
+                               {"vision": 0.1, "llm": 0.2}),
+                              (pm.Budget(pool="global", total=0.15), "global", {"total": 0.15})]:
+        got, want = pm.select_masks(scores, parts, budget), pm.select_masks(scores, parts, arg, pool=pool)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    # tensor granularity: whole tensors by mean score, as many as fit in k = 0.5 x 100 elements
+    got = pm.select_masks(scores, parts, pm.Budget(pool="global", total=0.5, granularity="tensor"))
+    assert sum(m.numel() for m in got.values()) <= 50 and all(m.numel() == scores[n].numel() for n, m in got.items())

@@ -1,0 +1,167 @@
+"""`pm.Budget`: the typed form of a budget YAML (configs/budgets/*.yaml), in the manner of peft's LoraConfig.
+
+    budget = pm.Budget(fractions={"llm": 0.01}, exclude=[r"embed_tokens\\.", r"language_model\\..*\\.k_proj\\."])
+    budget = pm.Budget.from_yaml("default")           # a path, or a name in configs/budgets
+    masks = pm.select_masks(scores, parts, budget)    # its fractions (or total), pool and granularity
+
+It is validated where it is made, once: every error names the file (or "Budget"), the field and the value. The loop
+and metrics.json hold its plain form, `to_dict()`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from piece_mm.components import COMPONENTS
+from piece_mm.configs import DIR as CONFIGS
+from piece_mm.tasks.errors import InputError
+
+BUDGET_DIR = CONFIGS / "budgets"
+GRANULARITIES = ("element", "tensor")
+POOLS = ("component", "global")
+SCORE_MEMORY = ("auto", "device", "host")
+# method="trace" options (piece_mm/trace.py); probe_steps None = a tenth of the task's training steps
+TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
+                  "strength": 1.0, "threshold": 0.5}
+
+
+@dataclass
+class Budget:
+    """Which weights the sparse methods may choose for a task, how many, and how they are tuned.
+
+    fractions: of each component's scorable elements (k = floor(fraction x elements), >= 1 if > 0);
+    pool: "component" (a top-k in each) or "global" (one top-k over all, the paper's; `total` then gives its size);
+    exclude: regexes of parameter names never chosen; components: {regex: component} for families not known;
+    score_examples, score_batch_size (1 = per-sample): the scoring pass; score_memory: where its sums live;
+    lr, steps: used when the command line gives none; betas, weight_decay: AdamW's; granularity: "element" or
+    "tensor" (whole tensors, as TRACE's code); trace: method="trace" options (TRACE_DEFAULTS)."""
+    fractions: dict = field(default_factory=lambda: {"vision": 0.0, "projector": 0.0, "llm": 0.001})
+    pool: str = "component"
+    total: float | None = None
+    exclude: list = field(default_factory=lambda: [r"embed_tokens\."])
+    components: dict = field(default_factory=dict)
+    score_examples: int = 1000
+    score_batch_size: int = 16
+    lr: float | None = None
+    steps: int | None = None
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    granularity: str = "element"
+    score_memory: str = "auto"
+    trace: dict = field(default_factory=dict)
+    path: str | None = None  # the file it was read from, as shown in logs and metrics.json
+
+    def __post_init__(self):
+        where = self.path or "Budget"
+        if not isinstance(self.betas, (list, tuple)):
+            raise InputError(f"{where}: betas is {self.betas!r}; expected [beta1, beta2] in [0, 1)")
+        self.betas = list(self.betas)
+        fr = self.fractions
+        if not isinstance(fr, dict) or set(fr) - set(COMPONENTS):
+            raise InputError(f"{where}: fractions is {fr!r}; expected a mapping over {', '.join(COMPONENTS)}")
+        for c, v in fr.items():
+            if not _number(v) or not 0.0 <= v <= 1.0:
+                raise InputError(f"{where}: fractions.{c} is {v!r}; expected a number in [0, 1]")
+        if self.pool not in POOLS:
+            raise InputError(f"{where}: pool is {self.pool!r}; expected 'component' or 'global'")
+        if self.total is not None and (not _number(self.total) or not 0.0 < self.total <= 1.0):
+            raise InputError(f"{where}: total is {self.total!r}; expected a number in (0, 1]")
+        if not isinstance(self.exclude, list) or not all(isinstance(x, str) for x in self.exclude):
+            raise InputError(f"{where}: exclude is {self.exclude!r}; expected a list of regexes")
+        if not isinstance(self.components, dict) or any(v not in COMPONENTS for v in self.components.values()):
+            raise InputError(f"{where}: components is {self.components!r}; expected {{regex: vision|projector|llm}}")
+        for f in ("score_examples", "score_batch_size", "steps"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise InputError(f"{where}: {f} is {v!r}; expected a positive integer")
+        if self.lr is not None and (not _number(self.lr) or self.lr <= 0):
+            raise InputError(f"{where}: lr is {self.lr!r}; expected a positive number")
+        if not (len(self.betas) == 2 and all(_number(x) and 0 <= x < 1 for x in self.betas)):
+            raise InputError(f"{where}: betas is {self.betas!r}; expected [beta1, beta2] in [0, 1)")
+        if not _number(self.weight_decay) or self.weight_decay < 0:
+            raise InputError(f"{where}: weight_decay is {self.weight_decay!r}; expected a number >= 0")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"{where}: granularity is {self.granularity!r}; expected one of "
+                             f"{', '.join(GRANULARITIES)}")
+        if self.score_memory not in SCORE_MEMORY:
+            raise InputError(f"{where}: score_memory is {self.score_memory!r}; expected auto, device or host")
+        self.trace = _trace_options(where, self.trace)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "Budget") -> Budget:
+        """From a YAML's mapping; an unknown field is an error naming it."""
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}: expected a mapping, found {type(raw).__name__}")
+        known = [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InputError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(known)}")
+        return cls(**raw, path=where)
+
+    @classmethod
+    def from_yaml(cls, name) -> Budget:
+        """A budget YAML: a path, or a stem in configs/budgets ("default", "paper-global", ...)."""
+        import yaml
+
+        path = Path(name)
+        if not path.is_file():
+            path = BUDGET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise InputError(f"--budget {str(name)!r}: file not found (nor {path})")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        try:  # shown in logs and metrics.json: relative to the working directory where it can be
+            shown = str(path.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(path)
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a mapping, found {type(raw).__name__}")
+        budget = cls.from_dict(raw, where=str(path))  # errors name the file as found
+        budget.path = shown
+        return budget
+
+    def to_dict(self) -> dict:
+        """The plain form the loop, the checkpoints and metrics.json hold."""
+        return dataclasses.asdict(self)
+
+    def selection(self):
+        """select_masks' `budget` argument: the fractions per component, or {"total": t} for a global pool of
+        a set size."""
+        if self.pool == "global" and self.total is not None:
+            return {"total": self.total}
+        return self.fractions
+
+
+BUDGET_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                   for f in dataclasses.fields(Budget) if f.name != "path"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _trace_options(where, t) -> dict:
+    from piece_mm.trace import LEVELS, SPECIFICITY_RULES
+
+    if not isinstance(t, dict):
+        raise InputError(f"{where}: trace is {t!r:.60}; expected a mapping")
+    unknown = sorted(set(t) - set(TRACE_DEFAULTS))
+    if unknown:
+        raise InputError(f"{where}: trace.{unknown[0]} is not a trace option; known: {', '.join(TRACE_DEFAULTS)}")
+    t = {**TRACE_DEFAULTS, **t}
+    v = t["probe_steps"]
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise InputError(f"{where}: trace.probe_steps is {v!r}; expected a positive integer")
+    for f, lo, hi in (("probe_lr", 0.0, None), ("mix", 0.0, 1.0), ("strength", 0.0, None), ("threshold", -1.0, 1.0)):
+        v = t[f]
+        if not _number(v) or v < lo or (hi is not None and v > hi) or (f == "probe_lr" and v == 0):
+            top = hi if hi is not None else "inf"
+            raise InputError(f"{where}: trace.{f} is {v!r}; expected a number in [{lo}, {top}]")
+    if t["level"] not in LEVELS:
+        raise InputError(f"{where}: trace.level is {t['level']!r}; expected one of {', '.join(LEVELS)}")
+    if t["specificity"] not in SPECIFICITY_RULES:
+        raise InputError(f"{where}: trace.specificity is {t['specificity']!r}; expected one of "
+                         f"{', '.join(SPECIFICITY_RULES)}")
+    return t
