@@ -3,91 +3,29 @@ held-out set. Methods are registered by name (piece_mm/methods/__init__.py descr
 registered here, the baselines in piece_mm/methods/."""
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from piece_mm import checkpoint, dist, shard
-from piece_mm.batching import IGNORE_INDEX, collate, global_answer_tokens, training_batches
+from piece_mm.batching import global_answer_tokens, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
-from piece_mm.importance import estimate_importance
-from piece_mm.methods import METHODS, load_tensors, register, save_tensors
-from piece_mm.select import budget_arg, jaccard, mask_summary, select_masks
-from piece_mm.sparse import sparse_optimizer
+from piece_mm.methods import METHODS, Method, Tuning, load_tensors, save_tensors
+from piece_mm.methods.piece import SHARDED_METHODS, SPARSE_METHODS  # noqa: F401  (train.py reads them here)
+from piece_mm.models import activation_checkpointing
+from piece_mm.select import jaccard, mask_summary
+from piece_mm.sparse import SparseOptimizer
 from piece_mm.tasks.base import METRICS
 from piece_mm.tasks.errors import InputError
 from piece_mm.tasks.sequence import GENERATION_DEFAULTS, Sequence
-
-PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
-
-
-def _sparse_method(estimator: str):
-    def make(model, processor, task, cfg, masks=None):
-        """Score the task's training examples on the current model, pick the top weights per component within the
-        budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
-        b = cfg["budget"]
-        parts = split_components(model, exclude=b["exclude"], rules=b["components"])
-        if masks is None:
-            masks = _choose(model, processor, task, cfg, parts)
-        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
-                               weight_decay=b["weight_decay"])
-        opt.parts = parts
-        return opt
-
-    def _choose(model, processor, task, cfg, parts):
-        b = cfg["budget"]
-        examples = task.train[: b["score_examples"]]
-        per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
-        bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
-        chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]
-        if shard.is_fsdp(model):  # every scoring batch, this rank's share of its examples (FSDP2 sums the shares)
-            batches = (_share_batch(processor, c) for c in chunks)
-        else:
-            batches = (collate(processor, c) for c in dist.share(chunks))  # this process's whole batches
-        options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b.get("score_memory", "auto"),
-                   "log": cfg.get("log")}
-        if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
-            t = b["trace"]
-            options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
-                       "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
-                       "strength": t["strength"], "threshold": t["threshold"],
-                       "history": cfg.get("trace_history", []), "probe_out": cfg.get("trace_out")}
-        if estimator in GRADIENT_SCORES and b["pool"] == "component":
-            # a component with no budget is not scored: on a 7B model that spares its fp32 sums (the vision tower's
-            # are ~1.2 GB), and the other components' gradients, hence scores, are the same without it
-            parts = {c: names if b["fractions"].get(c, 0) > 0 else [] for c, names in parts.items()}
-        with activation_checkpointing(model, cfg.get("gradient_checkpointing", False)):
-            scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
-                                         **options)
-        shards = dict(model.named_parameters()) if shard.is_fsdp(model) else None
-        return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"],
-                            shards=shards)
-    make.__name__ = estimator
-    return make
-
-
-def _share_batch(processor, examples: list) -> dict:
-    """This rank's share of one scoring batch. A rank left without an example (a batch smaller than the process
-    count) runs the first one with no answer token counted, so it joins FSDP2's collectives and adds nothing."""
-    mine = examples[dist.rank()::dist.world()]
-    batch = collate(processor, mine or examples[:1])
-    if not mine:
-        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-    return batch
-
-
-SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
-GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
-SHARDED_METHODS = GRADIENT_SCORES + ("magnitude",)  # what runs on FSDP2 shards (piece_mm/shard.py)
-for _name in SPARSE_METHODS:
-    register(_name)(_sparse_method(_name))
 
 
 def component_counts(model, rules: dict | None = None) -> dict:
@@ -154,11 +92,11 @@ def _fit_length(processor, seq: Sequence, max_length: int, log) -> Sequence:
 def _sum_gradients(opt) -> None:
     """Sum the gradients the optimizer follows over the processes (for the sparse optimizer: only its compact ones).
     On FSDP2 shards they are summed already: FSDP2's reduce-scatter did it in backward."""
-    if getattr(opt, "sharded", False):
+    sparse = isinstance(opt, SparseOptimizer)
+    if sparse and opt.sharded:
         return
     grads = []
-    for p in (opt.compact_params() if hasattr(opt, "compact_params") else
-              [q for g in opt.param_groups for q in g["params"]]):
+    for p in (opt.compact_params() if sparse else [q for g in opt.param_groups for q in g["params"]]):
         if p.grad is None:  # every process must send the same buffer
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
@@ -182,52 +120,29 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> 
     return total
 
 
-@contextlib.contextmanager
-def activation_checkpointing(model, on: bool):
-    """transformers' gradient checkpointing (non-reentrant, so only the tuned weights need gradients) while inside,
-    with the KV cache off (checkpointing refuses one); generation gets both back afterwards. Scoring inside it
-    checkpoints too (estimate_importance)."""
-    if not on:
-        yield
-        return
-    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
-    use_cache = [getattr(c, "use_cache", None) for c in configs]
-    for c in configs:
-        c.use_cache = False
-    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        yield
-    finally:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        for c, u in zip(configs, use_cache):
-            c.use_cache = u
-
-
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
-               start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False) -> float:
+               start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False,
+               examples: list | None = None, extra_loss=None) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
     grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
-    rounding); gradient_checkpointing recomputes activations in backward instead of keeping them."""
+    rounding); gradient_checkpointing recomputes activations in backward instead of keeping them. A method may
+    train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning)."""
     device = next(model.parameters()).device
     model.train()
     world = dist.world()
-    examples = getattr(opt, "train_examples", None) or task.train  # a method may train on more than the task's data
+    examples = examples or task.train
     bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
                                 world=world, micro=grad_accum), initial=start, total=steps, desc=desc,
                file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
     with activation_checkpointing(model, gradient_checkpointing):
-        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step)
+        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step, extra_loss)
     model.eval()
     return loss_value
 
 
-def _train_steps(model, opt, sched, bar, start, device, world, on_step) -> float:
+def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra) -> float:
     loss_value = float("nan")
-    for step, batch in enumerate(bar, start=start):
-        extra = getattr(opt, "extra_loss", None)  # a regulariser of the method (EWC's pull)
+    for step, batch in enumerate(bar, start=start):  # extra: a regulariser of the method (EWC's pull)
         if isinstance(batch, list):  # gradient accumulation
             loss = _accumulate(model, batch, device, extra, world)
             if world > 1:
@@ -252,7 +167,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step) -> float
             _sum_gradients(opt)
             loss = loss.detach().reshape(1)
             dist.sum_([loss])
-        if hasattr(opt, "clip_grad_norm_"):  # sparse: clip by the norm of the gradient it actually follows
+        if isinstance(opt, SparseOptimizer):  # clip by the norm of the gradient it actually follows
             opt.clip_grad_norm_(1.0)
         else:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -265,6 +180,28 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step) -> float
         if on_step is not None:
             on_step(step + 1, loss_value)
     return loss_value
+
+
+@dataclass
+class RunState:
+    """Where a run is: what its checkpoints' state.json holds, and what metrics.json is made of at the end."""
+    config: dict
+    task: int = 0  # the task being trained (in_task) or the next one to train
+    step: int = 0
+    in_task: bool = False
+    R: list = field(default_factory=list)  # R[0]: before any task; R[i]: every task's score after task i
+    before: dict | None = None  # general metrics before any task
+    after: list = field(default_factory=list)  # general metrics after each task
+    samples: list = field(default_factory=list)
+    selection: list = field(default_factory=list)  # sparse methods: what each task chose
+    loss: float | None = None
+    time_s: float = 0.0
+    optimizer_bytes: list = field(default_factory=list)  # per process, the most any task held
+    trainable: dict = field(default_factory=lambda: {"vision": 0, "projector": 0, "llm": 0, "total": 0})
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> RunState:
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
 def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
@@ -282,162 +219,200 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
-    from piece_mm.eval.cl_metrics import summary
     from piece_mm.eval.report import write_report
 
-    if method not in METHODS:
-        raise KeyError(method)
     t0 = time.time()
+    m = METHODS[method]
     if max_length:
         seq = _fit_length(processor, seq, max_length, log if dist.is_main() else (lambda _: None))
-    names = [t.name for t in seq.tasks]
-    config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, names, budget,
-                        clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
+    config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, [t.name for t in seq.tasks],
+                        budget, clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
                         generation=seq.generation)
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
-    main = dist.is_main()
-    sharded = shard.is_fsdp(model)  # FSDP2: collectives in every forward and checkpoint, so every rank joins them
-    if sharded and not main:  # the others generate alongside the first; only its metrics are kept
-        clip, spice = None, False
-    # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
-    task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
-    cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget, "tasks": seq.tasks,
-           "output": Path(output), "main": main, "log": log if main else None,
-           "gradient_checkpointing": gradient_checkpointing}
+    loop = _Loop(model, processor, seq, m, Path(output), log=log, seed=seed, steps=steps, batch_size=batch_size,
+                 lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
+                 spice=spice, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
+                 gradient_checkpointing=gradient_checkpointing)
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
-    if hasattr(METHODS[method], "prepare"):  # adapters: the checkpoints hold the adapted model
-        METHODS[method].prepare(model)
-    train_state = None
-    if resume_from is not None:
-        st, where = resume_from
-        check_resume(st, config, output)
-        train_state = checkpoint.restore(where, model)
-        log(f"resuming from {where}: task {st['task'] + 1}, step {st['step']}" if st["in_task"] else
-            f"resuming from {where}: before task {st['task'] + 1}")
-    else:
-        st = {"config": config, "task": 0, "step": 0, "in_task": False, "R": [], "before": None,
-              "after": [], "samples": [], "selection": [], "loss": None, "time_s": 0.0, "optimizer_bytes": [],
-              "trainable": {"vision": 0, "projector": 0, "llm": 0, "total": 0}}
-        if main or sharded:  # on shards every rank takes part in each forward, so all of them evaluate
-            with shard.whole_root(model):
-                scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
-                                                    "eval before", clip, spice, task_answers)
-            log(f"before: scores {_fmt(scores)}  {_general(general)}")
-            if main and general.get("CIDEr", 1.0) < 0.1:
-                print(f"warning: the base model's held-out CIDEr is {general['CIDEr']:.3f} (< 0.1): it cannot caption "
-                      "this set, so caption retention says nothing about what tuning keeps", file=sys.stderr)
-            st.update(R=[scores], before=general, samples=[samples])
-            checkpoint.save(output, {**st, "time_s": time.time() - t0}, model)
-        dist.barrier()
-    elapsed = st["time_s"] - t0  # + time.time() = the run's time, over every process that worked on it
+    if m.prepare is not None:  # adapters: the checkpoints hold the adapted model
+        m.prepare(model)
+    st = loop.begin(config, resume_from, t0)
+    for i in range(st.task, len(seq.tasks)):
+        loop.tune(st, i)
+    if not loop.main:
+        return None
+    metrics = loop.metrics(st, model_name, parameters, retention_threshold)
+    _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
+    write_report(output, metrics, st.samples)
+    checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
+    if m.finish is not None:  # adapters merged into the weights: the final model is a plain one
+        m.finish(model)
+    return metrics
 
-    # TRACE: each task's update signature, for the specificity of later tasks (saved, so a resumed run has them)
-    trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
-    history = [load_tensors(f) for f in trace_files[:st["task"] + (1 if st["in_task"] else 0)]] \
-        if method == "trace" else []
-    for i in range(st["task"], len(seq.tasks)):
-        task = seq.tasks[i]
-        mask_file = output / "masks" / f"{i + 1}-{task.name}.safetensors"
-        if st["in_task"]:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
-            masks = load_masks(mask_file) if method in SPARSE_METHODS else None
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i,
-                                                                 "resumed": True}, masks=masks)
-            sched = make_scheduler(opt, steps)
-            if train_state["optimizer"] is not None:
-                opt.load_state_dict(train_state["optimizer"])
-                sched.load_state_dict(train_state["scheduler"])
-            checkpoint.set_rng_state(train_state["rng"])
-            start = st["step"]
+
+class _Loop:
+    """The parts of a run that do not change (the model, the sequence, the method, how to evaluate and checkpoint),
+    and the three stages that move its RunState: begin, tune one task, metrics."""
+
+    def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, log, seed, steps,
+                 batch_size, lr, budget, eval_limit, eval_batch_size, clip, spice, checkpoint_every, grad_accum,
+                 gradient_checkpointing):
+        self.model, self.processor, self.seq, self.method, self.output = model, processor, seq, method, output
+        self.log, self.seed, self.steps, self.batch_size, self.budget = log, seed, steps, batch_size, budget
+        self.eval_limit, self.eval_batch_size, self.checkpoint_every = eval_limit, eval_batch_size, checkpoint_every
+        self.grad_accum, self.gradient_checkpointing = grad_accum, gradient_checkpointing
+        self.main = dist.is_main()
+        self.sharded = shard.is_fsdp(model)  # FSDP2: collectives in every forward and checkpoint: every rank joins
+        # on shards the others generate alongside the first; only its metrics are kept
+        self.clip, self.spice = (None, False) if self.sharded and not self.main else (clip, spice)
+        # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
+        self.task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
+        self.cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget,
+                    "tasks": seq.tasks, "output": output, "main": self.main, "log": log if self.main else None,
+                    "gradient_checkpointing": gradient_checkpointing}
+        # TRACE: each task's update signature, for the specificity of later tasks (saved: a resumed run has them)
+        self.trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
+        self.history: list = []
+        self.elapsed = 0.0  # + time.time() = the run's time, over every process that worked on it
+        self.train_state = None
+
+    def evaluate(self, desc: str):
+        with shard.whole_root(self.model):
+            return evaluate(self.model, self.processor, self.seq, self.eval_limit, self.eval_batch_size, desc,
+                            self.clip, self.spice, self.task_answers)
+
+    def save(self, st: RunState, opt=None, sched=None, weights_unchanged: bool = False) -> None:
+        checkpoint.save(self.output, dataclasses.asdict(st), self.model, opt, sched,
+                        weights_unchanged=weights_unchanged)
+
+    def begin(self, config: dict, resume_from, t0: float) -> RunState:
+        """The state to start from: a checkpoint's, or the base model's evaluation."""
+        if resume_from is not None:
+            saved, where = resume_from
+            check_resume(saved, config, self.output)
+            st = RunState.from_checkpoint(saved)
+            self.train_state = checkpoint.restore(where, self.model)
+            self.log(f"resuming from {where}: task {st.task + 1}, step {st.step}" if st.in_task else
+                     f"resuming from {where}: before task {st.task + 1}")
         else:
-            torch.manual_seed(seed * 1000 + i)
-            probe_out: dict = {}
-            opt = METHODS[method](model, processor, task, cfg | {"seed": seed * 1000 + i, "index": i,
-                                                                 "resumed": False, "trace_history": history,
-                                                                 "trace_out": probe_out})
-            if "sketch" in probe_out:
-                history.append(probe_out["sketch"])
-                if main:
-                    save_tensors(probe_out["sketch"], trace_files[i])
-            sched = make_scheduler(opt, steps)
-            start = 0
-            masks = getattr(opt, "masks", None)
-            if masks is not None:
-                summ = mask_summary(masks, opt.parts)
-                counts = {c: summ[c]["chosen"] for c in opt.parts} | {"total": summ["total"]}
-                st["selection"].append({"task": task.name, **summ})
-                if main:
-                    save_masks(masks, mask_file, {"task": task.name})
-                log(f"{task.name}: tuning {summ['total']:,} weights (" +
-                    ", ".join(f"{c} {summ[c]['chosen']:,}" for c in opt.parts) + ")")
-            else:
-                counts = component_counts(model, (budget or {}).get("components"))
-            st["trainable"] = {k: max(st["trainable"][k], counts[k]) for k in counts}
-            st.update(task=i, step=0, in_task=True)
+            st = RunState(config)
+            if self.main or self.sharded:  # on shards every rank takes part in each forward: all of them evaluate
+                scores, general, samples = self.evaluate("eval before")
+                self.log(f"before: scores {_fmt(scores)}  {_general(general)}")
+                if self.main and general.get("CIDEr", 1.0) < 0.1:
+                    print(f"warning: the base model's held-out CIDEr is {general['CIDEr']:.3f} (< 0.1): it cannot "
+                          "caption this set, so caption retention says nothing about what tuning keeps",
+                          file=sys.stderr)
+                st.R, st.before, st.samples = [scores], general, [samples]
+                st.time_s = time.time() - t0
+                self.save(st)
+            dist.barrier()
+        self.elapsed = st.time_s - t0
+        if self.method.name == "trace":
+            self.history = [load_tensors(f) for f in self.trace_files[:st.task + (1 if st.in_task else 0)]]
+        return st
 
-        def on_step(done, loss, opt=opt, sched=sched):
-            if (main or sharded) and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
-                st.update(step=done, loss=loss, time_s=elapsed + time.time())
-                checkpoint.save(output, st, model, opt, sched)
+    def tune(self, st: RunState, i: int) -> None:
+        """Task i: build (or rebuild, resumed) what the method trains, train, evaluate, checkpoint."""
+        task, steps, model = self.seq.tasks[i], self.steps, self.model
+        mask_file = self.output / "masks" / f"{i + 1}-{task.name}.safetensors"
+        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task,
+                          "trace_history": self.history, "trace_out": {}}
+        if st.in_task:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
+            tuning = self.method.for_task(model, self.processor, task, cfg,
+                                          masks=load_masks(mask_file) if self.method.sparse else None)
+            sched = make_scheduler(tuning.optimizer, steps)
+            if self.train_state["optimizer"] is not None:
+                tuning.optimizer.load_state_dict(self.train_state["optimizer"])
+                sched.load_state_dict(self.train_state["scheduler"])
+            checkpoint.set_rng_state(self.train_state["rng"])
+            start = st.step
+        else:
+            torch.manual_seed(self.seed * 1000 + i)
+            tuning = self.method.for_task(model, self.processor, task, cfg)
+            if "sketch" in cfg["trace_out"]:
+                self.history.append(cfg["trace_out"]["sketch"])
+                if self.main:
+                    save_tensors(cfg["trace_out"]["sketch"], self.trace_files[i])
+            sched = make_scheduler(tuning.optimizer, steps)
+            start = 0
+            self._chosen(st, task, tuning, mask_file)
+            st.task, st.step, st.in_task = i, 0, True
+
+        def on_step(done, loss):
+            if (self.main or self.sharded) and (done == steps or (self.checkpoint_every and
+                                                                  done % self.checkpoint_every == 0)):
+                st.step, st.loss, st.time_s = done, loss, self.elapsed + time.time()
+                self.save(st, tuning.optimizer, sched)
 
         if start < steps:
-            st["loss"] = train_task(model, processor, task, opt, sched, steps, batch_size, seed * 1000 + i,
-                                    desc=f"task {i + 1}/{len(seq.tasks)} {task.name}", start=start, on_step=on_step,
-                                    grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
-        if hasattr(opt, "state_bytes") and start < steps:  # what each process held for the chosen elements
-            held = dist.gather_all(torch.tensor([opt.state_bytes()], dtype=torch.int64))
-            st["optimizer_bytes"] = [max(a, int(b)) for a, b in
-                                     zip(st.get("optimizer_bytes") or [0] * len(held), held.view(-1))]
-        if hasattr(opt, "close"):
-            opt.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
-        if hasattr(opt, "after_task"):  # e.g. EWC: this task's Fisher, measured by every process, saved by the first
-            opt.after_task(model)
-        masks = getattr(opt, "masks", None)
-        st.update(task=i + 1, step=0, in_task=False)
-        if main or sharded:
-            if masks is not None:
-                values = shard.gather_values(model, masks)  # on shards each rank sends the values it holds
-                if main:
-                    save_delta(model, masks, output / "deltas" / f"{i + 1}-{task.name}.safetensors",
+            st.loss = train_task(model, self.processor, task, tuning.optimizer, sched, steps, self.batch_size,
+                                 self.seed * 1000 + i, desc=f"task {i + 1}/{len(self.seq.tasks)} {task.name}",
+                                 start=start, on_step=on_step, grad_accum=self.grad_accum,
+                                 gradient_checkpointing=self.gradient_checkpointing,
+                                 examples=tuning.train_examples, extra_loss=tuning.extra_loss)
+            if isinstance(tuning.optimizer, SparseOptimizer):  # what each process held for the chosen elements
+                held = dist.gather_all(torch.tensor([tuning.optimizer.state_bytes()], dtype=torch.int64))
+                st.optimizer_bytes = [max(a, int(b)) for a, b in
+                                      zip(st.optimizer_bytes or [0] * len(held), held.view(-1))]
+        if tuning.close is not None:
+            tuning.close()  # the sparse optimizer's gradient hooks would hide the next task's scoring gradients
+        if tuning.after_task is not None:  # e.g. EWC: this task's Fisher, measured by every process
+            tuning.after_task(model)
+        st.task, st.step, st.in_task = i + 1, 0, False
+        if self.main or self.sharded:
+            if tuning.masks is not None:
+                values = shard.gather_values(model, tuning.masks)  # on shards each rank sends the values it holds
+                if self.main:
+                    save_delta(model, tuning.masks, self.output / "deltas" / f"{i + 1}-{task.name}.safetensors",
                                {"task": task.name}, values=values)
-            with shard.whole_root(model):
-                scores, general, samples = evaluate(model, processor, seq, eval_limit, eval_batch_size,
-                                                    f"eval {task.name}", clip, spice, task_answers)
-            st["R"].append(scores)
-            st["after"].append(general)
-            st["samples"].append(samples)
-            log(f"after {task.name}: loss {st['loss']:.3f}  scores {_fmt(scores)}  {_general(general)}")
-            st["time_s"] = elapsed + time.time()
+            scores, general, samples = self.evaluate(f"eval {task.name}")
+            st.R.append(scores)
+            st.after.append(general)
+            st.samples.append(samples)
+            self.log(f"after {task.name}: loss {st.loss:.3f}  scores {_fmt(scores)}  {_general(general)}")
+            st.time_s = self.elapsed + time.time()
             # the checkpoint of training's last step holds these very weights: link them, do not write them again
-            checkpoint.save(output, st, model, weights_unchanged=True)
+            self.save(st, weights_unchanged=True)
         dist.barrier()  # the others wait while the first process evaluates
 
-    if not main:
-        return None
-    R = st["R"]
-    metrics = {"model": model_name, "method": method, "seed": seed, "tasks": names,
-               "task_metrics": [t.metric for t in seq.tasks], "scores": R,
-               "general": {"before": st["before"], "after": st["after"]},
-               "summary": summary(R, st["before"], st["after"]), "trainable": st["trainable"],
-               "time_s": elapsed + time.time(), "parameters": parameters,
-               "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
-    if st.get("optimizer_bytes"):  # per process, the most any task needed (sparse methods)
-        metrics["optimizer_state_bytes"] = {"per_process": st["optimizer_bytes"], "processes": dist.world(),
-                                            "sharded": sharded}
-    if st["selection"]:
-        all_masks = [load_masks(output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
-        metrics["budget"] = budget["path"]
-        metrics["selection"] = st["selection"]
-        metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
-    if method == "trace":
-        from piece_mm.trace import cosine_matrix
-        metrics["trace_cosine"] = cosine_matrix([load_tensors(f) for f in trace_files])
-    _atomic_write(output / "metrics.json", json.dumps(metrics, indent=1))
-    write_report(output, metrics, st["samples"])
-    checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
-    if hasattr(METHODS[method], "finish"):  # adapters merged into the weights: the final model is a plain one
-        METHODS[method].finish(model)
-    return metrics
+    def _chosen(self, st: RunState, task, tuning: Tuning, mask_file: Path) -> None:
+        """A new task's trainable weights: the masks saved and counted (sparse methods), or the method's count."""
+        if tuning.masks is None:
+            counts = component_counts(self.model, (self.budget or {}).get("components"))
+        else:
+            summ = mask_summary(tuning.masks, tuning.parts)
+            counts = {c: summ[c]["chosen"] for c in tuning.parts} | {"total": summ["total"]}
+            st.selection.append({"task": task.name, **summ})
+            if self.main:
+                save_masks(tuning.masks, mask_file, {"task": task.name})
+            self.log(f"{task.name}: tuning {summ['total']:,} weights (" +
+                     ", ".join(f"{c} {summ[c]['chosen']:,}" for c in tuning.parts) + ")")
+        st.trainable = {k: max(st.trainable[k], counts[k]) for k in counts}
+
+    def metrics(self, st: RunState, model_name: str, parameters: int, retention_threshold: float) -> dict:
+        from piece_mm.eval.cl_metrics import summary
+
+        names = [t.name for t in self.seq.tasks]
+        metrics = {"model": model_name, "method": self.method.name, "seed": self.seed, "tasks": names,
+                   "task_metrics": [t.metric for t in self.seq.tasks], "scores": st.R,
+                   "general": {"before": st.before, "after": st.after},
+                   "summary": summary(st.R, st.before, st.after), "trainable": st.trainable,
+                   "time_s": self.elapsed + time.time(), "parameters": parameters,
+                   "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
+        if st.optimizer_bytes:  # per process, the most any task needed (sparse methods)
+            metrics["optimizer_state_bytes"] = {"per_process": st.optimizer_bytes, "processes": dist.world(),
+                                                "sharded": self.sharded}
+        if st.selection:
+            all_masks = [load_masks(self.output / "masks" / f"{i + 1}-{t}.safetensors") for i, t in enumerate(names)]
+            metrics["budget"] = self.budget["path"]
+            metrics["selection"] = st.selection
+            metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
+        if self.method.name == "trace":
+            from piece_mm.trace import cosine_matrix
+            metrics["trace_cosine"] = cosine_matrix([load_tensors(f) for f in self.trace_files])
+        return metrics
 
 
 def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None,

@@ -2,6 +2,7 @@
 from_pretrained as a local dir or an HF id, through exactly the same code."""
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -94,3 +95,27 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     if processor.tokenizer.pad_token_id is None:  # real LLMs often ship without one; batching needs it
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model, on: bool):
+    """transformers' gradient checkpointing (non-reentrant, so only the tuned weights need gradients) while inside,
+    with the KV cache off (checkpointing refuses one); generation gets both back afterwards. Scoring inside it
+    checkpoints too (estimate_importance)."""
+    if not on:
+        yield
+        return
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    use_cache = [getattr(c, "use_cache", None) for c in configs]
+    for c in configs:
+        c.use_cache = False
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        for c, u in zip(configs, use_cache):
+            c.use_cache = u

@@ -26,7 +26,7 @@ def test_ln_trains_only_normalisation_layers(tiny):
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(8)
-    opt = METHODS["ln"](model, processor, tasks[0], _cfg(tasks, 0))
+    opt = METHODS["ln"].for_task(model, processor, tasks[0], _cfg(tasks, 0)).optimizer
     norms = set(norm_params(model))
     assert norms and {n for n, p in model.named_parameters() if p.requires_grad} == norms
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -38,19 +38,20 @@ def test_ln_trains_only_normalisation_layers(tiny):
 
 def test_replay_mixes_ten_percent_of_each_earlier_task():
     tasks = _seq(20)
-    opt = METHODS["replay"](torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2))
+    opt = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2))
     ex = opt.train_examples
     assert ex[:20] == tasks[2].train and len(ex) == 20 + 2 + 2
     for t in tasks[:2]:
         assert sum(any(e is x for x in t.train) for e in ex) == 2  # 10 % of 20, drawn from that task
-    again = METHODS["replay"](torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2)).train_examples
+    again = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2)).train_examples
     assert [id(e) for e in again] == [id(e) for e in ex]  # seeded: a resumed task rebuilds the same mix
-    assert METHODS["replay"](torch.nn.Linear(2, 2), None, tasks[0], _cfg(tasks, 0)).train_examples == tasks[0].train
+    first = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[0], _cfg(tasks, 0))
+    assert first.train_examples == tasks[0].train
 
 
 def test_multitask_trains_on_every_task_so_far():
     tasks = _seq(5)
-    opt = METHODS["multitask"](torch.nn.Linear(2, 2), None, tasks[1], _cfg(tasks, 1))
+    opt = METHODS["multitask"].for_task(torch.nn.Linear(2, 2), None, tasks[1], _cfg(tasks, 1))
     assert opt.train_examples == tasks[0].train + tasks[1].train
 
 
@@ -63,8 +64,8 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(16)
-    first = METHODS["ewc"](model, processor, tasks[0], _cfg(tasks, 0, output=tmp_path))
-    assert not hasattr(first, "extra_loss")
+    first = METHODS["ewc"].for_task(model, processor, tasks[0], _cfg(tasks, 0, output=tmp_path))
+    assert first.extra_loss is None
     state = first.after_task(model)
     f = state["fisher"]
     mean = sum(float(t.sum()) for t in f.values()) / sum(t.numel() for t in f.values())
@@ -72,7 +73,7 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(state["anchor"][n], params[n].detach()) for n in f)
     assert (tmp_path / "ewc" / "1-color.safetensors").is_file()  # the next task reads it from there
-    second = METHODS["ewc"](model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
+    second = METHODS["ewc"].for_task(model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
     assert float(second.extra_loss(model).detach()) == 0.0
     name = next(n for n in f if f[n].abs().sum() > 0 and params[n].dim() == 2)
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
     model = copy.deepcopy(base)
     tasks = _seq(8)
     teacher = copy.deepcopy(model).eval()
-    opt = METHODS["lwf"](model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
+    opt = METHODS["lwf"].for_task(model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
     assert (tmp_path / "lwf" / "2-size.safetensors").is_file()  # a task resumed midway distils from the same
     batch = collate(processor, tasks[1].train[:4])
     model.eval()
@@ -147,4 +148,4 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
                 ref += float((pt * (pt.log() - ps.log())).sum())
                 n += 1
     assert got > 0 and got == pytest.approx(T * T * ref / n, rel=1e-3)
-    assert METHODS["lwf"](model, processor, tasks[0], _cfg(tasks, 0)).__dict__.get("extra_loss") is None
+    assert METHODS["lwf"].for_task(model, processor, tasks[0], _cfg(tasks, 0)).extra_loss is None

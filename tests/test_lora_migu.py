@@ -34,7 +34,7 @@ def test_seqlora_trains_only_its_adapter_and_merges_into_a_plain_model(tiny):
     assert set(layers) == targets  # every linear layer of the LLM, nothing else
     assert all(layer.lora_A["default"].weight.shape[0] == RANK for layer in layers.values())
     assert torch.equal(_logits(model, batch), ref)  # B starts at zero: the function is unchanged
-    opt = METHODS["seqlora"](model, processor, tasks[0], _cfg(tasks, 0, lr=1e-2))
+    opt = METHODS["seqlora"].for_task(model, processor, tasks[0], _cfg(tasks, 0, lr=1e-2)).optimizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_task(model, processor, tasks[0], opt, make_scheduler(opt, 2), 2, 4, 0, "t")
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -55,9 +55,9 @@ def test_olora_merges_the_last_task_and_keeps_the_new_one_orthogonal(tiny, tmp_p
     tasks = _seq(8)
     batch = collate(processor, tasks[1].train[:4])
     METHODS["olora"].prepare(model)
-    first = METHODS["olora"](model, processor, tasks[0], _cfg(tasks, 0, lr=1e-2, output=tmp_path))
-    assert not hasattr(first, "extra_loss")  # nothing to be orthogonal to yet (and λ2 = 0)
-    train_task(model, processor, tasks[0], first, make_scheduler(first, 2), 2, 4, 0, "t")
+    first = METHODS["olora"].for_task(model, processor, tasks[0], _cfg(tasks, 0, lr=1e-2, output=tmp_path))
+    assert first.extra_loss is None  # nothing to be orthogonal to yet (and λ2 = 0)
+    train_task(model, processor, tasks[0], first.optimizer, make_scheduler(first.optimizer, 2), 2, 4, 0, "t")
     first.after_task(model)
     layers = lora_layers(model)
     name, layer = next(iter(layers.items()))
@@ -66,7 +66,7 @@ def test_olora_merges_the_last_task_and_keeps_the_new_one_orthogonal(tiny, tmp_p
                 layer.scaling["default"])
     ref = _logits(model, batch)
 
-    second = METHODS["olora"](model, processor, tasks[1], _cfg(tasks, 1, lr=1e-2, output=tmp_path))
+    second = METHODS["olora"].for_task(model, processor, tasks[1], _cfg(tasks, 1, lr=1e-2, output=tmp_path))
     assert torch.allclose(layer.get_base_layer().weight, w + s * b_ @ a0[name], atol=1e-6)  # merged by hand here
     assert all(not lay.lora_B["default"].weight.detach().any() for lay in layers.values())
     assert not torch.equal(layer.lora_A["default"].weight, a0[name])  # a new adapter
@@ -78,7 +78,7 @@ def test_olora_merges_the_last_task_and_keeps_the_new_one_orthogonal(tiny, tmp_p
 
     monkeypatch.setattr(mod, "LAMBDA_L2", 0.1)
     norms = sum(float(m["default"].weight.norm()) for lay in layers.values() for m in (lay.lora_A, lay.lora_B))
-    third = METHODS["olora"](model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path) | {"resumed": True})
+    third = METHODS["olora"].for_task(model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path) | {"resumed": True})
     assert float(third.extra_loss(model)) == pytest.approx(mod.LAMBDA_ORTH * by_hand + 0.1 * norms, rel=1e-5)
 
 
@@ -94,7 +94,7 @@ def test_migu_masks_each_linear_layers_rows_by_output_magnitude(tiny):
     plain(**batch).loss.backward()
     ref = {n: m.weight.grad for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
     model = copy.deepcopy(base)
-    opt = METHODS["migu"](model, processor, tasks[0], _cfg(tasks, 0))
+    opt = METHODS["migu"].for_task(model, processor, tasks[0], _cfg(tasks, 0))
     outs, handles = {}, []
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):

@@ -123,7 +123,7 @@ def test_budget_is_the_typed_yaml_and_select_masks_takes_it(tmp_path):
     with pytest.raises(InputError, match=r"^Budget: unknown field 'fraction'"):
         pm.Budget.from_dict({"fraction": {"llm": 0.1}})
     gen = torch.Generator().manual_seed(1)
-    scores = {"v": torch.rand(40, generator=gen), "p": torch.rand(10, generator=gen), "l": torch.rand(50, generator=gen)}
+    scores = {n: torch.rand(k, generator=gen) for n, k in (("v", 40), ("p", 10), ("l", 50))}
     parts = {"vision": ["v"], "projector": ["p"], "llm": ["l"]}
     for budget, pool, arg in [(pm.Budget(fractions={"vision": 0.1, "llm": 0.2}), "component",
                                {"vision": 0.1, "llm": 0.2}),

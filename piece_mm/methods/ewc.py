@@ -4,8 +4,8 @@ from __future__ import annotations
 from piece_mm import dist
 from piece_mm.batching import collate
 from piece_mm.importance import estimate_importance
-from piece_mm.methods import load_tensors, register, save_tensors, state_file
-from piece_mm.methods.seqft import seqft
+from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods.seqft import adamw
 
 LAMBDA = 0.1  # with the Fisher scaled to mean 1 and updates of ~1e-2, the pull on an average weight is of the order
               # of a task gradient (~1e-3); not tuned
@@ -22,7 +22,7 @@ def ewc(model, processor, task, cfg, masks=None):
     """Full fine-tuning plus the pull (λ / 2) Σ F (θ − θ*)² towards the weights θ* after the previous task. F is the
     empirical Fisher (mean g², scaled to mean 1) summed over the earlier tasks. After each task, its Fisher and the
     anchor are saved in <output>/ewc/, where the next task (or a resumed run) reads them."""
-    opt = seqft(model, processor, task, cfg)
+    tuning = Tuning(adamw(model, cfg["lr"]))
     i = cfg["index"]
     state = load_state(state_file(cfg, "ewc", i - 1)) if i > 0 else None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -32,7 +32,7 @@ def ewc(model, processor, task, cfg, masks=None):
         def extra_loss(model, batch=None, out=None):
             return LAMBDA / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
                                     if n in fisher)
-        opt.extra_loss = extra_loss
+        tuning.extra_loss = extra_loss
 
     def after_task(model):
         examples = task.train[:EXAMPLES]
@@ -46,5 +46,5 @@ def ewc(model, processor, task, cfg, masks=None):
         if cfg["main"]:
             save_tensors({f"{k}.{n}": t for k in new for n, t in new[k].items()}, state_file(cfg, "ewc", i))
         return new
-    opt.after_task = after_task
-    return opt
+    tuning.after_task = after_task
+    return tuning

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from piece_mm.methods import register
+from piece_mm.methods import Tuning, register
 
 
 def norm_params(model) -> list[str]:
@@ -19,4 +19,5 @@ def ln(model, processor, task, cfg, masks=None):
     norms = set(norm_params(model))
     for n, p in model.named_parameters():
         p.requires_grad_(n in norms)
-    return torch.optim.AdamW([p for n, p in model.named_parameters() if n in norms], lr=cfg["lr"], weight_decay=0.0)
+    return Tuning(torch.optim.AdamW([p for n, p in model.named_parameters() if n in norms], lr=cfg["lr"],
+                                    weight_decay=0.0))

@@ -5,8 +5,8 @@ import copy
 
 import torch
 
-from piece_mm.methods import load_tensors, register, save_tensors, state_file
-from piece_mm.methods.seqft import seqft
+from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods.seqft import adamw
 
 TEMPERATURE = 2.0  # as in Li & Hoiem's LwF
 WEIGHT = 1.0
@@ -30,9 +30,9 @@ def teacher_for(model, cfg):
 def lwf(model, processor, task, cfg, masks=None):
     """Full fine-tuning plus T² · KL(teacher ‖ student) of the next-token distributions at temperature T, averaged
     over the current task's non-padding positions, from the second task on."""
-    opt = seqft(model, processor, task, cfg)
+    tuning = Tuning(adamw(model, cfg["lr"]))
     if cfg["index"] == 0:
-        return opt
+        return tuning
     teacher = teacher_for(model, cfg)
 
     def extra_loss(model, batch, out):
@@ -44,5 +44,5 @@ def lwf(model, processor, task, cfg, masks=None):
         kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
                                         log_target=True, reduction="batchmean")
         return WEIGHT * T * T * kl
-    opt.extra_loss = extra_loss
-    return opt
+    tuning.extra_loss = extra_loss
+    return tuning

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from piece_mm.methods import register
-from piece_mm.methods.seqft import seqft
+from piece_mm.methods import Tuning, register
+from piece_mm.methods.seqft import adamw
 
 TOP = 0.7
 
@@ -63,7 +63,5 @@ class MaskedRows:
 @register("migu")
 def migu(model, processor, task, cfg, masks=None):
     """Full fine-tuning with MIGU's per-step row masks on every linear layer (AdamW, recreated per task)."""
-    opt = seqft(model, processor, task, cfg)
-    hooks = MaskedRows(model)
-    opt.close = hooks.close
-    return opt
+    opt = adamw(model, cfg["lr"])
+    return Tuning(opt, close=MaskedRows(model).close)

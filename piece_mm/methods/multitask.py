@@ -1,14 +1,13 @@
 """Multitask: joint training on every task so far, the upper bound."""
 from __future__ import annotations
 
-from piece_mm.methods import register
-from piece_mm.methods.seqft import seqft
+from piece_mm.methods import Tuning, register
+from piece_mm.methods.seqft import adamw
 
 
 @register("multitask")
 def multitask(model, processor, task, cfg, masks=None):
     """Full fine-tuning on the union of the examples of every task so far: after the last task, the multitask
     upper bound."""
-    opt = seqft(model, processor, task, cfg)
-    opt.train_examples = [ex for t in cfg["tasks"][:cfg["index"] + 1] for ex in t.train]
-    return opt
+    return Tuning(adamw(model, cfg["lr"]), train_examples=[ex for t in cfg["tasks"][:cfg["index"] + 1]
+                                                           for ex in t.train])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from piece_mm.methods import load_tensors, register, save_tensors, state_file
+from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.seqlora import ADAPTER, inject, lora_layers, lora_optimizer, merge_and_unload
 
 LAMBDA_ORTH = 0.5
@@ -40,7 +40,7 @@ def start_task(layers: dict) -> None:
             layer.reset_lora_parameters(ADAPTER, True)
 
 
-@register("olora")
+@register("olora", prepare=inject, finish=merge_and_unload)
 def olora(model, processor, task, cfg, masks=None):
     inject(model)
     layers = lora_layers(model)
@@ -51,20 +51,19 @@ def olora(model, processor, task, cfg, masks=None):
     for j in range(i):
         for n, a in load_tensors(state_file(cfg, "olora", j)).items():
             old[n] = torch.cat([old[n], a]) if n in old else a
-    opt = lora_optimizer(model, cfg["lr"])
+    tuning = Tuning(lora_optimizer(model, cfg["lr"]))
     if old or LAMBDA_L2:
         def extra_loss(model, batch=None, out=None):
             loss = LAMBDA_ORTH * orthogonality(layers, old) if old else 0.0
             return loss + LAMBDA_L2 * l2(layers) if LAMBDA_L2 else loss
-        opt.extra_loss = extra_loss
+        tuning.extra_loss = extra_loss
 
     def after_task(model):
         if cfg["main"]:
             save_tensors({n: layer.lora_A[ADAPTER].weight for n, layer in layers.items()}, state_file(cfg, "olora", i))
-    opt.after_task = after_task
-    return opt
+    tuning.after_task = after_task
+    return tuning
 
 
 olora.__doc__ = __doc__
-olora.prepare = inject
-olora.finish = merge_and_unload
+

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from piece_mm.methods import register
-from piece_mm.methods.seqft import seqft
+from piece_mm.methods import Tuning, register
+from piece_mm.methods.seqft import adamw
 
 FRACTION = 0.10  # of each earlier task's training examples
 
@@ -15,6 +15,4 @@ def replay(model, processor, task, cfg, masks=None):
     tasks' data, so it is a reference, not a competitor."""
     rng = random.Random(cfg["seed"])
     extra = [ex for t in cfg["tasks"][:cfg["index"]] for ex in rng.sample(t.train, int(FRACTION * len(t.train)))]
-    opt = seqft(model, processor, task, cfg)
-    opt.train_examples = list(task.train) + extra
-    return opt
+    return Tuning(adamw(model, cfg["lr"]), train_examples=list(task.train) + extra)

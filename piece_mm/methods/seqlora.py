@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from piece_mm.methods import register
+from piece_mm.methods import Tuning, register
 
 RANK = 8
 ALPHA = 16    # 2 × rank, as LLaVA's LoRA recipes
@@ -52,13 +52,9 @@ def lora_optimizer(model, lr: float):
     return torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=lr, weight_decay=0.0)
 
 
-@register("seqlora")
+@register("seqlora", prepare=inject, finish=merge_and_unload)
 def seqlora(model, processor, task, cfg, masks=None):
     """LoRA r=8 on all linear layers of the LLM, one adapter trained on through every task (AdamW recreated per
     task)."""
     inject(model)
-    return lora_optimizer(model, cfg["lr"])
-
-
-seqlora.prepare = inject
-seqlora.finish = merge_and_unload
+    return Tuning(lora_optimizer(model, cfg["lr"]))

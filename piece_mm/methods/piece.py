@@ -1,0 +1,78 @@
+"""The sparse methods: piece-f, piece-s, grad-magnitude, magnitude, random and trace. For each task they score the
+task's training examples on the current model (piece_mm/importance.py), choose the top weights of each component
+within the budget (select.py), and tune only those with a sparse AdamW (sparse.py), recreated per task as in PIECE.
+They run the same way on FSDP2 shards (shard.py), except random and trace."""
+from __future__ import annotations
+
+import torch
+
+from piece_mm import dist, shard
+from piece_mm.batching import IGNORE_INDEX, collate
+from piece_mm.components import split_components
+from piece_mm.importance import estimate_importance
+from piece_mm.methods import Tuning, register
+from piece_mm.models import activation_checkpointing
+from piece_mm.select import budget_arg, select_masks
+from piece_mm.sparse import sparse_optimizer
+
+PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sample (score_batch_size: 1)
+
+
+def _sparse_method(estimator: str):
+    def make(model, processor, task, cfg, masks=None):
+        """Score the task's training examples on the current model, pick the top weights per component within the
+        budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
+        b = cfg["budget"]
+        parts = split_components(model, exclude=b["exclude"], rules=b["components"])
+        if masks is None:
+            masks = _choose(model, processor, task, cfg, parts)
+        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
+                               weight_decay=b["weight_decay"])
+        return Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
+
+    def _choose(model, processor, task, cfg, parts):
+        b = cfg["budget"]
+        examples = task.train[: b["score_examples"]]
+        per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
+        bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
+        chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+        if shard.is_fsdp(model):  # every scoring batch, this rank's share of its examples (FSDP2 sums the shares)
+            batches = (_share_batch(processor, c) for c in chunks)
+        else:
+            batches = (collate(processor, c) for c in dist.share(chunks))  # this process's whole batches
+        options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b["score_memory"], "log": cfg["log"]}
+        if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
+            t = b["trace"]
+            options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
+                       "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
+                       "strength": t["strength"], "threshold": t["threshold"],
+                       "history": cfg["trace_history"], "probe_out": cfg["trace_out"]}
+        if estimator in GRADIENT_SCORES and b["pool"] == "component":
+            # a component with no budget is not scored: on a 7B model that spares its fp32 sums (the vision tower's
+            # are ~1.2 GB), and the other components' gradients, hence scores, are the same without it
+            parts = {c: names if b["fractions"].get(c, 0) > 0 else [] for c, names in parts.items()}
+        with activation_checkpointing(model, cfg["gradient_checkpointing"]):
+            scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
+                                         **options)
+        shards = dict(model.named_parameters()) if shard.is_fsdp(model) else None
+        return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"],
+                            shards=shards)
+    make.__name__ = estimator
+    return make
+
+
+def _share_batch(processor, examples: list) -> dict:
+    """This rank's share of one scoring batch. A rank left without an example (a batch smaller than the process
+    count) runs the first one with no answer token counted, so it joins FSDP2's collectives and adds nothing."""
+    mine = examples[dist.rank()::dist.world()]
+    batch = collate(processor, mine or examples[:1])
+    if not mine:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
+GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
+SHARDED_METHODS = GRADIENT_SCORES + ("magnitude",)  # what runs on FSDP2 shards (piece_mm/shard.py)
+for _name in SPARSE_METHODS:
+    register(_name, sparse=True, sharded=_name in SHARDED_METHODS)(_sparse_method(_name))
