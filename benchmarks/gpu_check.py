@@ -51,7 +51,7 @@ class _Peak:
 def run(device: str, preset: str, steps: int, checkpointing: bool) -> dict:
     import piece_mm as pm
     from benchmarks.run import build_model, fixed_batch
-    from piece_mm.continual import activation_checkpointing
+    from piece_mm.models import activation_checkpointing
     from piece_mm.plan import plan
 
     torch.manual_seed(0)

@@ -34,7 +34,8 @@ def _world_batch(alias, processor):
 def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -> dict:
     """{"score": bytes, "train": bytes}: weights plus the most bytes alive at once in scoring, and in one step."""
     import piece_mm as pm
-    from piece_mm.continual import GRADIENT_SCORES, activation_checkpointing
+    from piece_mm.methods.piece import GRADIENT_SCORES
+    from piece_mm.models import activation_checkpointing
     from piece_mm.plan import PeakMemory
     from piece_mm.select import budget_arg, load_budget
 

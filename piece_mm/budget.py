@@ -20,7 +20,7 @@ BUDGET_DIR = CONFIGS / "budgets"
 GRANULARITIES = ("element", "tensor")
 POOLS = ("component", "global")
 SCORE_MEMORY = ("auto", "device", "host")
-# method="trace" options (piece_mm/trace.py); probe_steps None = a tenth of the task's training steps
+# method="trace" options (piece_mm/importance/trace.py); probe_steps None = a tenth of the task's training steps
 TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
                   "strength": 1.0, "threshold": 0.5}
 
@@ -143,7 +143,7 @@ def _number(v) -> bool:
 
 
 def _trace_options(where, t) -> dict:
-    from piece_mm.trace import LEVELS, SPECIFICITY_RULES
+    from piece_mm.importance.trace import LEVELS, SPECIFICITY_RULES
 
     if not isinstance(t, dict):
         raise InputError(f"{where}: trace is {t!r:.60}; expected a mapping")

@@ -410,7 +410,7 @@ class _Loop:
             metrics["selection"] = st.selection
             metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
         if self.method.name == "trace":
-            from piece_mm.trace import cosine_matrix
+            from piece_mm.importance.trace import cosine_matrix
             metrics["trace_cosine"] = cosine_matrix([load_tensors(f) for f in self.trace_files])
         return metrics
 

@@ -167,7 +167,7 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
         def drop(p):
             p.grad = None
         hooks = [p.register_post_accumulate_grad_hook(drop) for n, p in model.named_parameters() if n in trainable]
-    from piece_mm.continual import activation_checkpointing  # the run's own switch
+    from piece_mm.models import activation_checkpointing  # the run's own switch
 
     model.train()  # transformers checkpoints in training mode; the meta device has no dropout to randomise
     n_img, vocab = img["tokens"], config.text_config.vocab_size

@@ -4,7 +4,7 @@ FSDP2 shards every parameter on dim 0 as a DTensor: rank r holds rows [r·c, (r+
 its local shard is one contiguous run of the parameter's flat indices, starting at `offset(p)`. Everything sparse is
 done on that run:
 - scoring: each scoring batch is split over the ranks and FSDP2 reduce-scatters (sums) its gradient, so every rank
-  adds the whole batch's gradient, restricted to its shard, into shard-sized sums (importance.py);
+  adds the whole batch's gradient, restricted to its shard, into shard-sized sums (importance/piece.py);
 - selection: an exact top-k over all shards without gathering any score tensor (select.py, `_top_k`);
 - the optimizer: each rank keeps fp32 masters and Adam state only for the chosen elements inside its shard
   (sparse.py), so its memory is about 1/N of the unsharded one;

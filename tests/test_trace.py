@@ -7,8 +7,8 @@ import torch
 
 import piece_mm as pm
 from piece_mm.batching import collate
+from piece_mm.importance.trace import cosine, cosine_matrix, sketch, specificity
 from piece_mm.tasks import world
-from piece_mm.trace import cosine, cosine_matrix, sketch, specificity
 
 
 def _batches(processor, n=8, bs=4):

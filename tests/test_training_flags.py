@@ -77,7 +77,7 @@ def test_bad_training_flags_are_one_line(tmp_path, capsys):
 def test_scoring_under_checkpointing_recomputes_and_gives_the_same_scores(llava_and_masks):
     """Scoring runs in eval mode; with checkpointing on, the layers still recompute their forward in backward (each
     LLM layer runs twice per batch), no dropout is switched on, and the scores are the dense ones."""
-    from piece_mm.continual import activation_checkpointing
+    from piece_mm.models import activation_checkpointing
 
     model, processor, _ = llava_and_masks
     model = copy.deepcopy(model)

@@ -20,7 +20,7 @@ optimizer and RNG come back from the checkpoint, so the method must not change t
 needs must follow from cfg and from the files it keeps under `<output>/<method>/`, so that a resumed task rebuilds
 it exactly.
 
-The sparse methods (piece-f, piece-s, trace, …) are registered by piece_mm/continual.py; the baselines live here, one
+The sparse methods (piece-f, piece-s, trace, …) are in piece.py; the baselines beside them, one
 module each. Their constants are at the top of each module."""
 from __future__ import annotations
 

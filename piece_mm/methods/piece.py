@@ -1,5 +1,5 @@
 """The sparse methods: piece-f, piece-s, grad-magnitude, magnitude, random and trace. For each task they score the
-task's training examples on the current model (piece_mm/importance.py), choose the top weights of each component
+task's training examples on the current model (piece_mm/importance/), choose the top weights of each component
 within the budget (select.py), and tune only those with a sparse AdamW (sparse.py), recreated per task as in PIECE.
 They run the same way on FSDP2 shards (shard.py), except random and trace."""
 from __future__ import annotations

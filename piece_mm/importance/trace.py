@@ -25,7 +25,8 @@ import zlib
 import torch
 
 from piece_mm import dist
-from piece_mm.importance import _grad_sums, register
+from piece_mm.importance.piece import _grad_sums
+from piece_mm.importance.registry import register
 
 SKETCH_DIM = 1024
 SPECIFICITY_RULES = ("weight", "filter", "none")
