@@ -230,7 +230,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                         generation=seq.generation)
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
-    loop = _Loop(model, processor, seq, m, Path(output), log=log, seed=seed, steps=steps, batch_size=batch_size,
+    about = {"method": method, "model": model_name, "model_config_sha256": _config_hash(model),
+             "budget": budget["path"] if budget else ""}  # written into every delta, beside its task
+    loop = _Loop(model, processor, seq, m, Path(output), about=about, log=log, seed=seed, steps=steps,
+                 batch_size=batch_size,
                  lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
                  spice=spice, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
                  gradient_checkpointing=gradient_checkpointing)
@@ -255,13 +258,14 @@ class _Loop:
     """The parts of a run that do not change (the model, the sequence, the method, how to evaluate and checkpoint),
     and the three stages that move its RunState: begin, tune one task, metrics."""
 
-    def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, log, seed, steps,
+    def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, about, log, seed, steps,
                  batch_size, lr, budget, eval_limit, eval_batch_size, clip, spice, checkpoint_every, grad_accum,
                  gradient_checkpointing):
         self.model, self.processor, self.seq, self.method, self.output = model, processor, seq, method, output
         self.log, self.seed, self.steps, self.batch_size, self.budget = log, seed, steps, batch_size, budget
         self.eval_limit, self.eval_batch_size, self.checkpoint_every = eval_limit, eval_batch_size, checkpoint_every
         self.grad_accum, self.gradient_checkpointing = grad_accum, gradient_checkpointing
+        self.about = about
         self.main = dist.is_main()
         self.sharded = shard.is_fsdp(model)  # FSDP2: collectives in every forward and checkpoint: every rank joins
         # on shards the others generate alongside the first; only its metrics are kept
@@ -366,7 +370,7 @@ class _Loop:
                 values = shard.gather_values(model, tuning.masks)  # on shards each rank sends the values it holds
                 if self.main:
                     save_delta(model, tuning.masks, self.output / "deltas" / f"{i + 1}-{task.name}.safetensors",
-                               {"task": task.name}, values=values)
+                               {"task": task.name, **self.about}, values=values)
             scores, general, samples = self.evaluate(f"eval {task.name}")
             st.R.append(scores)
             st.after.append(general)
@@ -439,6 +443,12 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
+
+
+def _config_hash(model) -> str:
+    """sha256 of the model's whole config (config.json's content): which base a delta applies to."""
+    import hashlib
+    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
 
 
 def _peak_rss_mb() -> float:

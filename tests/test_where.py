@@ -30,6 +30,22 @@ def test_where_rebuilds_the_run_and_splits_the_delta(uninterrupted_run):
         assert 0 <= r["only"]["wrong"] <= 4 and 0 <= r["without"]["wrong"] <= 4
 
 
+def test_a_delta_names_its_task_method_budget_and_base(uninterrupted_run):
+    import hashlib
+
+    from safetensors import safe_open
+
+    from piece_mm.models import load_model
+    _, run = uninterrupted_run
+    path = sorted((run / "deltas").glob("2-*.safetensors"))[0]
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    config = load_model("llava")[0].config.to_json_string(use_diff=False)  # the base, loaded afresh here
+    assert meta == {"task": path.stem.split("-", 1)[1], "method": "piece-f", "model": "llava",
+                    "model_config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+                    "budget": "configs/budgets/default.yaml"}
+
+
 @pytest.mark.parametrize("argv, says", [(["--task", "1"], "no run_args.json"), (["--task", "9"], "--task 9")])
 def test_where_errors_are_one_line(uninterrupted_run, tmp_path, capsys, argv, says):
     _, run = uninterrupted_run
