@@ -231,7 +231,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
     about = {"method": method, "model": model_name, "model_config_sha256": _config_hash(model),
-             "budget": budget["path"] if budget else ""}  # written into every delta, beside its task
+             "budget": budget["path"] if budget else ""}  # written into every delta (its "piece_mm" metadata)
     loop = _Loop(model, processor, seq, m, Path(output), about=about, log=log, seed=seed, steps=steps,
                  batch_size=batch_size,
                  lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
@@ -370,7 +370,10 @@ class _Loop:
                 values = shard.gather_values(model, tuning.masks)  # on shards each rank sends the values it holds
                 if self.main:
                     save_delta(model, tuning.masks, self.output / "deltas" / f"{i + 1}-{task.name}.safetensors",
-                               {"task": task.name, **self.about}, values=values)
+                               # one key: safetensors writes its metadata map in no fixed order, and a
+                               # resumed run must write the very same bytes
+                               {"piece_mm": json.dumps({"task": task.name, **self.about}, sort_keys=True)},
+                               values=values)
             scores, general, samples = self.evaluate(f"eval {task.name}")
             st.R.append(scores)
             st.after.append(general)

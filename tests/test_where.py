@@ -32,6 +32,7 @@ def test_where_rebuilds_the_run_and_splits_the_delta(uninterrupted_run):
 
 def test_a_delta_names_its_task_method_budget_and_base(uninterrupted_run):
     import hashlib
+    import json
 
     from safetensors import safe_open
 
@@ -39,7 +40,7 @@ def test_a_delta_names_its_task_method_budget_and_base(uninterrupted_run):
     _, run = uninterrupted_run
     path = sorted((run / "deltas").glob("2-*.safetensors"))[0]
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["piece_mm"])
     config = load_model("llava")[0].config.to_json_string(use_diff=False)  # the base, loaded afresh here
     assert meta == {"task": path.stem.split("-", 1)[1], "method": "piece-f", "model": "llava",
                     "model_config_sha256": hashlib.sha256(config.encode()).hexdigest(),
