@@ -52,8 +52,9 @@ def save_delta(model, masks: dict[str, torch.Tensor], path: Path, metadata: dict
                values: dict[str, torch.Tensor] | None = None) -> None:
     """The current values of the masked elements of `model` (call it after tuning the task). `values` gives them
     instead, in each mask's order. `metadata` ({str: str}): safetensors writes it as a map in no fixed order, so a
-    file is byte-for-byte reproducible only with one key (the loop writes one JSON string, under "piece_mm"). On FSDP2 shards this is a collective: every process calls it, each sends the
-    values inside its shard, and the first process writes the file."""
+    file is byte-for-byte reproducible only with one key (the loop writes one JSON string, under "piece_mm").
+    On FSDP2 shards this is a collective: every process calls it, each sends the values inside its shard, and the
+    first process writes the file."""
     if values is None and shard.is_fsdp(model):
         values = shard.gather_values(model, masks)
         if values is None:  # not the first process
