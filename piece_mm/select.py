@@ -104,8 +104,6 @@ def _whole_tensors(scores: dict[str, torch.Tensor], names: list[str], k: int,
     return out
 
 
-
-
 def component_k(fraction: float, n_elements: int) -> int:
     """floor(fraction × elements), at least 1 where the fraction is > 0."""
     return max(1, math.floor(fraction * n_elements)) if fraction > 0 else 0

@@ -92,12 +92,16 @@ def shard_model(model):
     fully_shard(model, mesh=mesh)
     for m in model.modules():  # each sharded block reduces its own gradients
         if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+            _sum_across_ranks(m)
     # FSDP2 makes the first module that runs forward the root. Evaluation may first call a part (the vision
     # tower, from generate), so the root is initialised here, as its own first forward would do.
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+def _sum_across_ranks(unit) -> None:
+    unit.set_gradient_divide_factor(1.0)
+    unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
 
 
 @contextlib.contextmanager
@@ -112,8 +116,7 @@ def summed(model):
     before = [[(g.gradient_divide_factor, g.force_sum_reduction_for_comms)
                for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
     for m in units:
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        _sum_across_ranks(m)
     try:
         yield
     finally:
