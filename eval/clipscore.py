@@ -9,14 +9,15 @@ The scorer is any open_clip model: a built-in architecture with a local weights 
 as the tiny world CLIP shipped in piece_mm/checkpoints/clip-world. Nothing is downloaded."""
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
-WORLD_CLIP = Path(__file__).resolve().parent.parent / "piece_mm" / "checkpoints" / "clip-world"
+WORLD_CLIP = Path(str(files("piece_mm") / "checkpoints" / "clip-world"))  # shipped as package data
 PROMPT = "A photo depicts "
 WEIGHT = 2.5
 

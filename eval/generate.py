@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from piece_mm.errors import from_data
 from piece_mm.tasks.base import Example, chat_messages, load_image
 
 
@@ -14,7 +15,8 @@ def prompt_batch(processor, examples: Sequence[Example]) -> dict:
     prompts = [processor.apply_chat_template(chat_messages(ex.prompt, with_image=ex.image is not None,
                                                            history=ex.history, image_first=ex.image_first),
                                              add_generation_prompt=True, tokenize=False) for ex in examples]
-    images = [im for im in map(load_image, examples) if im is not None] or None
+    with from_data():  # an image file gone or unreadable: one line naming it (exit 2)
+        images = [im for im in map(load_image, examples) if im is not None] or None
     side = tok.padding_side
     tok.padding_side = "left"
     try:

@@ -1,7 +1,7 @@
 """The prompt-conditioning probe: before any tuning, does the prompt decide what a model says?
 
-    python -m piece_mm.eval.probe --model llava          # the default sequence (configs/sequences/world.yaml)
-    python -m piece_mm.eval.probe --model <dir or HF id> --tasks my.yaml --limit 200 --output probe.json
+    python -m piece_mm.experiments.probe --model llava     # the default sequence (configs/sequences/world.yaml)
+    python -m piece_mm.experiments.probe --model <dir or HF id> --tasks my.yaml --limit 200 --output probe.json
 
 A real instruction-tuned VLM answers "what is the colour in Spanish" with a Spanish word (or tries to) and "describe
 the image" with a caption; a base that does not tell the prompts apart ties whatever a task teaches to the picture,
@@ -15,14 +15,11 @@ per task:
   vocabulary the prompt names);
 - zero_shot: the task's own metric on its test examples (a new skill starts near 0).
 `caption_leak` at the top is the same share over every task's answers at once. It works for any model that the
-project loads (real checkpoints included) and any sequence: nothing in it is specific to the built-in world.
+project loads (real checkpoints included) and any sequence: nothing in it is specific to the built-in world. It is
+handed the model (experiments/probe.py loads it for the command line).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Sequence
 
 from piece_mm.tasks.base import METRICS, Example, normalize_answer
@@ -73,37 +70,3 @@ def format_table(record: dict) -> str:
         lines.append(name[:12].ljust(12) + f"{r['caption_leak']:14.3f}{r['reply_is_caption']:18.3f}"
                      f"{r['reply_in_vocabulary']:16.3f}{r['zero_shot']:11.3f}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from piece_mm.tasks.errors import InputError
-    from piece_mm.tasks.sequence import load_sequence
-
-    from .captioning import _load
-
-    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.probe", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="alias (llava, qwen2-vl), HF id or local checkpoint dir")
-    ap.add_argument("--tasks", default="world", help="sequence YAML or a name in configs/sequences (default: world)")
-    ap.add_argument("--limit", type=int, default=100, help="held-out caption images asked (and test examples per task)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--output", type=Path, help="also write the record as JSON here")
-    args = ap.parse_args(argv)
-    try:
-        if args.limit < 1:
-            raise InputError(f"--limit: {args.limit}; expected a positive integer")
-        seq = load_sequence(args.tasks)
-        model, processor = _load(args.model, args.device)
-        record = {"model": args.model, "sequence": args.tasks,
-                  **probe(model, processor, seq.captions[: args.limit], seq.tasks)}
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(record))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -290,5 +290,8 @@ def write_sweep(out_dir: Path, model: str, rows: list[dict], meta: dict) -> None
     for r in sorted(rows, key=lambda r: (r["method"], -r["caption_retention"])):
         lines.append(f"| {r['tag']} | {r['own_task']:.3f} | {r['min_own_task']:.3f} | {r['caption_retention']:.3f} | "
                      f"{r['VQA_retention']:.3f} | {r['OP']:.3f} | {r['BWT']:+.3f} | {r['trainable']:,} |")
+    if meta.get("failed"):
+        lines += ["", "Settings that failed (left out; their logs are in their run directories):", ""]
+        lines += [f"- {tag}: {why}" for tag, why in meta["failed"].items()]
     lines += ["", "![frontier](frontier.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))

@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from piece_mm.errors import from_data
 from piece_mm.tasks.base import Example, chat_messages, load_image
 
 IGNORE_INDEX = -100
@@ -48,7 +49,8 @@ def collate(processor, examples: Sequence[Example]) -> dict:
     Text-only examples (image None) may share a batch with pictured ones."""
     tok = processor.tokenizer
     pieces = [_pieces(processor, ex) for ex in examples]
-    images = [im for im in map(load_image, examples) if im is not None] or None
+    with from_data():  # an image file gone or unreadable: one line naming it (exit 2)
+        images = [im for im in map(load_image, examples) if im is not None] or None
     # the first piece holds the image placeholder: the processor expands it; the rest is plain text
     enc = processor(images=images, text=[p[0][0] for p in pieces], return_tensors="pt", padding=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

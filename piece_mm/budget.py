@@ -14,7 +14,7 @@ from pathlib import Path
 
 from piece_mm.components import COMPONENTS
 from piece_mm.configs import DIR as CONFIGS
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 BUDGET_DIR = CONFIGS / "budgets"
 GRANULARITIES = ("element", "tensor")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from piece_mm import dist, shard
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 POINTER = "checkpoint.json"
 

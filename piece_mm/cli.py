@@ -8,12 +8,12 @@ import sys
 COMMANDS = {  # command: (module, what it does)
     "train": ("piece_mm.train", "run a task sequence with one method (the main command)"),
     "plan": ("piece_mm.plan", "the memory a model needs, from its config.json alone"),
-    "compare": ("piece_mm.eval.compare", "every method on one sequence, side by side"),
-    "sweep": ("piece_mm.eval.sweep", "a budget x lr grid and its frontier"),
+    "compare": ("piece_mm.experiments.compare", "every method on one sequence, side by side"),
+    "sweep": ("piece_mm.experiments.sweep", "a budget x lr grid and its frontier"),
     "zoo": ("piece_mm.zoo", "build the tiny embedded bases"),
-    "probe": ("piece_mm.eval.probe", "does a base's caption leak a task's answers, before any tuning"),
-    "where": ("piece_mm.eval.where", "which weights of a finished run changed the captions"),
-    "captioning": ("piece_mm.eval.captioning", "caption metrics of a model, against a baseline"),
+    "probe": ("piece_mm.experiments.probe", "does a base's caption leak a task's answers, before any tuning"),
+    "where": ("piece_mm.experiments.where", "which weights of a finished run changed the captions"),
+    "captioning": ("piece_mm.experiments.captioning", "caption metrics of a model, against a baseline"),
 }
 
 

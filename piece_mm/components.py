@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 COMPONENTS = ("vision", "projector", "llm")
 

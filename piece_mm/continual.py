@@ -18,13 +18,13 @@ from piece_mm import checkpoint, dist, shard
 from piece_mm.batching import global_answer_tokens, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
-from piece_mm.methods import METHODS, Method, Tuning, load_tensors, save_tensors
+from piece_mm.errors import InputError
+from piece_mm.methods import METHODS, Method, Tuning, load_settings, load_tensors, save_tensors
 from piece_mm.methods.piece import SHARDED_METHODS, SPARSE_METHODS  # noqa: F401  (train.py reads them here)
 from piece_mm.models import activation_checkpointing
 from piece_mm.select import jaccard, mask_summary
 from piece_mm.sparse import SparseOptimizer
 from piece_mm.tasks.base import METRICS
-from piece_mm.tasks.errors import InputError
 from piece_mm.tasks.sequence import GENERATION_DEFAULTS, Sequence
 
 
@@ -208,14 +208,15 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
         retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
-        gradient_checkpointing: bool = False) -> dict:
+        gradient_checkpointing: bool = False, settings: dict | None = None) -> dict:
     """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
     never stopped (the caller checks it with check_resume first).
 
     `clip` (eval/clipscore.py) adds CLIPScore / RefCLIPScore to the general metrics; `spice` (True, or a CoreNLP
-    dir) adds SPICE where its jars are found (else one warning line).
+    dir) adds SPICE where its jars are found (else one warning line). `settings` are the method's constants
+    (methods.load_settings; default: its configs/methods/<name>.yaml).
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
@@ -223,11 +224,14 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
     t0 = time.time()
     m = METHODS[method]
+    settings = load_settings(method) if settings is None else settings
     if max_length:
         seq = _fit_length(processor, seq, max_length, log if dist.is_main() else (lambda _: None))
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, [t.name for t in seq.tasks],
                         budget, clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
                         generation=seq.generation)
+    if settings:  # a method's constants change its numbers: a resumed run keeps them
+        config["settings"] = settings
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
     about = {"method": method, "model": model_name, "model_config_sha256": _config_hash(model),
@@ -236,10 +240,10 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                  batch_size=batch_size,
                  lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
                  spice=spice, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
-                 gradient_checkpointing=gradient_checkpointing)
+                 gradient_checkpointing=gradient_checkpointing, settings=settings)
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if m.prepare is not None:  # adapters: the checkpoints hold the adapted model
-        m.prepare(model)
+        m.prepare(model, settings)
     st = loop.begin(config, resume_from, t0)
     for i in range(st.task, len(seq.tasks)):
         loop.tune(st, i)
@@ -250,7 +254,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     write_report(output, metrics, st.samples)
     checkpoint.remove(output)  # the run is finished: metrics.json says so, and checkpoints are model-sized
     if m.finish is not None:  # adapters merged into the weights: the final model is a plain one
-        m.finish(model)
+        m.finish(model, settings)
     return metrics
 
 
@@ -260,7 +264,7 @@ class _Loop:
 
     def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, about, log, seed, steps,
                  batch_size, lr, budget, eval_limit, eval_batch_size, clip, spice, checkpoint_every, grad_accum,
-                 gradient_checkpointing):
+                 gradient_checkpointing, settings):
         self.model, self.processor, self.seq, self.method, self.output = model, processor, seq, method, output
         self.log, self.seed, self.steps, self.batch_size, self.budget = log, seed, steps, batch_size, budget
         self.eval_limit, self.eval_batch_size, self.checkpoint_every = eval_limit, eval_batch_size, checkpoint_every
@@ -274,7 +278,7 @@ class _Loop:
         self.task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
         self.cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget,
                     "tasks": seq.tasks, "output": output, "main": self.main, "log": log if self.main else None,
-                    "gradient_checkpointing": gradient_checkpointing}
+                    "gradient_checkpointing": gradient_checkpointing, "settings": settings}
         # TRACE: each task's update signature, for the specificity of later tasks (saved: a resumed run has them)
         self.trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
         self.history: list = []
@@ -443,6 +447,8 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         now = {**now, "budget": {k: v for k, v in now["budget"].items()
                                  if k in saved["budget"] or v != BUDGET_DEFAULTS.get(k, object())}}
     for key in now:
+        if key == "settings" and key not in saved:  # a run started before method settings were recorded
+            continue
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")

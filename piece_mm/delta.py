@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from piece_mm import shard
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 _IDX, _VAL = "::indices", "::values"
 

@@ -7,7 +7,7 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 CHECKPOINT_DIR = Path(str(files("piece_mm") / "checkpoints"))  # shipped as package data
 ALIASES = ("llava", "qwen2-vl")

@@ -25,8 +25,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from piece_mm.components import COMPONENTS, split_components
+from piece_mm.errors import InputError
 from piece_mm.select import budget_arg, component_k, load_budget
-from piece_mm.tasks.errors import InputError
 
 SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1}  # fp32 score tensors kept
 PLANNED = tuple(SPARSE) + ("seqft",)

@@ -9,7 +9,7 @@ import torch
 from piece_mm import dist
 from piece_mm.budget import GRANULARITIES, Budget
 from piece_mm.components import COMPONENTS, layer_of
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 
 def _order_key(t: torch.Tensor) -> torch.Tensor:

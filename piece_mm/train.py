@@ -85,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 0.90)")
     ap.add_argument("--checkpoint-every", type=int, default=50,
                     help="also checkpoint every N steps inside a task (default: 50; 0 = only at task boundaries)")
+    ap.add_argument("--method-config", help="a YAML of the method's constants, replacing configs/methods/<method>.yaml "
+                    "(EWC's lambda, LoRA's rank, ...): " + _names("methods"))
     return ap
 
 
 def parse_args(argv=None):
     """The flags. `--resume DIR` fills every flag not given on this call from DIR/run_args.json, and sets `cwd` to
     the directory the run was started in, where its relative paths (model, tasks, budget) mean what they meant."""
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -134,7 +136,7 @@ def resolve_device(name: str) -> str:
     """The device to train on, checked before anything loads: auto -> cuda if there is one, else cpu."""
     import torch
 
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -167,7 +169,7 @@ def check_vocabulary(tokenizer, seq, model_name: str) -> None:
     """A task answer or reference caption word that the tokenizer cannot represent would be trained and scored as
     <unk>: the run would "succeed" with nothing learned. Stop with the file, the example and the word."""
     from piece_mm.batching import first_unknown_word
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
     where = [(f"task {t.name!r} {split} example", [ex.answer for ex in getattr(t, split)])
              for t in seq.tasks for split in ("train", "test")]
     where.append(("general caption set, example", [" ".join(ex.refs) for ex in seq.captions]))
@@ -180,23 +182,15 @@ def check_vocabulary(tokenizer, seq, model_name: str) -> None:
                              "pass --allow-unknown-tokens")
 
 
-def _check_positive(flag: str, value, kind=int):
-    from piece_mm.tasks.errors import InputError
-    if value is None:
-        return
-    if not isinstance(value, kind) or value <= 0:
-        raise InputError(f"{flag}: {value!r}; expected a positive {kind.__name__}")
-
-
-def _clip_scorer(args, seq):
+def _clip_scorer(cfg, seq, device: str):
     """The CLIPScore model: as given, else the tiny world CLIP for the world's captions, else none (a CLIP trained
     on the toy world says nothing about real photos)."""
     from piece_mm.eval.clipscore import WORLD_CLIP, load_clip
 
-    if args.clip_model or args.clip_weights:
-        return load_clip(args.clip_model, args.clip_weights, device=args.device)
+    if cfg.clip_model or cfg.clip_weights:
+        return load_clip(cfg.clip_model, cfg.clip_weights, device=device)
     if seq.general_format == "world" and (WORLD_CLIP / "open_clip_config.json").is_file():
-        return load_clip(device=args.device)
+        return load_clip(device=device)
     from piece_mm import dist
     if seq.general_format != "world" and dist.is_main():
         print(f"note: no CLIPScore: the {seq.general_format} caption set needs --clip-model/--clip-weights",
@@ -222,23 +216,29 @@ def main(argv=None) -> int:
 
 
 def _main(argv, state: dict) -> int:
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
+    from piece_mm.runconfig import RunConfig
+    here = os.getcwd()
     try:
         args = parse_args(argv)
+        cfg = RunConfig.from_flags(args)
+        if args.cwd is not None:
+            os.chdir(args.cwd)  # the run's relative paths are relative to where it was started
+        execute(cfg, state, saved=saved_args(args))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.cwd is None:
-        return _run(args, state)
-    here = os.getcwd()
-    os.chdir(args.cwd)  # the run's relative paths are relative to where it was started
-    try:
-        return _run(args, state)
     finally:
         os.chdir(here)
+    return 0
 
 
-def _run(args, state: dict) -> int:
+def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict | None:
+    """One run of the continual loop, as `cfg` (a RunConfig) says: what `python -m piece_mm.train` does, for callers
+    in Python (experiments/). Returns the metrics (None on the other processes of a multi-process run, and the
+    metrics.json already there when a finished run is resumed). Bad input raises InputError before anything is
+    written. `state["output"]` is set once the run directory exists; `saved` is what run_args.json records (default:
+    cfg's fields and the working directory)."""
     import torch
     import transformers
 
@@ -247,123 +247,111 @@ def _run(args, state: dict) -> int:
 
     from piece_mm import checkpoint, dist, shard
     from piece_mm.components import split_components
-    from piece_mm.continual import METHODS, SHARDED_METHODS, SPARSE_METHODS, check_resume, run, run_config
+    from piece_mm.continual import SHARDED_METHODS, SPARSE_METHODS, check_resume, run, run_config
+    from piece_mm.errors import InputError, from_data
+    from piece_mm.methods import load_settings
     from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
-    from piece_mm.tasks.errors import InputError
     from piece_mm.tasks.sequence import load_sequence, with_generation
 
-    try:
-        args.device = resolve_device(args.device)  # before anything loads: a device that is not there is one line
-        dtype = resolve_dtype(args.dtype, args.device)
-        if args.model not in ALIASES:
-            resolve(args.model)  # an unknown dir or an uncached HF id: one line now, before the data and CLIP load
-        sharding = shard.requested()
-        if sharding in ("fsdp1", "deepspeed"):
-            raise InputError(f"accelerate config: {'FSDP1' if sharding == 'fsdp1' else 'DeepSpeed'} is not supported "
-                             "by sparse tuning; launch with configs/accelerate/fsdp2.yaml (FSDP2) or ddp.yaml")
-        if sharding == "fsdp2" and args.method not in SHARDED_METHODS:
-            raise InputError(f"--method {args.method!r}: not supported on FSDP2 shards; supported: "
-                             f"{', '.join(SHARDED_METHODS)}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            group = dist.init()  # the process group `accelerate launch` describes
-            if args.device.startswith("cuda"):
-                args.device = str(group.device)  # one GPU per process
-        if args.method not in METHODS:
-            raise InputError(f"--method {args.method!r}: unknown; known: {', '.join(sorted(METHODS))}")
-        for flag, v in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--max-steps", args.max_steps),
-                        ("--eval-limit", args.eval_limit), ("--grad-accum", args.grad_accum),
-                        ("--max-length", args.max_length)]:
-            _check_positive(flag, v)
-        _check_positive("--lr", args.lr, float)
-        _check_positive("--retention-threshold", args.retention_threshold, float)
-        seq = with_generation(load_sequence(args.tasks, seed=args.seed), caption_prompt=args.caption_prompt,
-                              caption_max_new_tokens=args.caption_max_new_tokens,
-                              answer_max_new_tokens=args.answer_max_new_tokens)
-        budget = load_budget(args.budget) if args.method in SPARSE_METHODS else None
-        if sharding == "fsdp2" and budget["score_batch_size"] == 1:
-            raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
-                             "parameters; on FSDP2 shards use 2 or more")
-        steps = args.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
-        if args.max_steps:
-            steps = min(steps, args.max_steps)
-        batch_size = args.batch_size or int(seq.train.get("batch_size", 16))
-        if batch_size < dist.world() * args.grad_accum:
-            raise InputError(f"--batch-size {batch_size}: split into --grad-accum {args.grad_accum} micro-batches on "
-                             f"{dist.world()} process(es); expected at least {dist.world() * args.grad_accum}")
-        if batch_size < dist.world():
-            raise InputError(f"--batch-size {batch_size}: the global batch is split over {dist.world()} processes; "
-                             f"expected at least {dist.world()}")
-        lr = args.lr or (budget or {}).get("lr") or float(seq.train.get("lr", 1e-3))
-        stem = Path(args.model).name if os.sep in args.model else args.model.replace("/", "_")
-        output = args.output or Path("runs") / f"{stem}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if args.checkpoint_every < 0:
-            raise InputError(f"--checkpoint-every: {args.checkpoint_every}; expected 0 or a positive int")
-        if (output / "metrics.json").exists():
-            if args.resume:
-                print(f"{output}: the run has finished (metrics.json); nothing to resume")
-                return 0
-            raise InputError(f"--output {str(output)!r}: already holds a finished run (metrics.json); "
-                             "choose another directory")
-        if (output / "checkpoint.json").exists() and not args.resume:
-            raise InputError(f"--output {str(output)!r}: holds an unfinished run (checkpoint.json); pass --resume "
-                             "to continue it, or choose another directory")
-        if args.resume and args.output is None:
-            raise InputError("--resume: needs the --output of the run to continue")
-        clip = _clip_scorer(args, seq)
-        # A damaged checkpoint, or other flags than the run had, stop here: before anything is loaded or written.
-        found = checkpoint.load(output) if args.resume else None
-        if found is not None:
-            check_resume(found[0], run_config(args.model, args.method, args.seed, steps, batch_size, lr,
-                                              args.eval_limit, [t.name for t in seq.tasks], budget,
-                                              clip.name if clip else None), output)
-        torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
-        torch.manual_seed(args.seed)
-        model, processor = load_model(args.model, device=args.device, dtype=dtype,
-                                      trust_remote_code=args.trust_remote_code)
-        if not args.allow_unknown_tokens:
-            check_vocabulary(processor.tokenizer, seq, args.model)
-        # every parameter must have a component before anything is written (a model family the rules do not know)
-        split_components(model, exclude=budget["exclude"] if budget else (), rules=(budget or {}).get("components"))
-        if sharding == "fsdp2":
-            if dist.world() < 2:
-                raise InputError("accelerate config: FSDP2 over 1 process; launch 2 or more (--num_processes)")
-            shard.shard_model(model)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    state = {} if state is None else state
+    device = resolve_device(cfg.device)  # before anything loads: a device that is not there is one line
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.model not in ALIASES:
+        resolve(cfg.model)  # an unknown dir or an uncached HF id: one line now, before the data and CLIP load
+    sharding = shard.requested()
+    if sharding in ("fsdp1", "deepspeed"):
+        raise InputError(f"accelerate config: {'FSDP1' if sharding == 'fsdp1' else 'DeepSpeed'} is not supported "
+                         "by sparse tuning; launch with configs/accelerate/fsdp2.yaml (FSDP2) or ddp.yaml")
+    if sharding == "fsdp2" and cfg.method not in SHARDED_METHODS:
+        raise InputError(f"--method {cfg.method!r}: not supported on FSDP2 shards; supported: "
+                         f"{', '.join(SHARDED_METHODS)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        group = dist.init()  # the process group `accelerate launch` describes
+        if device.startswith("cuda"):
+            device = str(group.device)  # one GPU per process
+    with from_data():  # tasks/ says what is wrong with a file as a ValueError
+        seq = with_generation(load_sequence(cfg.tasks, seed=cfg.seed), caption_prompt=cfg.caption_prompt,
+                              caption_max_new_tokens=cfg.caption_max_new_tokens,
+                              answer_max_new_tokens=cfg.answer_max_new_tokens)
+    budget = load_budget(cfg.budget) if cfg.method in SPARSE_METHODS else None
+    settings = load_settings(cfg.method, cfg.method_config)
+    if sharding == "fsdp2" and budget["score_batch_size"] == 1:
+        raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
+                         "parameters; on FSDP2 shards use 2 or more")
+    steps = cfg.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    batch_size = cfg.batch_size or int(seq.train.get("batch_size", 16))
+    if batch_size < dist.world() * cfg.grad_accum:
+        raise InputError(f"--batch-size {batch_size}: split into --grad-accum {cfg.grad_accum} micro-batches on "
+                         f"{dist.world()} process(es); expected at least {dist.world() * cfg.grad_accum}")
+    if batch_size < dist.world():
+        raise InputError(f"--batch-size {batch_size}: the global batch is split over {dist.world()} processes; "
+                         f"expected at least {dist.world()}")
+    lr = cfg.lr or (budget or {}).get("lr") or float(seq.train.get("lr", 1e-3))
+    stem = Path(cfg.model).name if os.sep in cfg.model else cfg.model.replace("/", "_")
+    output = cfg.output or Path("runs") / f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (output / "metrics.json").exists():
+        if cfg.resume:
+            print(f"{output}: the run has finished (metrics.json); nothing to resume")
+            return json.loads((output / "metrics.json").read_text())
+        raise InputError(f"--output {str(output)!r}: already holds a finished run (metrics.json); "
+                         "choose another directory")
+    if (output / "checkpoint.json").exists() and not cfg.resume:
+        raise InputError(f"--output {str(output)!r}: holds an unfinished run (checkpoint.json); pass --resume "
+                         "to continue it, or choose another directory")
+    if cfg.resume and cfg.output is None:
+        raise InputError("--resume: needs the --output of the run to continue")
+    clip = _clip_scorer(cfg, seq, device)
+    # A damaged checkpoint, or other flags than the run had, stop here: before anything is loaded or written.
+    found = checkpoint.load(output) if cfg.resume else None
+    if found is not None:
+        now = run_config(cfg.model, cfg.method, cfg.seed, steps, batch_size, lr, cfg.eval_limit,
+                         [t.name for t in seq.tasks], budget, clip.name if clip else None)
+        check_resume(found[0], now | ({"settings": settings} if settings else {}), output)
+    torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if not cfg.allow_unknown_tokens:
+        check_vocabulary(processor.tokenizer, seq, cfg.model)
+    # every parameter must have a component before anything is written (a model family the rules do not know)
+    split_components(model, exclude=budget["exclude"] if budget else (), rules=(budget or {}).get("components"))
+    if sharding == "fsdp2":
+        if dist.world() < 2:
+            raise InputError("accelerate config: FSDP2 over 1 process; launch 2 or more (--num_processes)")
+        shard.shard_model(model)
     dist.barrier()  # every process has checked the output dir before the first one writes to it
     output.mkdir(parents=True, exist_ok=True)
     state["output"] = output.resolve()
     main_process = dist.is_main()
     if main_process and not (output / RUN_ARGS).is_file():  # `--resume DIR` reads them back, from anywhere
-        (output / RUN_ARGS).write_text(json.dumps(saved_args(args), indent=1))
+        record = saved or {"flags": {k: v for k, v in cfg.flags().items() if k not in ("resume", "output")},
+                           "cwd": os.getcwd()}
+        (output / RUN_ARGS).write_text(json.dumps(record, indent=1))
     via = f" (budget {budget['path']})" if budget else ""
     if main_process:
-        print(f"{args.model} / {args.method}{via}: {len(seq.tasks)} tasks "
+        print(f"{cfg.model} / {cfg.method}{via}: {len(seq.tasks)} tasks "
               f"({', '.join(t.name for t in seq.tasks)}), {steps} steps x batch {batch_size} at lr {lr:g}"
               + (f" over {dist.world()} processes" if dist.world() > 1 else "") + f" -> {output}", flush=True)
-    try:
-        metrics = run(model, processor, seq, model_name=args.model, method=args.method, output=output,
-                      seed=args.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=args.eval_limit,
-                      budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
-                      checkpoint_every=args.checkpoint_every,
-                      resume_from=found, clip=clip, spice=args.corenlp or seq.corenlp or True,
-                      retention_threshold=args.retention_threshold, grad_accum=args.grad_accum,
-                      max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing)
-    except InputError as e:  # a bad checkpoint or a resume with other flags: nothing is overwritten
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a bad checkpoint or a resume with other flags raises InputError here: nothing is overwritten
+    metrics = run(model, processor, seq, model_name=cfg.model, method=cfg.method, output=output,
+                  seed=cfg.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=cfg.eval_limit,
+                  budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
+                  checkpoint_every=cfg.checkpoint_every,
+                  resume_from=found, clip=clip, spice=cfg.corenlp or seq.corenlp or True,
+                  retention_threshold=cfg.retention_threshold, grad_accum=cfg.grad_accum,
+                  max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing, settings=settings)
     whole = shard.full_state_dict(model)  # on shards a collective: every rank sends its part
     if not main_process:
-        return 0
+        return None
     model.save_pretrained(output / "model", state_dict=whole)
     processor.save_pretrained(output / "model")
     s = metrics["summary"]
     print(f"OP {s['OP']:.3f}  BWT {s['BWT']:+.3f}  FWT {s['FWT']:+.3f}  caption retention "
           f"{s['caption_retention']:.3f}  (run time {metrics['time_s']:.0f} s, as in report.md)\n"
           f"wrote {output / 'metrics.json'}, {output / 'report.md'}")
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

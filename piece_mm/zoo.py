@@ -254,9 +254,8 @@ def build_clip(alias: str, out: Path | None = None, steps: int | None = None) ->
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from piece_mm.eval.clipscore import PROMPT
-
     cfg = model_config(alias)
+    PROMPT = cfg["text_prefix"]  # CLIPScore's (eval/clipscore.py); the zoo trains with it, eval scores with it
     p = cfg["pretrain"]
     if steps is not None:
         p["steps"] = steps

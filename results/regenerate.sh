@@ -7,55 +7,55 @@ cd "$(dirname "$0")/.."
 
 for m in llava qwen2-vl; do
     # the prompt-conditioning probe of each base, before any tuning
-    python -m piece_mm.eval.probe --model "$m" --output "results/probe-$m.json"
+    python -m piece_mm.experiments.probe --model "$m" --output "results/probe-$m.json"
     # the budget x lr grid (configs/sweeps/world.yaml): PIECE-F at 0.1, 0.3, 1 and 3 % of the LLM (keys left out, as
     # in the default budget) x lr 3e-4, 5e-4, 1e-3, and SeqFT at three lrs
-    python -m piece_mm.eval.sweep --model "$m" --jobs 2
+    python -m piece_mm.experiments.sweep --model "$m" --jobs 2
     # the same grid with the keys in the pool (configs/budgets/default.yaml's fraction and lr were chosen from it,
     # its comment says how), and with lm_head left out too (at the settings where the tasks are learned)
-    python -m piece_mm.eval.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-keys-in.yaml --output "results/sweep-$m-keys-in"
-    python -m piece_mm.eval.sweep --model "$m" --jobs 2 --grid "configs/sweeps/no-head-$m.yaml" --output "results/sweep-$m-no-head"
+    python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-keys-in.yaml --output "results/sweep-$m-keys-in"
+    python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid "configs/sweeps/no-head-$m.yaml" --output "results/sweep-$m-no-head"
     # the default budget (1 % at 3e-4) with PIECE-F and PIECE-S, and SeqFT, on seeds 0, 1, 2 (lrs: results/lrs-*.json).
     # SeqFT at 3e-4 on seed 0 is the sweep's run with the same flags: copied, not rerun.
     mkdir -p "results/world-$m/runs"
     [ -d "results/world-$m/runs/seqft-lr0.0003-seed0" ] ||
         cp -r "results/sweep-$m/runs/seqft-lr0.0003-s300" "results/world-$m/runs/seqft-lr0.0003-seed0"
-    python -m piece_mm.eval.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
         --lr-from "results/lrs-$m.json" --eval-limit 100 --output "results/world-$m" --jobs 2
     # PIECE-F's three seeds on their own (the same run dirs, copied)
     mkdir -p "results/default-$m/runs"
     cp -r "results/world-$m"/runs/piece-f-lr0.0003-seed* "results/default-$m/runs/"
-    python -m piece_mm.eval.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
         --output "results/default-$m"
     # two baselines the issue compares PIECE-F with, on seed 0, at the lr the earlier comparison chose for each
-    python -m piece_mm.eval.compare --model "$m" --methods seqlora,ewc --seeds 0 --lr-from "results/lrs-baselines-$m.json" \
+    python -m piece_mm.experiments.compare --model "$m" --methods seqlora,ewc --seeds 0 --lr-from "results/lrs-baselines-$m.json" \
         --eval-limit 100 --output "results/baselines-$m"
     # another task order
-    python -m piece_mm.eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
     # where the captions go (results/README.md): the default budget with the LLM's attention keys in the pool (as it
     # was) and with the queries left out too, seed 0
     for b in keys-in no-qk; do
-        python -m piece_mm.eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --eval-limit 100 \
+        python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --eval-limit 100 \
             --budget "results/budgets/$b.yaml" --output "results/diag-$m-$b"
     done
     # which weights carry the leak, at the previous default (3 % of the LLM, lr 5e-4): without lm_head, without the
     # first layer, or only the first two layers (budgets in results/budgets/; the last also at lr 2e-3)
     for b in nohead nolayer0; do
-        python -m piece_mm.eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4 --eval-limit 100 \
+        python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4 --eval-limit 100 \
             --budget "results/budgets/$b.yaml" --output "results/diag-$m-$b"
     done
-    python -m piece_mm.eval.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4,2.0e-3 --eval-limit 100 \
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4,2.0e-3 --eval-limit 100 \
         --budget results/budgets/early.yaml --output "results/diag-$m-early"
 done
 # the keys-in runs taken apart: which layer and kind of weight changes the captions
-python -m piece_mm.eval.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
+python -m piece_mm.experiments.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
     --output results/where-llava-previous-size.json
-python -m piece_mm.eval.where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
+python -m piece_mm.experiments.where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
     --output results/where-qwen2-vl-previous-location.json
 # where the damage lives at two sweep settings that learn the tasks (keys out): LLaVA's colour task at 0.3 %, lr 1e-3,
 # and Qwen2-VL's count task at 0.1 %, lr 1e-3
-python -m piece_mm.eval.where --run results/sweep-llava/runs/piece-f-llm0.003-proj0-vis0-lr0.001-s300 --task 2 \
+python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0.003-proj0-vis0-lr0.001-s300 --task 2 \
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
-python -m piece_mm.eval.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
+python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json

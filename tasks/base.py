@@ -9,8 +9,6 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
-
 IMAGE_TOKEN = "<image>"  # LLaVA-JSON's placeholder for where the picture goes
 
 
@@ -33,9 +31,9 @@ def load_image(ex: Example) -> Image.Image | None:
         with Image.open(ex.image) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise InputError(f"{ex.image}: image file not found") from None
+        raise ValueError(f"{ex.image}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InputError(f"{ex.image}: not a readable image ({e})") from None
+        raise ValueError(f"{ex.image}: not a readable image ({e})") from None
 
 
 def chat_messages(prompt: str, answer: str | None = None, with_image: bool = True, history: tuple = (),

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Example
-from .errors import InputError
 from .jsonio import check_image, field, records
 
 CAPTION_PROMPT = "describe the image"
@@ -18,7 +17,7 @@ CAPTION_PROMPT = "describe the image"
 def _images_dir(images: Path) -> Path:
     images = Path(images)
     if not images.is_dir():
-        raise InputError(f"{images}: image directory not found")
+        raise ValueError(f"{images}: image directory not found")
     return images
 
 
@@ -34,10 +33,10 @@ def load_coco_captions(path: Path, images: Path, limit: int | None = None,
         caption = field(path, a, "caption", str)
         image_id = field(path, a, "image_id", (int, str))
         if image_id not in files:
-            raise InputError(f"{path}: {a.where}: field 'image_id' is {image_id!r}; no entry of 'images' has that id")
+            raise ValueError(f"{path}: {a.where}: field 'image_id' is {image_id!r}; no entry of 'images' has that id")
         refs.setdefault(image_id, []).append(caption)
     if not refs:
-        raise InputError(f"{path}: field 'annotations' holds no captions")
+        raise ValueError(f"{path}: field 'annotations' holds no captions")
     out = []
     for image_id in list(refs)[:limit]:
         f = check_image(images / files[image_id], f"{path}: image id {image_id!r}")
@@ -56,7 +55,7 @@ def load_karpathy(path: Path, images: Path, split: str = "test", limit: int | No
         sents = field(path, im, "sentences", list, "a non-empty list of {raw}")
         caps = [s.get("raw") for s in sents if isinstance(s, dict)]
         if not caps or len(caps) != len(sents) or not all(isinstance(c, str) for c in caps):
-            raise InputError(f"{path}: {im.where}: field 'sentences' is {sents!r:.60}; expected a non-empty list of "
+            raise ValueError(f"{path}: {im.where}: field 'sentences' is {sents!r:.60}; expected a non-empty list of "
                              "{raw: string}")
         if len(out) == limit:
             continue
@@ -64,5 +63,5 @@ def load_karpathy(path: Path, images: Path, split: str = "test", limit: int | No
         f = images / sub / name if (images / sub / name).is_file() else images / name
         out.append(Example(check_image(f, f"{path}: {im.where}"), prompt, caps[0], refs=tuple(caps)))
     if not out:
-        raise InputError(f"{path}: no image has split {split!r}")
+        raise ValueError(f"{path}: no image has split {split!r}")
     return out

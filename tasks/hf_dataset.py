@@ -8,7 +8,6 @@ from pathlib import Path
 from PIL import Image
 
 from .base import Example
-from .errors import InputError
 
 COLUMNS = {"image": "image", "question": "question", "answer": "answer"}
 
@@ -17,7 +16,7 @@ def _open(path: Path, where: str):
     import datasets
 
     if not path.exists():
-        raise InputError(f"{where}.path: {str(path)!r} not found")
+        raise ValueError(f"{where}.path: {str(path)!r} not found")
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             return datasets.load_from_disk(str(path))
@@ -26,45 +25,42 @@ def _open(path: Path, where: str):
             return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path))
-    except InputError:
-        raise
     except Exception as e:  # datasets raises many kinds; the user needs the file and the reason
-        raise InputError(f"{where}.path: {str(path)!r} could not be read as a dataset "
+        raise ValueError(f"{where}.path: {str(path)!r} could not be read as a dataset "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    raise InputError(f"{where}.path: {str(path)!r} is not a save_to_disk dir, parquet file(s) or an imagefolder")
+    raise ValueError(f"{where}.path: {str(path)!r} is not a save_to_disk dir, parquet file(s) or an imagefolder")
 
 
 def _image(value, root: Path, where: str) -> Image.Image:
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        value = value["path"]
+    if isinstance(value, str):
+        value = Path(value) if Path(value).is_absolute() else root / value
+        if not value.is_file():
+            raise ValueError(f"{where}: image {str(value)!r} not found")
+    elif not isinstance(value, Image.Image) and not (isinstance(value, dict) and value.get("bytes")):
+        raise ValueError(f"{where}: the image is {value!r:.60}; expected an image, {{bytes}} or a file path")
     try:
         if isinstance(value, Image.Image):
             return value.convert("RGB")
-        if isinstance(value, dict) and value.get("bytes"):
+        if isinstance(value, dict):
             return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-        if isinstance(value, dict) and value.get("path"):
-            value = value["path"]
-        if isinstance(value, str):
-            f = Path(value) if Path(value).is_absolute() else root / value
-            if not f.is_file():
-                raise InputError(f"{where}: image {str(f)!r} not found")
-            with Image.open(f) as im:
-                return im.convert("RGB")
-    except InputError:
-        raise
+        with Image.open(value) as im:
+            return im.convert("RGB")
     except Exception as e:
-        raise InputError(f"{where}: the image is not a readable image ({e})") from None
-    raise InputError(f"{where}: the image is {value!r:.60}; expected an image, {{bytes}} or a file path")
+        raise ValueError(f"{where}: the image is not a readable image ({e})") from None
 
 
 def load(path: Path, split: str | None, columns: dict, where: str, limit: int | None = None) -> list[Example]:
     ds = _open(Path(path), where)
     if hasattr(ds, "keys"):  # a DatasetDict
         if split is None or split not in ds:
-            raise InputError(f"{where}.split is {split!r}; {path} has splits {', '.join(ds.keys())}")
+            raise ValueError(f"{where}.split is {split!r}; {path} has splits {', '.join(ds.keys())}")
         ds = ds[split]
     cols = {**COLUMNS, **(columns or {})}
     for role, name in cols.items():
         if name not in ds.column_names:
-            raise InputError(f"{where}: column {name!r} (columns.{role}) is not in {path}; it has "
+            raise ValueError(f"{where}: column {name!r} (columns.{role}) is not in {path}; it has "
                              f"{', '.join(ds.column_names)}")
     out = []
     root = Path(path) if Path(path).is_dir() else Path(path).parent
@@ -74,7 +70,7 @@ def load(path: Path, split: str | None, columns: dict, where: str, limit: int | 
         q, a = row[cols["question"]], row[cols["answer"]]
         for role, v in (("question", q), ("answer", a)):
             if not isinstance(v, str) or not v.strip():
-                raise InputError(f"{at}: column {cols[role]!r} is {v!r:.60}; expected a non-empty string")
+                raise ValueError(f"{at}: column {cols[role]!r} is {v!r:.60}; expected a non-empty string")
         img = row[cols["image"]]
         out.append(Example(None if img is None else _image(img, root, at), q, a))
     return out

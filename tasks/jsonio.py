@@ -9,8 +9,6 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
-
 _WS = " \t\n\r"
 
 
@@ -59,7 +57,7 @@ def _array(text: str, pos: int, path: Path, label: str, dec: json.JSONDecoder, l
 
 def _record(obj, label: str, i: int, line: int, path: Path) -> Record:
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: {label}[{i}] (line {line}) is {type(obj).__name__}; expected an object")
+        raise ValueError(f"{path}: {label}[{i}] (line {line}) is {type(obj).__name__}; expected an object")
     r = Record(obj)
     ident = obj.get("id", obj.get("question_id", obj.get("image_id")))
     r.where = f"{label}[{i}] (" + (f"id {ident!r}, " if ident is not None else "") + f"line {line})"
@@ -68,11 +66,11 @@ def _record(obj, label: str, i: int, line: int, path: Path) -> Record:
 
 def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
+        raise ValueError(f"{path}: {what} not found")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | list:
@@ -89,7 +87,7 @@ def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | lis
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
             out.append(_record(obj, "records", len(out), n, path))
         return out
     try:
@@ -102,11 +100,11 @@ def records(path: Path, keys: tuple = (), what: str = "data file") -> dict | lis
         else:
             obj, end = dec.raw_decode(text, pos)  # valid JSON of the wrong kind, or an error with its place
             want = "an object with " + ", ".join(keys) if keys else "a list of records"
-            raise InputError(f"{path}: top level is {type(obj).__name__}; expected {want}")
+            raise ValueError(f"{path}: top level is {type(obj).__name__}; expected {want}")
         if _skip(text, end) != len(text):
             raise json.JSONDecodeError("extra data", text, _skip(text, end))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        raise ValueError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
     return out
 
 
@@ -123,7 +121,7 @@ def _object(text: str, pos: int, path: Path, keys: tuple, dec: json.JSONDecoder,
         else:
             value, pos = dec.raw_decode(text, pos)
             if key in keys:
-                raise InputError(f"{path}: field {key!r} is {type(value).__name__}; expected a list")
+                raise ValueError(f"{path}: field {key!r} is {type(value).__name__}; expected a list")
         pos = _skip(text, pos)
         if text[pos:pos + 1] == ",":
             pos = _skip(text, pos + 1)
@@ -131,7 +129,7 @@ def _object(text: str, pos: int, path: Path, keys: tuple, dec: json.JSONDecoder,
             raise json.JSONDecodeError("expected ',' or '}'", text, pos)
     for k in keys:
         if k not in found:
-            raise InputError(f"{path}: field {k!r} is missing; expected a list")
+            raise ValueError(f"{path}: field {k!r} is missing; expected a list")
     return found, pos + 1
 
 
@@ -139,12 +137,12 @@ def field(path: Path, rec, name: str, kind, what: str = ""):
     """rec[name], checked to be of `kind`; the error names the file, the record and the field."""
     where = getattr(rec, "where", "record")
     if not isinstance(rec, dict):
-        raise InputError(f"{path}: {where} is {type(rec).__name__}; expected an object")
+        raise ValueError(f"{path}: {where} is {type(rec).__name__}; expected an object")
     if name not in rec:
-        raise InputError(f"{path}: {where}: field {name!r} is missing")
+        raise ValueError(f"{path}: {where}: field {name!r} is missing")
     v = rec[name]
     if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-        raise InputError(f"{path}: {where}: field {name!r} is {v!r:.60}; expected {what or _kind_name(kind)}")
+        raise ValueError(f"{path}: {where}: field {name!r} is {v!r:.60}; expected {what or _kind_name(kind)}")
     return v
 
 
@@ -158,10 +156,10 @@ def check_image(file: Path, where: str) -> Path:
     """The image file exists and its header decodes (a full decode happens when it is used, and a failure there is
     reported the same way)."""
     if not file.is_file():
-        raise InputError(f"{where}: image {str(file)!r} not found")
+        raise ValueError(f"{where}: image {str(file)!r} not found")
     try:
         with Image.open(file) as im:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{where}: image {str(file)!r} is not a readable image ({e})") from None
+        raise ValueError(f"{where}: image {str(file)!r} is not a readable image ({e})") from None
     return file

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import IMAGE_TOKEN, Example
-from .errors import InputError
 from .jsonio import check_image, field, records
 
 USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")
@@ -23,34 +22,34 @@ def load(data: Path, images: Path | None, limit: int | None = None) -> list[Exam
         where = f"{data}: {rec.where}"
         turns = [t for t in convo if not (isinstance(t, dict) and t.get("from") == "system")]
         if not turns:
-            raise InputError(f"{where}: field 'conversations' is empty")
+            raise ValueError(f"{where}: field 'conversations' is empty")
         pairs = []
         for k, t in enumerate(turns):
             if not isinstance(t, dict) or not isinstance(t.get("value"), str):
-                raise InputError(f"{where}: conversations[{k}] is {t!r:.60}; expected {{from, value: string}}")
+                raise ValueError(f"{where}: conversations[{k}] is {t!r:.60}; expected {{from, value: string}}")
             want = USER if k % 2 == 0 else ASSISTANT
             if t.get("from") not in want:
-                raise InputError(f"{where}: conversations[{k}].from is {t.get('from')!r}; expected "
+                raise ValueError(f"{where}: conversations[{k}].from is {t.get('from')!r}; expected "
                                  f"{' or '.join(want)} (turns alternate, human first)")
             if k % 2:
                 pairs[-1][1] = t["value"]
             else:
                 pairs.append([t["value"], None])
         if pairs[-1][1] is None:
-            raise InputError(f"{where}: field 'conversations' ends with a human turn; expected an assistant reply")
+            raise ValueError(f"{where}: field 'conversations' ends with a human turn; expected an assistant reply")
         marks = [k for k, (u, _) in enumerate(pairs) for _ in range(u.count(IMAGE_TOKEN))]
         if len(marks) > 1 or marks and marks[0] != 0:
-            raise InputError(f"{where}: field 'conversations' has {IMAGE_TOKEN} {len(marks)} time(s), in human "
+            raise ValueError(f"{where}: field 'conversations' has {IMAGE_TOKEN} {len(marks)} time(s), in human "
                              f"turn(s) {sorted(set(marks))}; expected at most once, in the first")
         image, first = None, True
         if "image" in rec:
             name = field(data, rec, "image", str, "a file name relative to the images dir")
             if images is None:
-                raise InputError(f"{where}: field 'image' is {name!r} but the split has no 'images' dir")
+                raise ValueError(f"{where}: field 'image' is {name!r} but the split has no 'images' dir")
             image = check_image(Path(images) / name, where)
             first = not pairs[0][0].rstrip().endswith(IMAGE_TOKEN) or pairs[0][0].strip() == IMAGE_TOKEN
         elif marks:
-            raise InputError(f"{where}: field 'image' is missing, but the conversation has {IMAGE_TOKEN}")
+            raise ValueError(f"{where}: field 'image' is missing, but the conversation has {IMAGE_TOKEN}")
         pairs = [(" ".join(u.replace(IMAGE_TOKEN, " ").split()), a.strip()) for u, a in pairs]
         *history, (prompt, answer) = pairs
         out.append(Example(image, prompt, answer, history=tuple(history), image_first=first))

@@ -8,7 +8,6 @@ import yaml
 
 from . import coco, hf_dataset, llava_json, vqa_v2, world
 from .base import METRICS, Example
-from .errors import InputError
 
 SEQUENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "sequences"
 FORMATS = ("world", "llava-json", "vqa-v2", "hf-dataset")
@@ -53,7 +52,7 @@ def resolve_path(name: str | Path) -> Path:
     q = SEQUENCE_DIR / f"{name}.yaml"
     if q.is_file():
         return q
-    raise InputError(f"--tasks {str(name)!r}: sequence file not found")
+    raise ValueError(f"--tasks {str(name)!r}: sequence file not found")
 
 
 def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
@@ -64,12 +63,12 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
+        raise ValueError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
             from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), list) or not cfg["tasks"]:
-        raise InputError(f"{path}: field 'tasks' must be a non-empty list")
+        raise ValueError(f"{path}: field 'tasks' must be a non-empty list")
     w = cfg.get("world") or {}
     n_train, n_test = _positive(path, "world.train_examples", w.get("train_examples", 1000)), \
         _positive(path, "world.test_examples", w.get("test_examples", 200))
@@ -78,41 +77,41 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     for i, t in enumerate(cfg["tasks"]):
         at = f"{path}: tasks[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            raise InputError(f"{at} is {t!r:.60}; expected a mapping with a 'name'")
+            raise ValueError(f"{at} is {t!r:.60}; expected a mapping with a 'name'")
         fmt = t.get("format", "world")
         if fmt not in FORMATS:
-            raise InputError(f"{at}.format is {fmt!r}; expected one of {', '.join(FORMATS)}")
+            raise ValueError(f"{at}.format is {fmt!r}; expected one of {', '.join(FORMATS)}")
         unknown = sorted(set(t) - TASK_KEYS)
         if unknown:
-            raise InputError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TASK_KEYS))}")
+            raise ValueError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TASK_KEYS))}")
         if t["name"] in names:
-            raise InputError(f"{at}.name {t['name']!r} appears twice")
+            raise ValueError(f"{at}.name {t['name']!r} appears twice")
         names.add(t["name"])
         metric = t.get("metric", "vqa" if fmt == "vqa-v2" else "exact")
         if metric not in METRICS:
-            raise InputError(f"{at}.metric is {metric!r}; expected one of {', '.join(METRICS)}")
+            raise ValueError(f"{at}.metric is {metric!r}; expected one of {', '.join(METRICS)}")
         if fmt == "world":
             if t["name"] not in world.TASKS:
-                raise InputError(f"{at}.name is {t['name']!r}; world tasks are {', '.join(sorted(world.TASKS))}")
+                raise ValueError(f"{at}.name is {t['name']!r}; world tasks are {', '.join(sorted(world.TASKS))}")
             train, test = (world.task_set(t["name"], "train", n_train, seed), world.task_set(t["name"], "test", n_test))
         else:
             train, test = (_load_split(fmt, t, s, root, at) for s in ("train", "test"))
         tasks.append(Task(t["name"], train, test, metric))
     g = cfg.get("general") or {"format": "world"}
     if not isinstance(g, dict):
-        raise InputError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
+        raise ValueError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
     gfmt = g.get("format", "world")
     common = ("format", "corenlp", *GENERATION_DEFAULTS)
     unknown = sorted(set(g) - set(common) - set(GENERAL_KEYS.get(gfmt, ())))
     if gfmt in GENERAL_KEYS and unknown:
-        raise InputError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
+        raise ValueError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
                          f"{', '.join(common + GENERAL_KEYS[gfmt])}")
     generation = dict(GENERATION_DEFAULTS)
     for key in GENERATION_DEFAULTS:
         if key in g:
             generation[key] = check_generation(key, g[key], f"{path}: general.{key}")
     if gfmt not in GENERAL_FORMATS:
-        raise InputError(f"{path}: general.format is {gfmt!r}; expected one of {', '.join(GENERAL_FORMATS)}")
+        raise ValueError(f"{path}: general.format is {gfmt!r}; expected one of {', '.join(GENERAL_FORMATS)}")
     if gfmt == "world":
         captions = world.caption_set(world.HELDOUT_CAPTION_SEED, _positive(path, "general.captions",
                                                                            g.get("captions", 100)),
@@ -135,7 +134,7 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
         corenlp = _file(root, corenlp, f"{path}: general.corenlp")
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
-        raise InputError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
+        raise ValueError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
     return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp, generation)
 
 
@@ -143,10 +142,10 @@ def check_generation(key: str, value, where: str):
     """A generation setting: the caption prompt a non-empty string, a new-token limit a positive int."""
     if key == "caption_prompt":
         if not isinstance(value, str) or not value.strip():
-            raise InputError(f"{where} is {value!r}; expected a non-empty prompt")
+            raise ValueError(f"{where} is {value!r}; expected a non-empty prompt")
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InputError(f"{where} is {value!r}; expected a positive integer")
+        raise ValueError(f"{where} is {value!r}; expected a positive integer")
     return value
 
 
@@ -166,23 +165,23 @@ def with_generation(seq: Sequence, **overrides) -> Sequence:
 
 def _required(at: str, spec: dict, key: str):
     if key not in spec:
-        raise InputError(f"{at}: required field {key!r} is missing")
+        raise ValueError(f"{at}: required field {key!r} is missing")
     return spec[key]
 
 
 def _file(root: Path, value, at: str) -> Path:
     if not isinstance(value, str) or not value:
-        raise InputError(f"{at} is {value!r:.60}; expected a path")
+        raise ValueError(f"{at} is {value!r:.60}; expected a path")
     p = root / value
     if not p.exists():
-        raise InputError(f"{at}: {str(p)!r} not found")
+        raise ValueError(f"{at}: {str(p)!r} not found")
     return p
 
 
 def _limit(at: str, spec: dict) -> int | None:
     v = spec.get("limit")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise InputError(f"{at}.limit is {v!r}; expected a positive integer")
+        raise ValueError(f"{at}.limit is {v!r}; expected a positive integer")
     return v
 
 
@@ -190,11 +189,11 @@ def _load_split(fmt: str, t: dict, split: str, root: Path, at: str) -> list[Exam
     spec = _required(at, t, split)
     at = f"{at}.{split}"
     if not isinstance(spec, dict):
-        raise InputError(f"{at} is {spec!r:.60}; expected a mapping")
+        raise ValueError(f"{at} is {spec!r:.60}; expected a mapping")
     required, optional = SPLIT_KEYS[fmt]
     unknown = sorted(set(spec) - set(required) - set(optional))
     if unknown:
-        raise InputError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(required + optional)}")
+        raise ValueError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(required + optional)}")
     p = {k: _file(root, _required(at, spec, k), f"{at}.{k}") for k in required}
     limit = _limit(at, spec)
     if fmt == "llava-json":
@@ -206,17 +205,17 @@ def _load_split(fmt: str, t: dict, split: str, root: Path, at: str) -> list[Exam
     else:
         columns = t.get("columns") or {}
         if not isinstance(columns, dict) or set(columns) - set(hf_dataset.COLUMNS):
-            raise InputError(f"{at.rsplit('.', 1)[0]}.columns is {columns!r:.80}; expected a mapping over "
+            raise ValueError(f"{at.rsplit('.', 1)[0]}.columns is {columns!r:.80}; expected a mapping over "
                              f"{', '.join(hf_dataset.COLUMNS)}")
         split_name = spec.get("split")
         out = hf_dataset.load(p["path"], None if split_name is None else str(split_name), columns, at, limit)
     if not out:
-        raise InputError(f"{at}: the split is empty (no examples" + (" of the chosen question_types"
+        raise ValueError(f"{at}: the split is empty (no examples" + (" of the chosen question_types"
                                                                      if fmt == "vqa-v2" else "") + ")")
     return out
 
 
 def _positive(path, field_name, value, zero=False) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
-        raise InputError(f"{path}: field '{field_name}' is {value!r}; expected an integer >= {0 if zero else 1}")
+        raise ValueError(f"{path}: field '{field_name}' is {value!r}; expected an integer >= {0 if zero else 1}")
     return value

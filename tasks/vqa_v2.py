@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 
 from .base import Example, most_common_answer
-from .errors import InputError
 from .jsonio import check_image, field, records
 
 GROUPS_FILE = Path(__file__).resolve().parent.parent / "configs" / "vqacl_groups.yaml"
@@ -30,7 +29,7 @@ def resolve_types(wanted, where: str) -> set[str] | None:
     if wanted is None:
         return None
     if not isinstance(wanted, list) or not wanted or not all(isinstance(w, str) for w in wanted):
-        raise InputError(f"{where}.question_types is {wanted!r:.60}; expected a non-empty list of VQACL group names "
+        raise ValueError(f"{where}.question_types is {wanted!r:.60}; expected a non-empty list of VQACL group names "
                          "or question_type strings")
     return {t for w in wanted for t in groups().get(w, [w])}
 
@@ -38,7 +37,7 @@ def resolve_types(wanted, where: str) -> set[str] | None:
 def _image_index(images: Path, where: str) -> dict[int, Path]:
     """COCO image id -> file, from the trailing digits of each file name (COCO_val2014_000000000042.jpg -> 42)."""
     if not images.is_dir():
-        raise InputError(f"{where}.images: directory {str(images)!r} not found")
+        raise ValueError(f"{where}.images: directory {str(images)!r} not found")
     out = {}
     for f in images.iterdir():
         m = re.search(r"(\d+)$", f.stem)
@@ -61,7 +60,7 @@ def load(questions: Path, annotations: Path, images: Path, types: set[str] | Non
         qid = field(questions, q, "question_id", (int, str))
         a = by_id.get(qid)
         if a is None:
-            raise InputError(f"{questions}: {q.where}: question_id {qid!r} has no annotation in {annotations}")
+            raise ValueError(f"{questions}: {q.where}: question_id {qid!r} has no annotation in {annotations}")
         qtype = field(annotations, a, "question_type", str)
         known_types.add(qtype)
         if types is not None and qtype not in types:
@@ -71,11 +70,11 @@ def load(questions: Path, annotations: Path, images: Path, types: set[str] | Non
         text = field(questions, q, "question", str)
         answers = field(annotations, a, "answers", list, "a list of {answer}")
         if not answers or not all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in answers):
-            raise InputError(f"{annotations}: {a.where}: field 'answers' is {answers!r:.60}; expected a non-empty "
+            raise ValueError(f"{annotations}: {a.where}: field 'answers' is {answers!r:.60}; expected a non-empty "
                              "list of {answer: string}")
         image_id = field(questions, q, "image_id", int)
         if image_id not in index:
-            raise InputError(f"{questions}: {q.where}: image {image_id} not found in {images}")
+            raise ValueError(f"{questions}: {q.where}: image {image_id} not found in {images}")
         if image_id not in checked:  # an image serves several questions: check it once
             check_image(index[image_id], f"{questions}: {q.where}")
             checked.add(image_id)
@@ -84,6 +83,6 @@ def load(questions: Path, annotations: Path, images: Path, types: set[str] | Non
     if types is not None:
         unknown = sorted(t for t in types - known_types if t not in {x for v in groups().values() for x in v})
         if unknown:
-            raise InputError(f"{where.rsplit('.', 1)[0]}.question_types: {unknown[0]!r} is neither a VQACL group "
+            raise ValueError(f"{where.rsplit('.', 1)[0]}.question_types: {unknown[0]!r} is neither a VQACL group "
                              f"({', '.join(groups())}) nor a question_type in {annotations}")
     return out

@@ -15,9 +15,10 @@ def _seq(n=20):
             for name in ("color", "size", "count")]
 
 
-def _cfg(tasks, index, lr=1e-3, output=Path("unused")):
+def _cfg(tasks, index, method, lr=1e-3, output=Path("unused")):
+    from piece_mm.methods import load_settings
     return {"lr": lr, "seed": 7, "steps": 2, "batch_size": 4, "budget": None, "tasks": tasks, "index": index,
-            "output": output, "main": True, "resumed": False}
+            "output": output, "main": True, "resumed": False, "settings": load_settings(method)}
 
 
 def test_ln_trains_only_normalisation_layers(tiny):
@@ -26,7 +27,7 @@ def test_ln_trains_only_normalisation_layers(tiny):
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(8)
-    opt = METHODS["ln"].for_task(model, processor, tasks[0], _cfg(tasks, 0)).optimizer
+    opt = METHODS["ln"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="ln")).optimizer
     norms = set(norm_params(model))
     assert norms and {n for n, p in model.named_parameters() if p.requires_grad} == norms
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -38,20 +39,21 @@ def test_ln_trains_only_normalisation_layers(tiny):
 
 def test_replay_mixes_ten_percent_of_each_earlier_task():
     tasks = _seq(20)
-    opt = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2))
+    opt = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2, method="replay"))
     ex = opt.train_examples
     assert ex[:20] == tasks[2].train and len(ex) == 20 + 2 + 2
     for t in tasks[:2]:
         assert sum(any(e is x for x in t.train) for e in ex) == 2  # 10 % of 20, drawn from that task
-    again = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2], _cfg(tasks, 2)).train_examples
+    again = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[2],
+                                       _cfg(tasks, 2, method="replay")).train_examples
     assert [id(e) for e in again] == [id(e) for e in ex]  # seeded: a resumed task rebuilds the same mix
-    first = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[0], _cfg(tasks, 0))
+    first = METHODS["replay"].for_task(torch.nn.Linear(2, 2), None, tasks[0], _cfg(tasks, 0, method="replay"))
     assert first.train_examples == tasks[0].train
 
 
 def test_multitask_trains_on_every_task_so_far():
     tasks = _seq(5)
-    opt = METHODS["multitask"].for_task(torch.nn.Linear(2, 2), None, tasks[1], _cfg(tasks, 1))
+    opt = METHODS["multitask"].for_task(torch.nn.Linear(2, 2), None, tasks[1], _cfg(tasks, 1, method="multitask"))
     assert opt.train_examples == tasks[0].train + tasks[1].train
 
 
@@ -60,11 +62,11 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     after_task gives a Fisher of mean 1 (first task) that adds up over tasks, and anchors at the current weights."""
     import copy
 
-    from piece_mm.methods.ewc import LAMBDA as EWC_LAMBDA
+    EWC_LAMBDA = 0.1  # configs/methods/ewc.yaml
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(16)
-    first = METHODS["ewc"].for_task(model, processor, tasks[0], _cfg(tasks, 0, output=tmp_path))
+    first = METHODS["ewc"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="ewc", output=tmp_path))
     assert first.extra_loss is None
     state = first.after_task(model)
     f = state["fisher"]
@@ -73,7 +75,7 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(state["anchor"][n], params[n].detach()) for n in f)
     assert (tmp_path / "ewc" / "1-color.safetensors").is_file()  # the next task reads it from there
-    second = METHODS["ewc"].for_task(model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
+    second = METHODS["ewc"].for_task(model, processor, tasks[1], _cfg(tasks, 1, method="ewc", output=tmp_path))
     assert float(second.extra_loss(model).detach()) == 0.0
     name = next(n for n in f if f[n].abs().sum() > 0 and params[n].dim() == 2)
     with torch.no_grad():
@@ -122,12 +124,12 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
     import copy
 
     from piece_mm.batching import collate
-    from piece_mm.methods.lwf import TEMPERATURE as T
+    T = 2.0  # configs/methods/lwf.yaml
     _, base, processor = tiny
     model = copy.deepcopy(base)
     tasks = _seq(8)
     teacher = copy.deepcopy(model).eval()
-    opt = METHODS["lwf"].for_task(model, processor, tasks[1], _cfg(tasks, 1, output=tmp_path))
+    opt = METHODS["lwf"].for_task(model, processor, tasks[1], _cfg(tasks, 1, method="lwf", output=tmp_path))
     assert (tmp_path / "lwf" / "2-size.safetensors").is_file()  # a task resumed midway distils from the same
     batch = collate(processor, tasks[1].train[:4])
     model.eval()
@@ -148,4 +150,36 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
                 ref += float((pt * (pt.log() - ps.log())).sum())
                 n += 1
     assert got > 0 and got == pytest.approx(T * T * ref / n, rel=1e-3)
-    assert METHODS["lwf"].for_task(model, processor, tasks[0], _cfg(tasks, 0)).extra_loss is None
+    assert METHODS["lwf"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="lwf")).extra_loss is None
+
+
+def test_every_method_constant_is_in_its_yaml_and_checked(tmp_path):
+    """configs/methods/<name>.yaml holds exactly the fields its method declares; a --method-config that names an
+    unknown field, misses one, or has a value out of range is one error with the file, field and value."""
+    import yaml
+
+    from piece_mm.errors import InputError
+    from piece_mm.methods import load_settings, settings_file
+    with_settings = sorted(n for n, m in METHODS.items() if m.settings)
+    assert with_settings == ["ewc", "lwf", "migu", "olora", "replay", "seqlora"]
+    for name in METHODS:
+        got = load_settings(name)
+        if name in with_settings:
+            assert got == yaml.safe_load(settings_file(name).read_text())
+        else:
+            assert got == {} and not settings_file(name).exists()
+    assert load_settings("ewc") == {"lambda": 0.1, "examples": 256}
+    f = tmp_path / "ewc.yaml"
+    for text, says in [("lambda: 0.5\nexamples: 256\nlamda: 1\n", "unknown field 'lamda'"),
+                       ("lambda: 0.5\n", "required field 'examples' is missing"),
+                       ("lambda: -1\nexamples: 256\n", "field 'lambda' is -1"),
+                       ("lambda: 0.5\nexamples: 2.5\n", "field 'examples' is 2.5; expected an integer"),
+                       ("[1, 2]\n", "expected a mapping")]:
+        f.write_text(text)
+        with pytest.raises(InputError, match=says) as e:
+            load_settings("ewc", f)
+        assert str(f) in str(e.value) and "\n" not in str(e.value)
+    f.write_text("lambda: 0.5\nexamples: 8\n")
+    assert load_settings("ewc", f) == {"lambda": 0.5, "examples": 8}
+    with pytest.raises(InputError, match="has no settings"):
+        load_settings("seqft", f)

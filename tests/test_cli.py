@@ -108,7 +108,8 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     tuned, _ = pm.load_model(str(out / "model"))
     assert all(torch.equal(p, q) for p, q in zip(base.state_dict().values(), tuned.state_dict().values()))
     # the saved final model is a checkpoint the standalone retention check can read
-    r = _run("piece_mm.eval.captioning", "--model", str(out / "model"), "--baseline", "qwen2-vl", "--eval-limit", "6")
+    r = _run("piece_mm.experiments.captioning", "--model", str(out / "model"), "--baseline", "qwen2-vl",
+             "--eval-limit", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "CIDEr" in r.stdout and "retention" in r.stdout
 
@@ -157,10 +158,11 @@ def test_bad_budget_one_line_exit_2(tmp_path, capsys):
 def test_captioning_cli_bad_data_exit_2(tmp_path, capsys):
     bad = tmp_path / "caps.json"
     bad.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]}')
-    assert _main("piece_mm.eval.captioning", "--model", "llava", "--data", str(bad), "--images", str(tmp_path)) == 2
+    assert _main("piece_mm.experiments.captioning", "--model", "llava", "--data", str(bad),
+                 "--images", str(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "image_id" in err and err.strip().count("\n") == 0
-    assert _main("piece_mm.eval.captioning", "--model", "llava", "--eval-limit", "0") == 2
+    assert _main("piece_mm.experiments.captioning", "--model", "llava", "--eval-limit", "0") == 2
     err = capsys.readouterr().err
     assert "--eval-limit" in err and err.strip().count("\n") == 0
 

@@ -1,104 +1,127 @@
-"""python -m piece_mm.eval.compare: every method through the CLI, the same lr sweep for all, summary.json in its
-schema."""
+"""piece_mm.experiments.compare: every method in-process (each run in a process of its own), the same lr sweep for
+all, summary.json in its schema; experiments.runs: a failed or killed run does not take the others down."""
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
+import threading
+import time
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from piece_mm.experiments import compare as cmp
+from piece_mm.experiments import runs
 
 
-def _compare(tmp_path, *extra):
+def _sequence(tmp_path):
     seq = tmp_path / "two.yaml"
     seq.write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                    "world: {train_examples: 16, test_examples: 4}\ngeneral: {captions: 4, vqa: 4}\n")
-    return subprocess.run([sys.executable, "-m", "piece_mm.eval.compare", "--model", "llava", "--tasks", str(seq),
-                           "--output", str(tmp_path / "cmp"), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    return seq
+
+
+def _compare(tmp_path, *extra):
+    return cmp.main(["--model", "llava", "--tasks", str(_sequence(tmp_path)), "--output", str(tmp_path / "cmp"),
+                     *extra])
 
 
 @pytest.mark.slow
 def test_compare_runs_every_method_and_seed(tmp_path):
-    r = _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lrs", "1.0e-4,1.0e-3",
-                 "--max-steps", "2", "--eval-limit", "4")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lrs", "1.0e-4,1.0e-3",
+                    "--max-steps", "2", "--eval-limit", "4") == 0
     out = tmp_path / "cmp"
     s = json.loads((out / "summary.json").read_text())
-    assert s["seeds"] == [0, 1] and set(s["methods"]) == {"piece-f"}
+    assert s["seeds"] == [0, 1] and set(s["methods"]) == {"piece-f"} and "failed" not in s
     for method, row in s["methods"].items():
         # the chosen lr is the one with the best OP on seed 0, and each seed's numbers are its run's
         first = {lr: json.loads((out / "runs" / f"{method}-lr{lr:g}-seed0" / "metrics.json").read_text())
                  for lr in (1e-4, 1e-3)}
         assert row["lr"] == max(first, key=lambda lr: (first[lr]["summary"]["OP"], -lr))
-        runs = [json.loads((out / "runs" / f"{method}-lr{row['lr']:g}-seed{s_}" / "metrics.json").read_text())
-                for s_ in (0, 1)]
+        got = [json.loads((out / "runs" / f"{method}-lr{row['lr']:g}-seed{s_}" / "metrics.json").read_text())
+               for s_ in (0, 1)]
+        assert [m["seed"] for m in got] == [0, 1]
         for k in ("OP", "BWT", "FWT", "caption_retention"):
-            assert row[k] == [m["summary"][k] for m in runs]
-        assert row["time_s"] == [m["time_s"] for m in runs] and row["peak_memory_mb"] > 0
+            assert row[k] == [m["summary"][k] for m in got]
+        assert row["time_s"] == [m["time_s"] for m in got] and row["peak_memory_mb"] > 0
         assert 0 < row["trainable_fraction"] < 0.05  # the default budget: 3 % of the LLM
-        assert row["trainable_fraction"] == runs[0]["trainable"]["total"] / runs[0]["parameters"]
+        assert row["trainable_fraction"] == got[0]["trainable"]["total"] / got[0]["parameters"]
     assert len(list((out / "runs").iterdir())) == 3  # two lrs on seed 0, the chosen one on seed 1
+    assert "2 steps x batch" in (out / "runs" / "piece-f-lr0.001-seed0" / runs.LOG).read_text()  # a log per run
     table = (out / "table.md").read_text()
     op = s["methods"]["piece-f"]["OP"]
     assert f"{statistics.mean(op):.3f} ± {statistics.pstdev(op):.3f}" in table
     assert (out / "retention_vs_op.png").stat().st_size > 0 and (out / "cider.png").stat().st_size > 0
 
 
-def test_compare_bad_input_one_line_exit_2(tmp_path):
-    r = _compare(tmp_path, "--methods", "seqft,nosuch")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "'nosuch'" in r.stderr
-    r = _compare(tmp_path, "--seeds", "a,b")
-    assert r.returncode == 2 and "--seeds" in r.stderr and r.stderr.strip().count("\n") == 0
+@pytest.mark.parametrize("argv, says", [(["--methods", "seqft,nosuch"], "'nosuch'"), (["--seeds", "a,b"], "--seeds"),
+                                        (["--max-steps", "0"], "--max-steps"), (["--budget", "nosuch"], "nosuch"),
+                                        (["--jobs", "0"], "--jobs")])
+def test_compare_bad_input_one_line_exit_2(tmp_path, capsys, argv, says):
+    assert _compare(tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and says in err and not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.slow
-def test_compare_lr_from_an_earlier_summary_runs_every_seed_at_that_lr(tmp_path):
+def test_compare_lr_from_an_earlier_summary_runs_every_seed_at_that_lr(tmp_path, capsys):
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"seeds": [0], "methods": {"piece-f": {"lr": 1.0e-3}, "seqft": {"lr": 3.0e-4}}}))
-    r = _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lr-from", str(earlier),
-                 "--max-steps", "2", "--eval-limit", "4")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert _compare(tmp_path, "--methods", "piece-f", "--seeds", "0,1", "--lr-from", str(earlier),
+                    "--max-steps", "2", "--eval-limit", "4") == 0
     out = tmp_path / "cmp"
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["piece-f-lr0.001-seed0", "piece-f-lr0.001-seed1"]
     row = json.loads((out / "summary.json").read_text())["methods"]["piece-f"]
     assert row["lr"] == 1.0e-3
-    runs = [json.loads((out / "runs" / f"piece-f-lr0.001-seed{s_}" / "metrics.json").read_text()) for s_ in (0, 1)]
+    got = [json.loads((out / "runs" / f"piece-f-lr0.001-seed{s_}" / "metrics.json").read_text()) for s_ in (0, 1)]
     for k in ("answer_leak", "bare_answer"):
-        assert row[k] == [m["general"]["after"][-1][k] for m in runs]
+        assert row[k] == [m["general"]["after"][-1][k] for m in got]
     assert "answer leak" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert _compare(tmp_path, "--methods", "olora", "--lr-from", str(earlier)) == 2  # not in the earlier comparison
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and str(earlier) in err and "'olora'" in err
 
-    r = _compare(tmp_path, "--methods", "olora", "--lr-from", str(earlier))  # not in the earlier comparison
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert str(earlier) in r.stderr and "'olora'" in r.stderr
+
+def test_an_interrupted_run_is_resumed_a_finished_one_read_back(tmp_path):
+    """A run killed part-way leaves checkpoint.json: its next launch resumes it (piece_mm.train refuses to start
+    afresh over an unfinished run). A finished one is not launched. A failure's old reason is cleared."""
+    def job(name):
+        return runs.Job(name, {"model": "llava", "method": "piece-f", "output": tmp_path / name, "max_steps": 5})
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "checkpoint.json").write_text("{}")
+    (tmp_path / "stopped" / runs.FAILED).write_text("error: earlier\n")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text("{}")
+    fresh, stopped, done = (runs.launch_config(job(n)) for n in ("fresh", "stopped", "done"))
+    assert fresh["resume"] is False and fresh["max_steps"] == 5 and (tmp_path / "fresh").is_dir()
+    assert stopped["resume"] is True and not (tmp_path / "stopped" / runs.FAILED).exists()
+    assert done is None
+    from piece_mm.runconfig import RunConfig
+    RunConfig(**fresh)  # what the worker builds
 
 
-def test_an_interrupted_run_is_resumed_not_refused(tmp_path, monkeypatch):
-    """A run killed part-way leaves checkpoint.json; the comparison's next call continues it with --resume (the CLI
-    refuses to start afresh over an unfinished run)."""
-    import argparse
+@pytest.mark.slow
+def test_a_run_that_fails_or_dies_does_not_take_the_others_down(tmp_path):
+    seq = _sequence(tmp_path)
+    base = {"model": "llava", "tasks": str(seq), "max_steps": 2, "eval_limit": 4}
+    jobs = [runs.Job("good", {**base, "method": "piece-f", "output": tmp_path / "good"}),
+            runs.Job("bad", {**base, "method": "piece-f", "budget": str(tmp_path / "none.yaml"),
+                             "output": tmp_path / "bad"}),
+            runs.Job("killed", {**base, "method": "seqft", "max_steps": 400, "output": tmp_path / "killed"})]
 
-    import piece_mm.eval.compare as cmp
-
-    calls = []
-
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
-        out = Path(cmd[cmd.index("--output") + 1])
-        (out / "metrics.json").write_text(json.dumps({"summary": {}}))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(cmp.subprocess, "run", fake_run)
-    args = argparse.Namespace(output=tmp_path, model="llava", tasks="world", max_steps=5, eval_limit=None,
-                              budget="llm-only")
-    for seed, interrupted in ((0, False), (1, True)):
-        out = tmp_path / "runs" / f"piece-f-lr0.001-seed{seed}"
-        out.mkdir(parents=True)
-        if interrupted:
-            (out / "checkpoint.json").write_text("{}")
-        cmp.run_one(args, "piece-f", seed, 1e-3, 1)
-    assert ["--resume" in c for c in calls] == [False, True]
-    assert calls[0][calls[0].index("--max-steps") + 1] == "5"
-    assert all(c[c.index("--budget") + 1] == "llm-only" for c in calls)  # the same budget for every run
+    def kill_the_long_run():  # what an out-of-memory kill does to a run
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            log = tmp_path / "killed" / runs.LOG
+            if log.is_file() and "steps x batch" in log.read_text():
+                import multiprocessing
+                for p in multiprocessing.active_children():
+                    if p.name == "run killed":
+                        p.kill()
+                        return
+            time.sleep(0.5)
+    threading.Thread(target=kill_the_long_run, daemon=True).start()
+    done = runs.run_jobs(jobs, parallel=2, threads=1)
+    assert done["good"].metrics is not None and done["good"].error is None
+    assert done["bad"].metrics is None and done["bad"].bad_input and "none.yaml" in done["bad"].error
+    assert done["bad"].error.count("\n") == 0
+    assert done["killed"].metrics is None and "killed by signal 9" in done["killed"].error
+    assert json.loads((tmp_path / "good" / "metrics.json").read_text())["summary"] == done["good"].metrics["summary"]

@@ -3,7 +3,7 @@ import torch
 import transformers
 
 import piece_mm as pm
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
 
 
 def test_tiny_presets_split_with_real_names(tiny):

@@ -2,7 +2,6 @@
 same names; the defaults stay "describe the image", 24 and 8."""
 import pytest
 
-from piece_mm.tasks.errors import InputError
 from piece_mm.tasks.sequence import GENERATION_DEFAULTS, load_sequence, with_generation
 
 SEQ = "tasks:\n  - {name: color, format: world}\nworld: {train_examples: 8, test_examples: 4}\n"
@@ -33,9 +32,9 @@ def test_defaults_yaml_and_flags(tmp_path):
 def test_bad_generation_settings_name_the_field(tmp_path, line, says):
     p = tmp_path / "s.yaml"
     p.write_text(SEQ + "general: {captions: 3, vqa: 2, " + line + "}\n")
-    with pytest.raises(InputError, match=says):
+    with pytest.raises(ValueError, match=says):  # tasks/ says it as a ValueError; piece_mm makes it an InputError
         load_sequence(p)
-    with pytest.raises(InputError, match="--answer-max-new-tokens"):
+    with pytest.raises(ValueError, match="--answer-max-new-tokens"):
         with_generation(load_sequence("world"), answer_max_new_tokens=-1)
 
 

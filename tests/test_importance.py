@@ -141,8 +141,8 @@ def test_lean_scoring_never_holds_the_whole_models_gradients(tiny):
 
 
 def test_budget_score_memory_field(tmp_path):
+    from piece_mm.errors import InputError
     from piece_mm.select import load_budget
-    from piece_mm.tasks.errors import InputError
     f = tmp_path / "b.yaml"
     f.write_text("score_memory: disk\n")
     with pytest.raises(InputError, match=r"b.yaml: score_memory is 'disk'; expected auto, device or host"):

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
+from piece_mm.errors import InputError
 from piece_mm.eval.captioning import caption_scores
 from piece_mm.eval.generate import generate
 from piece_mm.models import CHECKPOINT_DIR, load_model
 from piece_mm.tasks import world
-from piece_mm.tasks.errors import InputError
 
 
 @pytest.mark.parametrize("alias,cls", [("llava", "LlavaForConditionalGeneration"),

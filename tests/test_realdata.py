@@ -11,9 +11,9 @@ import pytest
 import realdata
 import torch
 
+from piece_mm.errors import InputError
 from piece_mm.tasks import base, hf_dataset
 from piece_mm.tasks.coco import load_karpathy
-from piece_mm.tasks.errors import InputError
 from piece_mm.tasks.sequence import load_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_hf_parquet_and_imagefolder(data_root):
     assert len(rows) == 16 and rows[3].answer == realdata.world.COUNT_WORDS[realdata._scenes()[3].count]
     folder = hf_dataset.load(data_root / "hf_folder", "train", {"question": "q", "answer": "a"}, "t")
     assert len(folder) == 8 and folder[0].prompt == "how many shapes are there" and folder[0].image.size == (64, 64)
-    with pytest.raises(InputError, match="column 'question'.*not in"):
+    with pytest.raises(ValueError, match="column 'question'.*not in"):
         hf_dataset.load(data_root / "hf_folder", "train", {}, "t")
 
 
@@ -318,3 +318,11 @@ def test_real_formats_end_to_end(yaml_name, steps, limit, data_root, tmp_path):
         assert {"BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CLIPScore", "RefCLIPScore"} <= set(g) and "VQA" not in g
     assert len(m["general"]["after"]) == T and 0.0 <= m["summary"]["caption_retention"]
     assert r.stderr.count("warning: SPICE skipped") == 1
+
+
+def test_the_world_clip_is_trained_with_clipscores_own_prefix():
+    """The zoo reads the prefix from configs/models/clip-world.yaml (it imports nothing of eval); CLIPScore must score
+    with the prefix the CLIP was trained on."""
+    from piece_mm.eval.clipscore import PROMPT
+    from piece_mm.zoo import model_config
+    assert model_config("clip-world")["text_prefix"] == PROMPT

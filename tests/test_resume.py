@@ -194,8 +194,8 @@ def test_resume_dir_without_run_args_is_one_line(tmp_path):
 def test_a_budget_field_added_later_at_its_default_is_no_change(tmp_path):
     """A run saved before a budget field existed resumes when the field is at its default, and not otherwise."""
     from piece_mm.continual import check_resume
+    from piece_mm.errors import InputError
     from piece_mm.select import load_budget
-    from piece_mm.tasks.errors import InputError
 
     now = {"model": "llava", "budget": load_budget("default")}
     old = {k: v for k, v in now["budget"].items() if k != "score_memory"}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import piece_mm as pm
+from piece_mm.errors import InputError
 from piece_mm.select import jaccard, load_budget, mask_summary
-from piece_mm.tasks.errors import InputError
 
 
 def _scores(seed=0):

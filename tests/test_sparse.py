@@ -108,7 +108,7 @@ def test_deltas_replay_the_tuned_model_exactly(tiny, tmp_path):
 
 
 def test_corrupt_delta_is_a_one_line_input_error(tmp_path):
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
     bad = tmp_path / "d.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(InputError, match="d.safetensors"):

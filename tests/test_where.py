@@ -1,8 +1,8 @@
-"""python -m piece_mm.eval.where: a task's delta split by layer and by kind, rebuilt from a finished run."""
+"""python -m piece_mm.experiments.where: a task's delta split by layer and by kind, rebuilt from a finished run."""
 import pytest
 
 from piece_mm.delta import load_delta
-from piece_mm.eval.where import groups, main, where
+from piece_mm.experiments.where import groups, main, where
 
 
 def test_groups_put_every_weight_in_one_layer_and_one_kind():

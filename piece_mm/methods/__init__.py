@@ -20,11 +20,17 @@ optimizer and RNG come back from the checkpoint, so the method must not change t
 needs must follow from cfg and from the files it keeps under `<output>/<method>/`, so that a resumed task rebuilds
 it exactly.
 
-The sparse methods (piece-f, piece-s, trace, …) are in piece.py; the baselines beside them, one
-module each. Their constants are at the top of each module."""
+A method's constants (EWC's λ, LoRA's rank, …) live in configs/methods/<name>.yaml: `register(..., settings=)` says
+which fields the file must hold and of what kind, `load_settings` reads and checks them, and the loop hands them to
+the method as cfg["settings"] (and to prepare/finish as their second argument). `--method-config FILE` replaces the
+shipped file for a run.
+
+The sparse methods (piece-f, piece-s, trace, …) are in piece.py (their settings are the budget YAML's); the baselines
+beside them, one module each."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -51,18 +57,77 @@ class Method:
     finish: Callable | None = None
     sparse: bool = False
     sharded: bool = False
+    settings: dict = field(default_factory=dict)  # {field: Setting} that configs/methods/<name>.yaml must hold
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of a method's YAML: its kind (int or float) and its range, lo <= value (<= hi)."""
+    kind: type
+    lo: float
+    hi: float | None = None
+
+    def check(self, value) -> bool:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            self.kind is float or isinstance(value, int))
+        return ok and value >= self.lo and (self.hi is None or value <= self.hi)
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        return f"{what} >= {self.lo:g}" + (f" and <= {self.hi:g}" if self.hi is not None else "")
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, prepare: Callable | None = None, finish: Callable | None = None, sparse: bool = False,
-             sharded: bool = False):
+             sharded: bool = False, settings: dict | None = None):
     """Decorator: `fn` is the method's for_task."""
     def deco(fn):
-        METHODS[name] = Method(name, fn, prepare=prepare, finish=finish, sparse=sparse, sharded=sharded)
+        METHODS[name] = Method(name, fn, prepare=prepare, finish=finish, sparse=sparse, sharded=sharded,
+                               settings=settings or {})
         return fn
     return deco
+
+
+def settings_file(name: str) -> Path:
+    from piece_mm.configs import DIR
+    return DIR / "methods" / f"{name}.yaml"
+
+
+def load_settings(name: str, path=None) -> dict:
+    """The constants of method `name`: configs/methods/<name>.yaml, or the YAML at `path` (--method-config), with
+    every field the method declares, of the declared kind and range. A method without constants has no file and gets
+    {} (a --method-config for it is refused)."""
+    import yaml
+
+    from piece_mm.errors import InputError
+    spec = METHODS[name].settings
+    if path is None:
+        path = settings_file(name)
+        if not spec:
+            return {}
+    elif not spec:
+        raise InputError(f"--method-config {str(path)!r}: method {name!r} has no settings (its numbers are the "
+                         "budget's, or the flags')")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: method settings file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of {name}'s settings ({', '.join(spec)}), got {data!r:.60}")
+    for key in data:
+        if key not in spec:
+            raise InputError(f"{path}: unknown field {key!r} for method {name}; known: {', '.join(spec)}")
+    for key, setting in spec.items():
+        if key not in data:
+            raise InputError(f"{path}: required field {key!r} is missing")
+        if not setting.check(data[key]):
+            raise InputError(f"{path}: field {key!r} is {data[key]!r}; expected {setting.describe()}")
+    return {k: setting.kind(data[k]) for k, setting in spec.items()}
 
 
 def state_file(cfg: dict, name: str, index: int):

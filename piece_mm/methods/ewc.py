@@ -4,12 +4,8 @@ from __future__ import annotations
 from piece_mm import dist
 from piece_mm.batching import collate
 from piece_mm.importance import estimate_importance
-from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.seqft import adamw
-
-LAMBDA = 0.1  # with the Fisher scaled to mean 1 and updates of ~1e-2, the pull on an average weight is of the order
-              # of a task gradient (~1e-3); not tuned
-EXAMPLES = 256  # training examples of a task its Fisher is measured on, after training
 
 
 def load_state(path) -> dict:
@@ -17,25 +13,25 @@ def load_state(path) -> dict:
     return {k: {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + ".")} for k in ("fisher", "anchor")}
 
 
-@register("ewc")
+@register("ewc", settings={"lambda": Setting(float, 0.0), "examples": Setting(int, 1)})
 def ewc(model, processor, task, cfg, masks=None):
     """Full fine-tuning plus the pull (λ / 2) Σ F (θ − θ*)² towards the weights θ* after the previous task. F is the
     empirical Fisher (mean g², scaled to mean 1) summed over the earlier tasks. After each task, its Fisher and the
     anchor are saved in <output>/ewc/, where the next task (or a resumed run) reads them."""
     tuning = Tuning(adamw(model, cfg["lr"]))
-    i = cfg["index"]
+    i, lam = cfg["index"], cfg["settings"]["lambda"]  # configs/methods/ewc.yaml
     state = load_state(state_file(cfg, "ewc", i - 1)) if i > 0 else None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if state is not None:
         fisher, anchor = state["fisher"], state["anchor"]
 
         def extra_loss(model, batch=None, out=None):
-            return LAMBDA / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
+            return lam / 2 * sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()
                                     if n in fisher)
         tuning.extra_loss = extra_loss
 
     def after_task(model):
-        examples = task.train[:EXAMPLES]
+        examples = task.train[:cfg["settings"]["examples"]]
         batches = (collate(processor, c) for c in dist.share([examples[i:i + 16] for i in range(0, len(examples), 16)]))
         f = estimate_importance(model, batches, "piece-f", names=list(params))
         mean = sum(float(t.sum()) for t in f.values()) / max(1, sum(t.numel() for t in f.values()))

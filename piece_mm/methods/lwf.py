@@ -5,11 +5,8 @@ import copy
 
 import torch
 
-from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.seqft import adamw
-
-TEMPERATURE = 2.0  # as in Li & Hoiem's LwF
-WEIGHT = 1.0
 
 
 def teacher_for(model, cfg):
@@ -26,7 +23,7 @@ def teacher_for(model, cfg):
     return teacher
 
 
-@register("lwf")
+@register("lwf", settings={"temperature": Setting(float, 1e-6), "weight": Setting(float, 0.0)})
 def lwf(model, processor, task, cfg, masks=None):
     """Full fine-tuning plus T² · KL(teacher ‖ student) of the next-token distributions at temperature T, averaged
     over the current task's non-padding positions, from the second task on."""
@@ -40,9 +37,9 @@ def lwf(model, processor, task, cfg, masks=None):
         with torch.no_grad():
             t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[keep].float()  # [N, V]
         s = out.logits[keep].float()  # [N, V]
-        T = TEMPERATURE
+        T = cfg["settings"]["temperature"]  # configs/methods/lwf.yaml
         kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
                                         log_target=True, reduction="batchmean")
-        return WEIGHT * T * T * kl
+        return cfg["settings"]["weight"] * T * T * kl
     tuning.extra_loss = extra_loss
     return tuning

@@ -2,22 +2,20 @@
 output magnitude is among its top T on the current batch; the mask is recomputed every step.
 
 The magnitude of output feature j is the mean of |y_j| over the batch's positions, L1-normalised over the layer's
-features (which does not change the ranking). T = 0.7 keeps the top 70 % of each layer's features; I could not find
-the authors' value offline, and 0.7 is the default of a public reimplementation. Weights that are not in a linear
-layer (norms, embeddings, the patch convolution) are fine-tuned as in SeqFT."""
+features (which does not change the ranking). T (configs/methods/migu.yaml: 0.7) keeps the top 70 % of each layer's
+features; I could not find the authors' value offline, and 0.7 is the default of a public reimplementation. Weights
+that are not in a linear layer (norms, embeddings, the patch convolution) are fine-tuned as in SeqFT."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from piece_mm.methods import Tuning, register
+from piece_mm.methods import Setting, Tuning, register
 from piece_mm.methods.seqft import adamw
 
-TOP = 0.7
 
-
-def row_mask(out: torch.Tensor, top: float = TOP) -> torch.Tensor:
+def row_mask(out: torch.Tensor, top: float) -> torch.Tensor:
     """[out_features] bool: the features of `out` ([..., out_features]) with the top ceil(top · n) mean |y|."""
     mag = out.detach().abs().reshape(-1, out.shape[-1]).float().mean(0)
     mag = mag / mag.sum().clamp_min(1e-12)
@@ -30,7 +28,7 @@ class MaskedRows:
     """Forward hooks that keep each trainable linear layer's row mask of the current batch, and gradient hooks that
     zero the other rows of its weight and bias gradients."""
 
-    def __init__(self, model, top: float = TOP):
+    def __init__(self, model, top: float):
         self.masks: dict[str, torch.Tensor] = {}
         self.handles = []
         for name, m in model.named_modules():
@@ -60,8 +58,8 @@ class MaskedRows:
         self.handles.clear()
 
 
-@register("migu")
+@register("migu", settings={"top": Setting(float, 0.0, 1.0)})
 def migu(model, processor, task, cfg, masks=None):
     """Full fine-tuning with MIGU's per-step row masks on every linear layer (AdamW, recreated per task)."""
     opt = adamw(model, cfg["lr"])
-    return Tuning(opt, close=MaskedRows(model).close)
+    return Tuning(opt, close=MaskedRows(model, cfg["settings"]["top"]).close)

@@ -1,8 +1,8 @@
 """O-LoRA (Wang et al., 2023): a new LoRA per task, kept orthogonal to the earlier tasks' LoRA subspaces.
 
 The loss adds λ1 Σ_layers Σ |A_old A_newᵀ| (A_old: the earlier tasks' A matrices stacked) and λ2 Σ ||θ_new||₂ over
-the new adapter's matrices. λ1 = 0.5 and λ2 = 0 are the values of the authors' released scripts
-(cmnfriend/O-LoRA, scripts/order_*.sh: --lamda_1 0.5 --lamda_2 0).
+the new adapter's matrices (configs/methods/olora.yaml). λ1 = 0.5 and λ2 = 0 are the values of the authors' released
+scripts (cmnfriend/O-LoRA, scripts/order_*.sh: --lamda_1 0.5 --lamda_2 0).
 
 Earlier adapters are frozen, so their sum is merged into the base weights when the next task starts (the same
 function, up to float rounding), and one PEFT adapter slot is re-initialised for each task. The earlier A matrices are
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
-from piece_mm.methods.seqlora import ADAPTER, inject, lora_layers, lora_optimizer, merge_and_unload
+from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods.seqlora import ADAPTER, LORA, inject, lora_layers, lora_optimizer, merge_and_unload
 
-LAMBDA_ORTH = 0.5
-LAMBDA_L2 = 0.0
+SETTINGS = {"lambda_orth": Setting(float, 0.0), "lambda_l2": Setting(float, 0.0), **LORA}
 
 
 def orthogonality(layers: dict, old: dict) -> torch.Tensor:
@@ -40,10 +39,11 @@ def start_task(layers: dict) -> None:
             layer.reset_lora_parameters(ADAPTER, True)
 
 
-@register("olora", prepare=inject, finish=merge_and_unload)
+@register("olora", prepare=inject, finish=merge_and_unload, settings=SETTINGS)
 def olora(model, processor, task, cfg, masks=None):
-    inject(model)
+    inject(model, cfg["settings"])
     layers = lora_layers(model)
+    orth, l2_weight = cfg["settings"]["lambda_orth"], cfg["settings"]["lambda_l2"]
     i = cfg["index"]
     if i > 0 and not cfg["resumed"]:
         start_task(layers)
@@ -52,10 +52,10 @@ def olora(model, processor, task, cfg, masks=None):
         for n, a in load_tensors(state_file(cfg, "olora", j)).items():
             old[n] = torch.cat([old[n], a]) if n in old else a
     tuning = Tuning(lora_optimizer(model, cfg["lr"]))
-    if old or LAMBDA_L2:
+    if old or l2_weight:
         def extra_loss(model, batch=None, out=None):
-            loss = LAMBDA_ORTH * orthogonality(layers, old) if old else 0.0
-            return loss + LAMBDA_L2 * l2(layers) if LAMBDA_L2 else loss
+            loss = orth * orthogonality(layers, old) if old else 0.0
+            return loss + l2_weight * l2(layers) if l2_weight else loss
         tuning.extra_loss = extra_loss
 
     def after_task(model):

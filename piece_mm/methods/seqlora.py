@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from piece_mm.methods import Tuning, register
+from piece_mm.methods import Setting, Tuning, register
 
-RANK = 8
-ALPHA = 16    # 2 × rank, as LLaVA's LoRA recipes
-DROPOUT = 0.05
 ADAPTER = "default"
+LORA = {"rank": Setting(int, 1), "alpha": Setting(float, 0.0), "dropout": Setting(float, 0.0, 1.0)}  # seqlora.yaml
 
 
 def lora_targets(model) -> list[str]:
@@ -20,13 +18,13 @@ def lora_targets(model) -> list[str]:
             if isinstance(m, torch.nn.Linear) and f"{n}.weight" in llm and not n.endswith("lm_head")]
 
 
-def inject(model) -> None:
+def inject(model, settings: dict) -> None:
     """Add the LoRA adapter (A random, B zero: the model's function is unchanged) to the LLM's linear layers."""
     from peft import LoraConfig, inject_adapter_in_model
     if lora_layers(model):
         return
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=lora_targets(model),
-                        bias="none")
+    config = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                        target_modules=lora_targets(model), bias="none")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 
@@ -36,7 +34,7 @@ def lora_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def merge_and_unload(model) -> None:
+def merge_and_unload(model, settings: dict | None = None) -> None:
     """Add every adapter's B·A·scale into its base weight and put the plain layers back (a model that loads without
     PEFT)."""
     for name, layer in lora_layers(model).items():
@@ -52,9 +50,9 @@ def lora_optimizer(model, lr: float):
     return torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=lr, weight_decay=0.0)
 
 
-@register("seqlora", prepare=inject, finish=merge_and_unload)
+@register("seqlora", prepare=inject, finish=merge_and_unload, settings=LORA)
 def seqlora(model, processor, task, cfg, masks=None):
-    """LoRA r=8 on all linear layers of the LLM, one adapter trained on through every task (AdamW recreated per
-    task)."""
-    inject(model)
+    """LoRA (configs/methods/seqlora.yaml: r 8) on all linear layers of the LLM, one adapter trained on through every
+    task (AdamW recreated per task)."""
+    inject(model, cfg["settings"])
     return Tuning(lora_optimizer(model, cfg["lr"]))

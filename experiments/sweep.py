@@ -1,32 +1,31 @@
-"""python -m piece_mm.eval.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava]
+"""python -m piece_mm.experiments.sweep --model llava [--grid configs/sweeps/world.yaml] [--output results/sweep-llava]
     [--jobs 2]
 
 Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
-for SeqFT; the grid's optional `exclude` list goes into every budget), each through the ordinary CLI in its own
-process, and writes sweep.json, table.md and frontier.png: caption retention against own-task accuracy (mean of
-R[i][i]), one point per setting. A setting whose run already finished (metrics.json present) is read back, not rerun,
-so an interrupted sweep continues where it stopped; a run made with another budget is refused.
-It drives the training CLI the way a user would, in subprocesses, and imports no training code."""
+for SeqFT; the grid's optional `exclude` list goes into every budget), each run in a process of its own
+(experiments/runs.py: a run that fails is reported and the others go on), and writes sweep.json, table.md and
+frontier.png: caption retention against own-task accuracy (mean of R[i][i]), one point per setting. A setting whose
+run already finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it
+stopped; a run made with another budget is refused. Exit 0 when every setting ran, 1 when some failed (the others
+are in the table), 2 on bad input."""
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from piece_mm.tasks.errors import InputError
+from piece_mm.budget import Budget
+from piece_mm.configs import DIR as CONFIGS
+from piece_mm.errors import InputError
+from piece_mm.runconfig import RunConfig
 
-GRID_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+from .runs import run_jobs
 
-
-class SettingFailed(RuntimeError):
-    pass
+GRID_DIR = CONFIGS / "sweeps"
 
 
 def settings(grid: dict) -> list[dict]:
@@ -45,28 +44,26 @@ def settings(grid: dict) -> list[dict]:
     return out
 
 
-def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None, threads: int) -> dict:
+def _job(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None):
+    """The run of setting `s`, its budget written beside it; a finished run made with another budget is refused."""
+    from .runs import Job
     run_dir = out / "runs" / s["tag"]
     bpath = out / "budgets" / f"{s['tag']}.yaml"
     if s["budget"] and (run_dir / "metrics.json").is_file() and (
             not bpath.is_file() or yaml.safe_load(bpath.read_text()) != s["budget"]):
-        raise SettingFailed(f"setting {s['tag']}: {run_dir} was made with another budget than {bpath.name} would "
-                            f"now hold (exclude?); use another --output")
-    if not (run_dir / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "piece_mm.train", "--model", model, "--method", s["method"], "--lr", str(s["lr"]),
-               "--steps", str(s["steps"]), "--tasks", tasks, "--output", str(run_dir)]
-        if s["budget"]:
+        raise InputError(f"setting {s['tag']}: {run_dir} was made with another budget than {bpath.name} would "
+                         f"now hold (exclude?); use another --output")
+    config = {"model": model, "method": s["method"], "lr": s["lr"], "steps": s["steps"], "tasks": tasks,
+              "output": run_dir, "eval_limit": eval_limit}
+    if s["budget"]:
+        if not (run_dir / "metrics.json").is_file():
             bpath.parent.mkdir(parents=True, exist_ok=True)
             bpath.write_text(yaml.safe_dump(s["budget"]))
-            cmd += ["--budget", str(bpath)]
-        if eval_limit:
-            cmd += ["--eval-limit", str(eval_limit)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0:  # the run's own last line says what was wrong (file, field, value for bad input)
-            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
-            raise SettingFailed(f"setting {s['tag']}: {last}")
-    m = json.loads((run_dir / "metrics.json").read_text())
+        config["budget"] = str(bpath)
+    return Job(s["tag"], config)
+
+
+def _row(s: dict, m: dict) -> dict:
     R = m["scores"]
     own = [R[i + 1][i] for i in range(len(m["tasks"]))]
     return {**{k: s[k] for k in ("tag", "method", "lr", "steps")}, "fractions": (s["budget"] or {}).get("fractions"),
@@ -77,7 +74,7 @@ def _run_one(model: str, tasks: str, s: dict, out: Path, eval_limit: int | None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.experiments.sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
     ap.add_argument("--grid", default=str(GRID_DIR / "world.yaml"),
                     help="grid YAML (default: configs/sweeps/world.yaml)")
@@ -102,28 +99,43 @@ def main(argv=None) -> int:
             raise InputError(f"{path}: exclude is {grid['exclude']!r}; expected a list of regexes")
         if args.jobs < 1:
             raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
+        todo = settings(grid)
+        for s in todo:  # every setting's numbers, checked once here (file, field and value)
+            RunConfig(model=args.model, method=s["method"], lr=s["lr"], steps=s["steps"], tasks=args.tasks,
+                      eval_limit=grid.get("eval_limit"))
+            if s["budget"]:
+                Budget.from_dict(s["budget"], where=f"{path} (setting {s['tag']})")
+        out = args.output or Path("results") / f"sweep-{args.model}"
+        jobs = [_job(args.model, args.tasks, s, out, grid.get("eval_limit")) for s in todo]
     except (InputError, yaml.YAMLError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    out = args.output or Path("results") / f"sweep-{args.model}"
-    out.mkdir(parents=True, exist_ok=True)
-    todo = settings(grid)
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     print(f"{len(todo)} settings on {args.model}, {args.jobs} at a time -> {out}", flush=True)
-    try:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda s: _run_one(args.model, args.tasks, s, out, grid.get("eval_limit"), threads),
-                                 todo))
-    except SettingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    def report(o) -> None:
+        if o.error:
+            print(f"failed: setting {o.key}: {o.error}", file=sys.stderr, flush=True)
+
+    done = run_jobs(jobs, args.jobs, threads, report)
+    failed = [done[s["tag"]] for s in todo if done[s["tag"]].error]
+    rows = [_row(s, done[s["tag"]].metrics) for s in todo if done[s["tag"]].metrics]
+    if not rows:
+        print(f"error: every setting failed ({len(failed)}); the first: {failed[0].error}", file=sys.stderr)
+        return 2 if all(o.bad_input for o in failed) else 1
     for r in rows:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
     from .report import write_sweep
-    write_sweep(out, args.model, rows, {"grid": os.path.relpath(path), "command": "python -m piece_mm.eval.sweep " +
-                                        " ".join(argv if argv is not None else sys.argv[1:])})
+    about = {"grid": os.path.relpath(path), "command": "python -m piece_mm.experiments.sweep " +
+             " ".join(argv if argv is not None else sys.argv[1:])}
+    if failed:
+        about["failed"] = {o.key: o.error for o in failed}
+    write_sweep(out, args.model, rows, about)
     print(f"wrote {out / 'sweep.json'}, {out / 'table.md'}, {out / 'frontier.png'}")
+    if failed:
+        print(f"{len(failed)} setting(s) failed; the others are in the table", file=sys.stderr)
+        return 1
     return 0
 
 

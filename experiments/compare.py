@@ -1,32 +1,34 @@
-"""python -m piece_mm.eval.compare --model llava --methods all --seeds 0,1,2 --output results/world-llava
+"""python -m piece_mm.experiments.compare --model llava --methods all --seeds 0,1,2 --output results/world-llava
     [--max-steps N]
 
-Runs every method through the ordinary training CLI, each in its own process, on the same sequence, and writes:
+Runs every method on the same sequence, each run in a process of its own (experiments/runs.py: a run that fails is
+reported and the others go on), and writes:
 - summary.json: {"seeds": [...], "methods": {method: {"OP": [per seed], "BWT": [...], "FWT": [...],
   "caption_retention": [...], "answer_leak": [...], "bare_answer": [...], "trainable_fraction": f,
   "peak_memory_mb": f, "time_s": [...], "lr": chosen}}}; answer_leak / bare_answer are the shares of the last
   stage's captions that use a task's answer word / are nothing but a task answer (null for a run recorded before
   they were measured);
-- table.md: method × mean ± std;
+- table.md: method × mean ± std (and the runs that failed, if any);
 - retention_vs_op.png (one point per method) and cider.png (CIDEr across stages, one line per method).
 
 Learning rate: every method gets the same small sweep (--lrs) on the first seed, and the other seeds use the lr with
 the best OP there (--lr-from <summary.json> takes each method's lr from an earlier comparison instead: no sweep,
 every seed at it). --max-steps and --budget apply to every method alike. A run that already finished (metrics.json
-present) is read back, not rerun. It drives the CLI the way a user would, in subprocesses, and imports no training
-code."""
+present) is read back, not rerun; one that stopped part-way is resumed. Exit 0 when every run finished, 1 when some
+failed (the others are in the table), 2 on bad input."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from piece_mm.tasks.errors import InputError
+from piece_mm.errors import InputError
+from piece_mm.methods import METHODS
+from piece_mm.runconfig import RunConfig
+from piece_mm.select import load_budget
 
 # The methods of the comparison, in table order; "all" means these.
 ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
@@ -34,59 +36,41 @@ KEYS = ("OP", "BWT", "FWT", "caption_retention")
 LEAK_KEYS = ("answer_leak", "bare_answer")  # of the captions after the last task
 
 
-class RunFailed(RuntimeError):
-    pass
-
-
-def known_methods() -> list[str]:
-    """The methods the training CLI accepts, from its own --help (no training code imported here)."""
-    r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--help"], capture_output=True, text=True)
-    text = " ".join(r.stdout.split())
-    start = text.find("one of: ")
-    return [m.strip(" ,()") for m in text[start + 8:].split("(default")[0].split(",")] if start >= 0 else []
-
-
-def run_one(args, method: str, seed: int, lr: float, threads: int) -> dict:
-    out = args.output / "runs" / f"{method}-lr{lr:g}-seed{seed}"
-    if not (out / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "piece_mm.train", "--model", args.model, "--method", method, "--seed", str(seed),
-               "--lr", str(lr), "--tasks", args.tasks, "--output", str(out)]
-        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit),
-                        ("--budget", getattr(args, "budget", None))):
-            if v:
-                cmd += [flag, str(v)]
-        if (out / "checkpoint.json").is_file():  # a run stopped part-way (the comparison was interrupted)
-            cmd.append("--resume")
-        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RunFailed(f"{method} (seed {seed}, lr {lr:g}): {last}")
-    return json.loads((out / "metrics.json").read_text())
-
-
-def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: int) -> dict:
+def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: int) -> tuple[dict, list]:
     """Each method at each lr of sweep[method] on the first seed, then at the best of them (by OP; ties: the first
-    lr) on the other seeds. Every run of a stage is queued at once, so --jobs runs stay busy across methods.
-    Returns {method: {"lr": chosen, "metrics": [metrics.json per seed]}}."""
+    lr) on the other seeds. Returns ({method: {"lr": chosen, "metrics": [metrics.json per seed]}}, the failed
+    Outcomes). A method whose runs all fail on the first seed is left out; a failed later seed leaves it with fewer
+    seeds."""
+    from .runs import Job, run_jobs
+
+    def job(m: str, seed: int, lr: float) -> Job:
+        config = {"model": args.model, "method": m, "seed": seed, "lr": lr, "tasks": args.tasks,
+                  "output": args.output / "runs" / f"{m}-lr{lr:g}-seed{seed}", "max_steps": args.max_steps,
+                  "eval_limit": args.eval_limit}
+        if args.budget:
+            config["budget"] = args.budget
+        return Job((m, seed, lr), config)
+
+    def report(o) -> None:
+        if o.error:
+            print(f"failed: {o.key[0]} (seed {o.key[1]}, lr {o.key[2]:g}): {o.error}", file=sys.stderr, flush=True)
+
+    first = run_jobs([job(m, seeds[0], lr) for m in methods for lr in sweep[m]], args.jobs, threads, report)
+    failed = [o for o in first.values() if o.error]
+    chosen = {}
+    for m in methods:
+        ok = [(lr, first[(m, seeds[0], lr)].metrics) for lr in sweep[m] if first[(m, seeds[0], lr)].metrics]
+        if ok:  # the best OP; ties: the first lr
+            chosen[m] = max(ok, key=lambda x: (x[1]["summary"]["OP"], -sweep[m].index(x[0])))
+    rest = run_jobs([job(m, s, lr) for m, (lr, _) in chosen.items() for s in seeds[1:]], args.jobs, threads, report)
+    failed += [o for o in rest.values() if o.error]
     runs = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        try:
-            queued = {m: [pool.submit(run_one, args, m, seeds[0], lr, threads) for lr in sweep[m]] for m in methods}
-            first = {m: [f.result() for f in fs] for m, fs in queued.items()}
-            chosen = {}
-            for m in methods:
-                best = max(range(len(sweep[m])), key=lambda i: (first[m][i]["summary"]["OP"], -i))
-                chosen[m] = (sweep[m][best], first[m][best],
-                             [pool.submit(run_one, args, m, s, sweep[m][best], threads) for s in seeds[1:]])
-            for m, (lr, first_run, fs) in chosen.items():
-                runs[m] = {"lr": lr, "metrics": [first_run] + [f.result() for f in fs]}
-                print(f"{m:<10} lr {lr:g}  OP " + _mean_std([x["summary"]["OP"] for x in runs[m]["metrics"]]) +
-                      "  retention " + _mean_std([x["summary"]["caption_retention"] for x in runs[m]["metrics"]]),
-                      flush=True)
-        except RunFailed:
-            pool.shutdown(cancel_futures=True)  # the runs not yet started never start
-            raise
-    return runs
+    for m, (lr, metrics) in chosen.items():
+        later = [rest[(m, s, lr)].metrics for s in seeds[1:] if rest[(m, s, lr)].metrics]
+        runs[m] = {"lr": lr, "metrics": [metrics] + later}
+        print(f"{m:<10} lr {lr:g}  OP " + _mean_std([x["summary"]["OP"] for x in runs[m]["metrics"]]) +
+              "  retention " + _mean_std([x["summary"]["caption_retention"] for x in runs[m]["metrics"]]), flush=True)
+    return runs, failed
 
 
 def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
@@ -112,7 +96,7 @@ def _mean_std(xs) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
 
 
-def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) -> None:
+def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, failed=()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,6 +109,9 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str) ->
         lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS + LEAK_KEYS) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
+    if failed:
+        lines += ["", "Runs that failed (left out of the table; their logs are in their run directories):", ""]
+        lines += [f"- {o.key[0]}, seed {o.key[1]}, lr {o.key[2]:g}: {o.error}" for o in failed]
     lines += ["", "Of the captions after the last task: answer leak = the share that use a word only the tasks' "
               "answers use (the reference captions never do); bare answer = the share that are nothing but a task "
               "answer.",
@@ -183,7 +170,7 @@ def _chosen_lrs(path: Path, methods: list[str]) -> dict[str, float]:
     except FileNotFoundError:
         raise InputError(f"--lr-from {path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"--lr-from {path}: not a summary.json of piece_mm.eval.compare "
+        raise InputError(f"--lr-from {path}: not a summary.json of piece_mm.experiments.compare "
                          f"({type(e).__name__}: {e})") from None
     out = {}
     for m in methods:
@@ -198,7 +185,7 @@ def _chosen_lrs(path: Path, methods: list[str]) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.compare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.experiments.compare", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava")
     ap.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(ALL)})")
     ap.add_argument("--seeds", default="0,1,2")
@@ -209,40 +196,45 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="world")
     ap.add_argument("--max-steps", type=int, help="cap on steps per task, the same for every method")
     ap.add_argument("--eval-limit", type=int)
-    ap.add_argument("--budget", help="a budget YAML (or a name in configs/budgets) for every run; the CLI checks it")
+    ap.add_argument("--budget", help="a budget YAML (or a name in configs/budgets) for every run of a sparse method")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
     args = ap.parse_args(argv)
     try:
         seeds = _numbers("--seeds", args.seeds, int)
         lrs = _numbers("--lrs", args.lrs, float)
-        known = known_methods()
+        known = sorted(METHODS)
         methods = [m for m in ALL if m in known] if args.methods == "all" else args.methods.split(",")
         unknown = [m for m in methods if m not in known]
         if unknown:
-            raise InputError(f"--methods: {unknown[0]!r} is not a method of piece_mm.train; known: {', '.join(known)}")
-        for flag, v in (("--max-steps", args.max_steps), ("--eval-limit", args.eval_limit), ("--jobs", args.jobs)):
-            if v is not None and v < 1:
-                raise InputError(f"{flag}: {v}; expected a positive integer")
+            raise InputError(f"--methods: {unknown[0]!r} is not a method of piece_mm; known: {', '.join(known)}")
+        if args.jobs < 1:
+            raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
+        for m in methods:  # the numbers every run gets, checked once here (file, field and value)
+            RunConfig(model=args.model, method=m, tasks=args.tasks, max_steps=args.max_steps,
+                      eval_limit=args.eval_limit)
+        if args.budget:
+            load_budget(args.budget)
         fixed = _chosen_lrs(args.lr_from, methods) if args.lr_from else None
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    missing = [m for m in ALL if m not in known]
-    if args.methods == "all" and missing:
-        print(f"note: not built yet, left out: {', '.join(missing)}", file=sys.stderr)
     args.output = args.output or Path("results") / f"world-{args.model}"
     args.output.mkdir(parents=True, exist_ok=True)
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     sweep = {m: [fixed[m]] if fixed else lrs for m in methods}
-    try:
-        runs = run_all(args, methods, seeds, sweep, threads)
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs, failed = run_all(args, methods, seeds, sweep, threads)
+    if not runs:
+        print(f"error: every run failed ({len(failed)}); the first: {failed[0].error}", file=sys.stderr)
+        return 2 if all(o.bad_input for o in failed) else 1
     summary = summarise(runs, seeds)
+    if failed:
+        summary["failed"] = [{"method": o.key[0], "seed": o.key[1], "lr": o.key[2], "error": o.error} for o in failed]
     write(args.output, args.model, summary, runs,
-          "python -m piece_mm.eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+          "python -m piece_mm.experiments.compare " + " ".join(argv if argv is not None else sys.argv[1:]), failed)
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'}")
+    if failed:
+        print(f"{len(failed)} run(s) failed; the others are in the table", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where does a task's damage to the captions live? Split one task's sparse delta by layer and by weight kind.
 
-    python -m piece_mm.eval.where --run runs/llava-piece-f-... --task 1            # the first task of a finished run
-    python -m piece_mm.eval.where --run DIR --task 3 --limit 100 --output where.json
+    python -m piece_mm.experiments.where --run runs/llava-piece-f-... --task 1   # the first task of a finished run
+    python -m piece_mm.experiments.where --run DIR --task 3 --limit 100 --output where.json
 
 A finished sparse run keeps each task's delta (deltas/<i>-<task>.safetensors: the chosen elements and their values).
 On the held-out caption images of the run's sequence, this applies the deltas of the tasks before `--task`, then,
@@ -34,7 +34,7 @@ def groups(names) -> dict[str, list[str]]:
 
 
 def captions_changed(model, processor, captions, batch_size: int = 64) -> dict:
-    from .generate import generate
+    from piece_mm.eval.generate import generate
     preds = generate(model, processor, captions, batch_size=batch_size, max_new_tokens=24)
     gained = collections.Counter()
     wrong = 0
@@ -49,8 +49,8 @@ def where(run: Path, task: int, limit: int = 100) -> dict:
     import torch
 
     from piece_mm.delta import apply_delta, load_delta
+    from piece_mm.errors import InputError, from_data
     from piece_mm.models import load_model
-    from piece_mm.tasks.errors import InputError
     from piece_mm.tasks.sequence import load_sequence
 
     args = json.loads((run / "run_args.json").read_text())
@@ -62,7 +62,8 @@ def where(run: Path, task: int, limit: int = 100) -> dict:
         raise InputError(f"--task {task}: the run has {len(files)} task deltas; expected 1..{len(files)}")
     model, processor = load_model(flags["model"])
     tasks = Path(args.get("cwd", ".")) / flags["tasks"]  # a sequence YAML named relative to where the run started
-    seq = load_sequence(str(tasks) if tasks.is_file() else flags["tasks"], seed=flags.get("seed", 0))
+    with from_data():
+        seq = load_sequence(str(tasks) if tasks.is_file() else flags["tasks"], seed=flags.get("seed", 0))
     captions = seq.captions[:limit]
     for f in files[:task - 1]:
         apply_delta(model, load_delta(f))
@@ -95,9 +96,9 @@ def format_table(rec: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from piece_mm.tasks.errors import InputError
+    from piece_mm.errors import InputError
 
-    ap = argparse.ArgumentParser(prog="python -m piece_mm.eval.where", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.experiments.where", description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished run dir of a sparse method (with deltas/)")
     ap.add_argument("--task", type=int, required=True, help="which task's delta, 1-based")
     ap.add_argument("--limit", type=int, default=100, help="held-out caption images (default 100)")
