@@ -19,7 +19,7 @@ from piece_mm.batching import global_answer_tokens, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.errors import InputError
-from piece_mm.methods import METHODS, Method, Tuning, load_settings, load_tensors, save_tensors
+from piece_mm.methods import METHODS, Method, Tuning, load_settings
 from piece_mm.methods.piece import SHARDED_METHODS, SPARSE_METHODS  # noqa: F401  (train.py reads them here)
 from piece_mm.models import activation_checkpointing
 from piece_mm.select import jaccard, mask_summary
@@ -279,9 +279,6 @@ class _Loop:
         self.cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget,
                     "tasks": seq.tasks, "output": output, "main": self.main, "log": log if self.main else None,
                     "gradient_checkpointing": gradient_checkpointing, "settings": settings}
-        # TRACE: each task's update signature, for the specificity of later tasks (saved: a resumed run has them)
-        self.trace_files = [output / "trace" / f"{i + 1}-{t.name}.safetensors" for i, t in enumerate(seq.tasks)]
-        self.history: list = []
         self.elapsed = 0.0  # + time.time() = the run's time, over every process that worked on it
         self.train_state = None
 
@@ -317,16 +314,13 @@ class _Loop:
                 self.save(st)
             dist.barrier()
         self.elapsed = st.time_s - t0
-        if self.method.name == "trace":
-            self.history = [load_tensors(f) for f in self.trace_files[:st.task + (1 if st.in_task else 0)]]
         return st
 
     def tune(self, st: RunState, i: int) -> None:
         """Task i: build (or rebuild, resumed) what the method trains, train, evaluate, checkpoint."""
         task, steps, model = self.seq.tasks[i], self.steps, self.model
         mask_file = self.output / "masks" / f"{i + 1}-{task.name}.safetensors"
-        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task,
-                          "trace_history": self.history, "trace_out": {}}
+        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task}
         if st.in_task:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             tuning = self.method.for_task(model, self.processor, task, cfg,
                                           masks=load_masks(mask_file) if self.method.sparse else None)
@@ -339,10 +333,6 @@ class _Loop:
         else:
             torch.manual_seed(self.seed * 1000 + i)
             tuning = self.method.for_task(model, self.processor, task, cfg)
-            if "sketch" in cfg["trace_out"]:
-                self.history.append(cfg["trace_out"]["sketch"])
-                if self.main:
-                    save_tensors(cfg["trace_out"]["sketch"], self.trace_files[i])
             sched = make_scheduler(tuning.optimizer, steps)
             start = 0
             self._chosen(st, task, tuning, mask_file)
@@ -420,9 +410,8 @@ class _Loop:
             metrics["budget"] = self.budget["path"]
             metrics["selection"] = st.selection
             metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
-        if self.method.name == "trace":
-            from piece_mm.importance.trace import cosine_matrix
-            metrics["trace_cosine"] = cosine_matrix([load_tensors(f) for f in self.trace_files])
+        if self.method.metrics is not None:  # TRACE: the cosines of the tasks' update sketches
+            metrics.update(self.method.metrics(self.cfg))
         return metrics
 
 

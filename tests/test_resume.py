@@ -135,12 +135,15 @@ def test_baselines_resume_to_the_uninterrupted_result(method, tmp_path):
     seq.write_text(SHORT_SEQ)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    r = subprocess.run(_args(seq, whole, "--method", method), capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # the uninterrupted run on one core while the other is killed and resumed on the other (one thread each)
+    uninterrupted = subprocess.Popen(_args(seq, whole, "--method", method), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
     _kill_inside_task_2(_args(seq, killed, "--method", method), killed, env)
     r = subprocess.run(_args(seq, killed, "--method", method, "--resume"), capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+    _, err = uninterrupted.communicate(timeout=900)
+    assert uninterrupted.returncode == 0, err[-2000:]
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     for key in ("scores", "general", "summary", "trainable"):

@@ -1,10 +1,11 @@
 """The methods of the continual loop, registered by name (`--method`), each behind one contract:
 
-- `Method`: what the run asks of a method once: `for_task`, and optionally `prepare(model)` (called once when the
-  run starts, before the first evaluation and before a checkpoint is restored: adapters that change the model's
-  structure, so that the checkpoints hold the adapted model) and `finish(model)` (when the run ends, before the final
-  model is saved: merge adapters into the weights). `sparse` methods choose masks, which a resumed task reads back;
-  `sharded` ones also run on FSDP2 shards.
+- `Method`: what the run asks of a method once: `for_task`, and optionally `prepare(model, settings)` (called once
+  when the run starts, before the first evaluation and before a checkpoint is restored: adapters that change the
+  model's structure, so that the checkpoints hold the adapted model), `finish(model, settings)` (when the run ends,
+  before the final model is saved: merge adapters into the weights) and `metrics(cfg)` (entries it adds to
+  metrics.json: TRACE's sketch cosines). `sparse` methods choose masks, which a resumed task reads back; `sharded`
+  ones also run on FSDP2 shards; `settings` are the fields of its configs/methods YAML.
 - `for_task(model, processor, task, cfg, masks=None) -> Tuning`: what the method trains for this task.
 - `Tuning`: the optimizer over the weights it tunes, and what else the loop must do with it:
   - `masks`, `parts`: the chosen elements and the components they were chosen in (sparse methods; saved as masks
@@ -15,8 +16,9 @@
   - `close()`: when the task's training ends (hooks to remove).
 
 cfg holds lr, seed, steps, batch_size, budget, tasks (the whole sequence), index (this task's place in it), output
-(the run directory), main (whether this process writes files) and resumed (the task is resumed midway: the weights,
-optimizer and RNG come back from the checkpoint, so the method must not change the weights). Everything a method
+(the run directory), settings (the method's constants), main (whether this process writes files) and resumed (the
+task is resumed midway: the weights, optimizer and RNG come back from the checkpoint, so the method must not change
+the weights). Everything a method
 needs must follow from cfg and from the files it keeps under `<output>/<method>/`, so that a resumed task rebuilds
 it exactly.
 
@@ -58,6 +60,7 @@ class Method:
     sparse: bool = False
     sharded: bool = False
     settings: dict = field(default_factory=dict)  # {field: Setting} that configs/methods/<name>.yaml must hold
+    metrics: Callable | None = None  # metrics(cfg) -> {key: value} the method adds to metrics.json at the end
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,11 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, prepare: Callable | None = None, finish: Callable | None = None, sparse: bool = False,
-             sharded: bool = False, settings: dict | None = None):
+             sharded: bool = False, settings: dict | None = None, metrics: Callable | None = None):
     """Decorator: `fn` is the method's for_task."""
     def deco(fn):
         METHODS[name] = Method(name, fn, prepare=prepare, finish=finish, sparse=sparse, sharded=sharded,
-                               settings=settings or {})
+                               settings=settings or {}, metrics=metrics)
         return fn
     return deco
 

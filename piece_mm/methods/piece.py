@@ -10,7 +10,7 @@ from piece_mm import dist, shard
 from piece_mm.batching import IGNORE_INDEX, collate
 from piece_mm.components import split_components
 from piece_mm.importance import estimate_importance
-from piece_mm.methods import Tuning, register
+from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.models import activation_checkpointing
 from piece_mm.select import budget_arg, select_masks
 from piece_mm.sparse import sparse_optimizer
@@ -43,10 +43,12 @@ def _sparse_method(estimator: str):
         options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b["score_memory"], "log": cfg["log"]}
         if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
             t = b["trace"]
+            # the earlier tasks' update sketches, for this task's specificity; <output>/trace/ keeps them, so a
+            # resumed run has them too
+            history = [load_tensors(state_file(cfg, "trace", j)) for j in range(cfg["index"])]
             options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
                        "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
-                       "strength": t["strength"], "threshold": t["threshold"],
-                       "history": cfg["trace_history"], "probe_out": cfg["trace_out"]}
+                       "strength": t["strength"], "threshold": t["threshold"], "history": history, "probe_out": {}}
         if estimator in GRADIENT_SCORES and b["pool"] == "component":
             # a component with no budget is not scored: on a 7B model that spares its fp32 sums (the vision tower's
             # are ~1.2 GB), and the other components' gradients, hence scores, are the same without it
@@ -54,6 +56,10 @@ def _sparse_method(estimator: str):
         with activation_checkpointing(model, cfg["gradient_checkpointing"]):
             scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                          **options)
+        if estimator == "trace" and "sketch" in options["probe_out"]:
+            if cfg["main"]:
+                save_tensors(options["probe_out"]["sketch"], state_file(cfg, "trace", cfg["index"]))
+            dist.barrier()  # every process reads it as history for the next task
         shards = dict(model.named_parameters()) if shard.is_fsdp(model) else None
         return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"],
                             shards=shards)
@@ -71,8 +77,16 @@ def _share_batch(processor, examples: list) -> dict:
     return batch
 
 
+def _trace_cosine(cfg) -> dict:
+    """TRACE's entry in metrics.json: the cosine of every pair of tasks' update sketches."""
+    from piece_mm.importance.trace import cosine_matrix
+    sketches = [load_tensors(state_file(cfg, "trace", i)) for i in range(len(cfg["tasks"]))]
+    return {"trace_cosine": cosine_matrix(sketches)}
+
+
 SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random", "trace")
 GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
 SHARDED_METHODS = GRADIENT_SCORES + ("magnitude",)  # what runs on FSDP2 shards (piece_mm/shard.py)
 for _name in SPARSE_METHODS:
-    register(_name, sparse=True, sharded=_name in SHARDED_METHODS)(_sparse_method(_name))
+    register(_name, sparse=True, sharded=_name in SHARDED_METHODS,
+             metrics=_trace_cosine if _name == "trace" else None)(_sparse_method(_name))
