@@ -1,5 +1,6 @@
 """The distribution a user installs: `pip wheel .`, installed into a fresh virtual environment, run from an empty
-directory. The wheel carries tasks/ and eval/ inside piece_mm, with configs/ and the tiny checkpoints as data."""
+directory. The wheel carries tasks/, eval/ and experiments/ inside piece_mm, with configs/ and the tiny checkpoints as
+data."""
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,17 @@ def test_the_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     r = run(str(py), "-c", "import piece_mm, piece_mm.tasks.world, piece_mm.eval.generate, piece_mm.configs as c; "
                           "print(piece_mm.__file__); print(sorted(p.name for p in c.DIR.iterdir()))")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert str(site) in r.stdout and "'budgets'" in r.stdout and "'sequences'" in r.stdout
-    for top in ("tasks", "eval"):  # nothing installed at the top level but piece_mm
+    assert str(site) in r.stdout and all(f"'{d}'" in r.stdout for d in ("budgets", "sequences", "methods", "models"))
+    for top in ("tasks", "eval", "experiments"):  # nothing installed at the top level but piece_mm
         r = run(str(py), "-c", f"import {top}")
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, top
-    r = run(str(env_dir / "bin" / "piece-mm"), "train", "--model", "llava", "--max-steps", "2", "--eval-limit", "8",
+    r = run(str(py), "-m", "piece_mm.train", "--model", "llava", "--max-steps", "2", "--eval-limit", "8",
             "--output", "run")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OP " in r.stdout and (empty / "run" / "metrics.json").is_file()
+    r = run(str(env_dir / "bin" / "piece-mm"), "--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "plan", "compare", "sweep", "zoo")), r.stdout
+    r = run(str(env_dir / "bin" / "piece-mm"), "compare", "--methods", "nosuch")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nosuch" in r.stderr, r.stderr
     r = run(str(py), "-m", "piece_mm.train", "--model", "llava", "--tasks", "nope")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
