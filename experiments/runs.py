@@ -7,6 +7,7 @@ A worker process builds the RunConfig, calls `piece_mm.train.execute` and writes
 are started with spawn: none inherits the parent's torch threads or RNG, so a run gives the numbers it gives alone."""
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -58,8 +59,11 @@ def run_jobs(jobs: Iterable[Job], parallel: int = 1, threads: int | None = None,
                     finish(Outcome(job.key, out, metrics=json.loads((out / "metrics.json").read_text())))
                     continue
                 p = ctx.Process(target=_worker, args=(config, threads), name=f"run {job.key}")
-                p.start()
+                with _environment(OMP_NUM_THREADS=str(threads)):  # read by OpenMP as the child imports torch
+                    p.start()
                 running[p.sentinel] = (job, out, p)
+            if not running:  # the last ones were read back: nothing to wait for
+                continue
             for sentinel in multiprocessing.connection.wait(list(running)):
                 job, out, p = running.pop(sentinel)
                 p.join()
@@ -69,6 +73,20 @@ def run_jobs(jobs: Iterable[Job], parallel: int = 1, threads: int | None = None,
             p.terminate()
             p.join()
     return done
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def launch_config(job: Job) -> dict | None:
@@ -93,7 +111,6 @@ def _outcome(key, out: Path, exitcode: int) -> Outcome:
 
 def _worker(config: dict, threads: int) -> None:
     """In the run's own process: its output to <output>/log.txt, then the run."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
     out = Path(config["output"])
     log = open(out / LOG, "a", buffering=1)
     os.dup2(log.fileno(), 1)

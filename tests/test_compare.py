@@ -125,3 +125,19 @@ def test_a_run_that_fails_or_dies_does_not_take_the_others_down(tmp_path):
     assert done["bad"].error.count("\n") == 0
     assert done["killed"].metrics is None and "killed by signal 9" in done["killed"].error
     assert json.loads((tmp_path / "good" / "metrics.json").read_text())["summary"] == done["good"].metrics["summary"]
+
+
+def test_runs_all_read_back_start_nothing_and_return(tmp_path):
+    """Every run finished already (a study run again): each is read back, no process starts, and it returns."""
+    import multiprocessing
+    for n in "ab":
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "metrics.json").write_text(json.dumps({"summary": {"OP": 0.5}}))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(runs.run_jobs(
+        [runs.Job(n, {"output": tmp_path / n}) for n in "ab"], parallel=2)), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "run_jobs waited on nothing"
+    assert {k: o.metrics["summary"]["OP"] for k, o in result.items()} == {"a": 0.5, "b": 0.5}
+    assert not multiprocessing.active_children()
