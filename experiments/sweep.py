@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['tag']:<45} own-task {r['own_task']:.3f} (min {r['min_own_task']:.2f})  retention "
               f"{r['caption_retention']:.3f}  BWT {r['BWT']:+.3f}", flush=True)
-    from .report import write_sweep
+    from piece_mm.eval.report import write_sweep
     about = {"grid": os.path.relpath(path), "command": "python -m piece_mm.experiments.sweep " +
              " ".join(argv if argv is not None else sys.argv[1:])}
     if failed:
