@@ -27,9 +27,9 @@ for m in llava qwen2-vl; do
     cp -r "results/world-$m"/runs/piece-f-lr0.0003-seed* "results/default-$m/runs/"
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
         --output "results/default-$m"
-    # two baselines the issue compares PIECE-F with, on seed 0, at the lr the earlier comparison chose for each
-    python -m piece_mm.experiments.compare --model "$m" --methods seqlora,ewc --seeds 0 --lr-from "results/lrs-baselines-$m.json" \
-        --eval-limit 100 --output "results/baselines-$m"
+    # two baselines the issue compares PIECE-F with, on seed 0, each at its best lr (OP) of 3e-4, 1e-3 and 3e-3
+    python -m piece_mm.experiments.compare --model "$m" --methods seqlora,ewc --seeds 0 --lrs 3.0e-4,1.0e-3,3.0e-3 \
+        --eval-limit 100 --output "results/baselines-$m" --jobs 2
     # another task order
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
