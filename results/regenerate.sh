@@ -30,6 +30,12 @@ for m in llava qwen2-vl; do
     # two baselines the issue compares PIECE-F with, on seed 0, each at its best lr (OP) of 3e-4, 1e-3 and 3e-3
     python -m piece_mm.experiments.compare --model "$m" --methods seqlora,ewc --seeds 0 --lrs 3.0e-4,1.0e-3,3.0e-3 \
         --eval-limit 100 --output "results/baselines-$m" --jobs 2
+    # EWC at 3e-4 (its best lr on both) over three seeds; seed 0 is the run above, copied
+    mkdir -p "results/ewc-$m/runs"
+    [ -d "results/ewc-$m/runs/ewc-lr0.0003-seed0" ] ||
+        cp -r "results/baselines-$m/runs/ewc-lr0.0003-seed0" "results/ewc-$m/runs/"
+    python -m piece_mm.experiments.compare --model "$m" --methods ewc --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
+        --output "results/ewc-$m" --jobs 2
     # another task order
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
