@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/python -m piece_mm.train --model llava
 
-# lint, the default suite (fast), then the slow end-to-end tests (the wheel in a fresh environment among them)
+# lint, the default suite (fast), then the slow end-to-end tests (the wheel in a fresh environment among them). The
+# slow tests run two at a time (pytest-xdist, one file per worker, so a file's shared runs are made once): most of them
+# are one single-threaded training process and would leave the second core idle.
 test: install
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile

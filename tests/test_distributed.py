@@ -29,7 +29,8 @@ def test_two_processes_choose_the_same_masks_and_take_the_same_steps(uninterrupt
 
     seq, one = uninterrupted_run
     # accelerate's launcher through this interpreter: in a venv, a bare `accelerate` on PATH may be another Python's
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--multi_gpu",
+              "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = subprocess.run(launch + short_run_args(seq, tmp_path / "two")[1:], cwd=ROOT, capture_output=True,
                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

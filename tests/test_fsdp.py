@@ -14,8 +14,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+# every launch takes a free port (0), so two tests that launch at once (CI runs the slow tests two at a time) do not
+# both wait on 29500
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--config_file",
           str(ROOT / "configs" / "accelerate" / "fsdp2-cpu.yaml")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.slow  # 2-process runs: CI runs them with the slow tests
 
@@ -164,7 +167,7 @@ _TOPK = textwrap.dedent("""
 def test_distributed_top_k_equals_one_process_with_ties_and_uneven_shards(tmp_path):
     script = tmp_path / "topk.py"
     script.write_text(_TOPK)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    r = subprocess.run([*TORCHRUN, str(script),
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
@@ -177,7 +180,8 @@ def test_the_trainer_example_on_shards_matches_one_process(tmp_path):
     from piece_mm.delta import load_delta
 
     runs = {"one": [sys.executable, "examples/trainer_piece.py"],
-            "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "two": [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--multi_gpu",
+                    "--num_processes", "2",
                     "examples/trainer_piece.py"]}
     for name, cmd in runs.items():
         r = subprocess.run(cmd + ["--steps", "12", "--output", str(tmp_path / name)], cwd=ROOT, capture_output=True,
@@ -224,7 +228,7 @@ def test_piece_s_on_shards_that_transformers_made_equals_one_process(tmp_path):
 
     script = tmp_path / "scores.py"
     script.write_text(_SCORES)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    r = subprocess.run([*TORCHRUN, str(script),
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     model, processor = load_model("llava")
