@@ -1,7 +1,23 @@
+import os
+
 import pytest
 import torch
 
 torch.set_flush_denormal(True)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # CI runs the slow tests two at a time (pytest-xdist, one worker per core). One thread per worker and per process
+    # it starts: a second thread would only wait on the other worker's core (OpenMP threads spin while they wait).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+# The longest slow files first, so that under xdist (one file per worker) no long file starts last and runs alone.
+LONGEST_FIRST = ("test_e2e_slow.py", "test_resume.py", "test_fsdp.py", "test_cli.py", "test_baselines.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", params=["llava", "qwen2-vl"])
