@@ -21,4 +21,4 @@ run: install
 test: install
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile --no-loadscope-reorder

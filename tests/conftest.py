@@ -11,7 +11,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# The longest slow files first, so that under xdist (one file per worker) no long file starts last and runs alone.
+# The longest slow files first, so that under xdist (one file per worker, in this order: --no-loadscope-reorder) no
+# long file starts last and runs alone.
 LONGEST_FIRST = ("test_e2e_slow.py", "test_resume.py", "test_fsdp.py", "test_cli.py", "test_baselines.py")
 
 
