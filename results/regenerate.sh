@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/ (results/README.md says what each part shows). About 4 h on 2 cores, two runs at a time with
+# Regenerates results/ (results/README.md says what each part shows). About 5 h on 2 cores, two runs at a time with
 # one thread each; finished runs (metrics.json present) are read back, not rerun, so it continues where it stopped.
 # Run dirs go to results/*/runs/ and are not committed.
 set -euo pipefail
@@ -54,6 +54,9 @@ for m in llava qwen2-vl; do
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 5.0e-4,2.0e-3 --eval-limit 100 \
         --budget results/budgets/early.yaml --output "results/diag-$m-early"
 done
+# the other seven baselines, on LLaVA only so far (Qwen2-VL's run is not yet made), seed 0, each at three lrs
+python -m piece_mm.experiments.compare --model llava --methods olora,lwf,replay,migu,ln,multitask,trace --seeds 0 \
+    --lrs 3.0e-4,1.0e-3,3.0e-3 --eval-limit 100 --output results/others-llava --jobs 2
 # the keys-in runs taken apart: which layer and kind of weight changes the captions
 python -m piece_mm.experiments.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
     --output results/where-llava-previous-size.json
