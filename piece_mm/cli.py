@@ -10,6 +10,7 @@ COMMANDS = {  # command: (module, what it does)
     "plan": ("piece_mm.plan", "the memory a model needs, from its config.json alone"),
     "compare": ("piece_mm.experiments.compare", "every method on one sequence, side by side"),
     "sweep": ("piece_mm.experiments.sweep", "a budget x lr grid and its frontier"),
+    "frontier": ("piece_mm.experiments.frontier", "every method of earlier comparisons in one figure and table"),
     "zoo": ("piece_mm.zoo", "build the tiny embedded bases"),
     "probe": ("piece_mm.experiments.probe", "does a base's caption leak a task's answers, before any tuning"),
     "where": ("piece_mm.experiments.where", "which weights of a finished run changed the captions"),

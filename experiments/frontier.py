@@ -1,0 +1,133 @@
+"""python -m piece_mm.experiments.frontier --summaries a/summary.json,b/summary.json --output results/methods-llava
+
+Every method of earlier comparisons side by side: the summary.json files that piece_mm.experiments.compare wrote,
+read back (nothing is rerun), in one figure and one table.
+- <output>.png: caption retention against OP, one point per method (mean ± std over its seeds);
+- <output>.md: one row per method (lr, seeds, OP, BWT, caption retention, the summary it came from) and which other
+  methods dominate it: at least as good in both OP and retention, and better in one (means over seeds).
+
+A method found in more than one summary is taken from the one with the most seeds (the first listed on a tie).
+Exit 0 on success, 2 on bad input (a missing or malformed summary)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from piece_mm.errors import InputError
+
+KEYS = ("OP", "BWT", "caption_retention")
+
+
+def read(paths: list[Path]) -> dict[str, dict]:
+    """{method: {"lr", "seeds", "OP", "BWT", "caption_retention" (per-seed lists), "source"}} over the summaries."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        try:
+            s = json.loads(path.read_text())
+            seeds, methods = list(s["seeds"]), s["methods"]
+        except FileNotFoundError:
+            raise InputError(f"--summaries {path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"--summaries {path}: not a summary.json of piece_mm.experiments.compare "
+                             f"({type(e).__name__}: {e})") from None
+        for m, row in methods.items():
+            for k in KEYS:
+                xs = row.get(k) if isinstance(row, dict) else None
+                if not isinstance(xs, list) or len(xs) != len(seeds) or not all(isinstance(x, (int, float))
+                                                                                 for x in xs):
+                    raise InputError(f"--summaries {path}: field 'methods.{m}.{k}' is {xs!r}; expected one number "
+                                     f"per seed ({len(seeds)})")
+            if m not in out or len(seeds) > len(out[m]["seeds"]):
+                out[m] = {"lr": row.get("lr"), "seeds": seeds, **{k: list(row[k]) for k in KEYS},
+                          "source": str(path)}
+    return out
+
+
+def dominators(rows: dict[str, dict]) -> dict[str, list[str]]:
+    """{method: the methods whose mean OP and mean retention are both >= its own, one of them strictly}."""
+    mean = {m: (statistics.mean(r["OP"]), statistics.mean(r["caption_retention"])) for m, r in rows.items()}
+    return {m: [o for o in rows if o != m and mean[o][0] >= mean[m][0] and mean[o][1] >= mean[m][1]
+                and mean[o] != mean[m]] for m in rows}
+
+
+def _cell(xs: list[float]) -> str:
+    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
+
+
+def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dom = dominators(rows)
+    order = sorted(rows, key=lambda m: -statistics.mean(rows[m]["OP"]))
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             "Each method's lr and seeds are those of the comparison it comes from (OP, BWT and caption retention: "
+             "mean ± std over seeds). A method is dominated by another with mean OP and mean retention both at "
+             "least as high, one of them higher.", "",
+             "| method | lr | seeds | OP | BWT | caption retention | dominated by | from |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in order:
+        r = rows[m]
+        lr = f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "?"
+        lines.append(f"| {m} | {lr} | {', '.join(map(str, r['seeds']))} | " +
+                     " | ".join(_cell(r[k]) for k in KEYS) + f" | {', '.join(dom[m]) or '—'} | {r['source']} |")
+    lines += ["", f"![caption retention against OP]({output.name}.png)", ""]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{output}.md").write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    placed: list[tuple[float, float]] = []
+    for i, m in enumerate(order):
+        r = rows[m]
+        front = not dom[m]
+        ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]),
+                    xerr=statistics.pstdev(r["OP"]), yerr=statistics.pstdev(r["caption_retention"]),
+                    fmt="osD^v<>ph*XP"[i % 12], color=plt.cm.tab10(i % 10), capsize=3,
+                    markersize=9 if front else 8, mfc=None if front else "none", mew=1.2,
+                    label=f"{m} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
+                          + ("" if front else ", dominated"))
+        xy = (statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]))
+        near = any(abs(xy[0] - a) < 0.06 and abs(xy[1] - b) < 0.06 for a, b in placed)  # a label is there
+        ax.annotate(m, xy, xytext=(-6, -11) if near else (6, 5), ha="right" if near else "left",
+                    textcoords="offset points", fontsize=7, color=plt.cm.tab10(i % 10))
+        placed.append(xy)
+    ax.set_xlabel("OP (mean over seeds)")
+    ax.set_ylabel("caption retention (mean over seeds)")
+    ax.set_xlim(0, 1.1)  # both are shares: a fixed frame, with room for the labels right of OP 1
+    ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in rows.values()) + 0.1))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: no point hidden
+    fig.tight_layout()
+    fig.savefig(f"{output}.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m piece_mm.experiments.frontier", description=__doc__.splitlines()[0])
+    ap.add_argument("--summaries", required=True, help="comma-separated summary.json files of earlier comparisons")
+    ap.add_argument("--output", type=Path, required=True, help="writes <output>.png and <output>.md")
+    ap.add_argument("--title", default="every method, side by side")
+    args = ap.parse_args(argv)
+    try:
+        paths = [Path(p) for p in args.summaries.split(",") if p.strip()]
+        if not paths:
+            raise InputError(f"--summaries {args.summaries!r}: expected one or more summary.json files")
+        rows = read(paths)
+        if not rows:
+            raise InputError(f"--summaries {args.summaries!r}: no method in any of them")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write(rows, args.output, args.title,
+          "python -m piece_mm.experiments.frontier " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    print(f"wrote {args.output}.png, {args.output}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
