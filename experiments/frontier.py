@@ -54,8 +54,9 @@ def dominators(rows: dict[str, dict]) -> dict[str, list[str]]:
                 and mean[o] != mean[m]] for m in rows}
 
 
-def _cell(xs: list[float]) -> str:
-    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
+def _cell(xs: list[float], sign: bool = False) -> str:
+    mean = f"{statistics.mean(xs):{'+' if sign else ''}.3f}"
+    return mean if len(xs) == 1 else f"{mean} ± {statistics.pstdev(xs):.3f}"
 
 
 def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None:
@@ -75,7 +76,8 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
         r = rows[m]
         lr = f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "?"
         lines.append(f"| {m} | {lr} | {', '.join(map(str, r['seeds']))} | " +
-                     " | ".join(_cell(r[k]) for k in KEYS) + f" | {', '.join(dom[m]) or '—'} | {r['source']} |")
+                     " | ".join(_cell(r[k], sign=k == "BWT") for k in KEYS) +
+                     f" | {', '.join(dom[m]) or '—'} | {r['source']} |")
     lines += ["", f"![caption retention against OP]({output.name}.png)", ""]
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{output}.md").write_text("\n".join(lines))
@@ -97,7 +99,7 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
         placed.append(xy)
     ax.set_xlabel("OP (mean over seeds)")
     ax.set_ylabel("caption retention (mean over seeds)")
-    ax.set_xlim(0, 1.1)  # both are shares: a fixed frame, with room for the labels right of OP 1
+    ax.set_xlim(0, 1.15)  # both are shares: a fixed frame, with room for the labels right of OP 1
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in rows.values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated", fontsize=9)
