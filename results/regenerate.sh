@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/ (results/README.md says what each part shows). About 6 h on 2 cores, two runs at a time with
+# Regenerates results/ (results/README.md says what each part shows). About 6.5 h on 2 cores, two runs at a time with
 # one thread each; finished runs (metrics.json present) are read back, not rerun, so it continues where it stopped.
 # Run dirs go to results/*/runs/ and are not committed.
 set -euo pipefail
@@ -83,3 +83,12 @@ python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
 python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
+# a lead, not a method of piece_mm (results/README.md, "A lead"): PIECE-F plus LwF's distillation from the first task
+# on, three seeds per model; the numbers are in results/README.md, the run dirs in results/leads/runs/
+for m in llava qwen2-vl; do
+    for s in 0 1 2; do
+        out="results/leads/runs/pfd-$m-seed$s"
+        [ -f "$out/metrics.json" ] ||
+            python results/leads/piece_f_distill.py 1.0 --model "$m" --seed "$s" --eval-limit 100 --output "$out"
+    done
+done
