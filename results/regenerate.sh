@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/ (results/README.md says what each part shows). About 6.5 h on 2 cores, two runs at a time with
+# Regenerates results/ (results/README.md says what each part shows). About 7 h on 2 cores, two runs at a time with
 # one thread each; finished runs (metrics.json present) are read back, not rerun, so it continues where it stopped.
 # Run dirs go to results/*/runs/ and are not committed.
 set -euo pipefail
@@ -87,8 +87,10 @@ python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-l
 # on, three seeds per model; the numbers are in results/README.md, the run dirs in results/leads/runs/
 for m in llava qwen2-vl; do
     for s in 0 1 2; do
-        out="results/leads/runs/pfd-$m-seed$s"
-        [ -f "$out/metrics.json" ] ||
-            python results/leads/piece_f_distill.py 1.0 --model "$m" --seed "$s" --eval-limit 100 --output "$out"
+        for lr in 3.0e-4 1.0e-3; do
+            out="results/leads/runs/pfd-$m-lr$lr-seed$s"
+            [ -f "$out/metrics.json" ] || python results/leads/piece_f_distill.py 1.0 --model "$m" --seed "$s" \
+                --lr "$lr" --eval-limit 100 --output "$out"
+        done
     done
 done
