@@ -28,21 +28,23 @@ def read(paths: list[Path]) -> dict[str, dict]:
     for path in paths:
         try:
             s = json.loads(path.read_text())
-            seeds, methods = list(s["seeds"]), s["methods"]
+            seeds, methods = list(s["seeds"]), dict(s["methods"])
+            failed = {(f["method"], f["seed"]) for f in s.get("failed", [])}  # runs that failed are not in the lists
         except FileNotFoundError:
             raise InputError(f"--summaries {path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise InputError(f"--summaries {path}: not a summary.json of piece_mm.experiments.compare "
                              f"({type(e).__name__}: {e})") from None
         for m, row in methods.items():
+            ran = [x for x in seeds if (m, x) not in failed]  # the seeds this method's numbers are for
             for k in KEYS:
                 xs = row.get(k) if isinstance(row, dict) else None
-                if not isinstance(xs, list) or len(xs) != len(seeds) or not all(isinstance(x, (int, float))
-                                                                                 for x in xs):
+                if not isinstance(xs, list) or len(xs) != len(ran) or not xs or not all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
                     raise InputError(f"--summaries {path}: field 'methods.{m}.{k}' is {xs!r}; expected one number "
-                                     f"per seed ({len(seeds)})")
-            if m not in out or len(seeds) > len(out[m]["seeds"]):
-                out[m] = {"lr": row.get("lr"), "seeds": seeds, **{k: list(row[k]) for k in KEYS},
+                                     f"per seed that ran ({len(ran)})")
+            if m not in out or len(ran) > len(out[m]["seeds"]):
+                out[m] = {"lr": row.get("lr"), "seeds": ran, **{k: list(row[k]) for k in KEYS},
                           "source": str(path)}
     return out
 

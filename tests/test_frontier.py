@@ -9,7 +9,7 @@ from piece_mm.experiments import frontier
 def _summary(path, seeds, methods):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"seeds": seeds, "methods": {
-        m: {"lr": lr, "OP": op, "BWT": [-0.1] * len(seeds), "FWT": [0.0] * len(seeds), "caption_retention": ret}
+        m: {"lr": lr, "OP": op, "BWT": [-0.1] * len(op), "FWT": [0.0] * len(op), "caption_retention": ret}
         for m, (lr, op, ret) in methods.items()}}))
     return path
 
@@ -34,6 +34,15 @@ def test_every_method_once_from_its_most_seeded_summary_and_who_dominates_it(tmp
     assert (tmp_path / "out" / "methods.png").stat().st_size > 0
 
 
+def test_a_seed_that_failed_is_left_out_of_that_method_only(tmp_path):
+    s = _summary(tmp_path / "summary.json", [0, 1], {"a": (1e-3, [0.5], [0.4]), "b": (1e-3, [0.6, 0.8], [0.5, 0.7])})
+    data = json.loads(s.read_text())
+    data["failed"] = [{"method": "a", "seed": 0, "lr": 1e-3, "error": "killed"}]
+    s.write_text(json.dumps(data))
+    rows = frontier.read([s])
+    assert rows["a"]["seeds"] == [1] and rows["b"]["seeds"] == [0, 1]
+
+
 def test_a_tie_in_both_is_not_domination(tmp_path):
     s = _summary(tmp_path / "summary.json", [0], {"a": (1e-3, [0.5], [0.5]), "b": (1e-3, [0.5], [0.5])})
     assert frontier.dominators(frontier.read([s])) == {"a": [], "b": []}
@@ -41,7 +50,8 @@ def test_a_tie_in_both_is_not_domination(tmp_path):
 
 @pytest.mark.parametrize("content, says", [(None, "file not found"), ("{", "not a summary.json"),
                                            ('{"seeds": [0, 1], "methods": {"ewc": {"OP": [1], "BWT": [0, 0], '
-                                            '"caption_retention": [1, 1]}}}', "'methods.ewc.OP'")])
+                                            '"caption_retention": [1, 1]}}}', "'methods.ewc.OP'"),
+                                           ('{"seeds": [0], "methods": [1, 2]}', "not a summary.json")])
 def test_bad_summary_one_line_exit_2_nothing_written(tmp_path, capsys, content, says):
     path = tmp_path / "summary.json"
     if content is not None:
