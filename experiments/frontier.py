@@ -29,14 +29,16 @@ def read(paths: list[Path]) -> dict[str, dict]:
         try:
             s = json.loads(path.read_text())
             seeds, methods = list(s["seeds"]), dict(s["methods"])
-            failed = {(f["method"], f["seed"]) for f in s.get("failed", [])}  # runs that failed are not in the lists
+            # runs that failed are not in the lists; one failed at an lr the sweep did not choose is not in them either
+            failed = {(f["method"], f["seed"], f["lr"]) for f in s.get("failed", [])}
         except FileNotFoundError:
             raise InputError(f"--summaries {path}: file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise InputError(f"--summaries {path}: not a summary.json of piece_mm.experiments.compare "
                              f"({type(e).__name__}: {e})") from None
         for m, row in methods.items():
-            ran = [x for x in seeds if (m, x) not in failed]  # the seeds this method's numbers are for
+            lr = row.get("lr") if isinstance(row, dict) else None
+            ran = [x for x in seeds if (m, x, lr) not in failed]  # the seeds this method's numbers are for
             for k in KEYS:
                 xs = row.get(k) if isinstance(row, dict) else None
                 if not isinstance(xs, list) or len(xs) != len(ran) or not xs or not all(
@@ -44,7 +46,7 @@ def read(paths: list[Path]) -> dict[str, dict]:
                     raise InputError(f"--summaries {path}: field 'methods.{m}.{k}' is {xs!r}; expected one number "
                                      f"per seed that ran ({len(ran)})")
             if m not in out or len(ran) > len(out[m]["seeds"]):
-                out[m] = {"lr": row.get("lr"), "seeds": ran, **{k: list(row[k]) for k in KEYS},
+                out[m] = {"lr": lr, "seeds": ran, **{k: list(row[k]) for k in KEYS},
                           "source": str(path)}
     return out
 

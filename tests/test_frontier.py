@@ -37,7 +37,8 @@ def test_every_method_once_from_its_most_seeded_summary_and_who_dominates_it(tmp
 def test_a_seed_that_failed_is_left_out_of_that_method_only(tmp_path):
     s = _summary(tmp_path / "summary.json", [0, 1], {"a": (1e-3, [0.5], [0.4]), "b": (1e-3, [0.6, 0.8], [0.5, 0.7])})
     data = json.loads(s.read_text())
-    data["failed"] = [{"method": "a", "seed": 0, "lr": 1e-3, "error": "killed"}]
+    data["failed"] = [{"method": "a", "seed": 0, "lr": 1e-3, "error": "killed"},
+                      {"method": "b", "seed": 0, "lr": 3e-3, "error": "killed"}]  # an lr the sweep did not choose
     s.write_text(json.dumps(data))
     rows = frontier.read([s])
     assert rows["a"]["seeds"] == [1] and rows["b"]["seeds"] == [0, 1]
