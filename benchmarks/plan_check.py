@@ -5,9 +5,10 @@ real code on real weights, on the tiny models and on the benchmark's `small` pre
 
 Measured here on CPU, in one process, with the plan's own byte counter (PeakMemory: every tensor an op creates, until
 it is freed; the weights are added once). Scoring is `pm.estimate_importance` on one batch, as the continual loop calls
-it (inside its checkpointing context when asked); training is one step of `pm.sparse_optimizer` (optimizer built
-inside the count) on a mask of the budget's size. The planned figures trace the same model on the meta device. On
-a GPU, benchmarks/gpu_check.sh puts torch.cuda.max_memory_allocated beside the plan instead."""
+it (inside its checkpointing context when asked); training is one step of the method's own tuning on a mask of the
+budget's size (built inside the count): `pm.sparse_optimizer`, and with the budget's distill the teacher's forward
+and the KL. The planned figures trace the same model on the meta device. On a GPU, benchmarks/gpu_check.sh puts
+torch.cuda.max_memory_allocated beside the plan instead."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -34,6 +36,7 @@ def _world_batch(alias, processor):
 def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -> dict:
     """{"score": bytes, "train": bytes}: weights plus the most bytes alive at once in scoring, and in one step."""
     import piece_mm as pm
+    from piece_mm.methods import METHODS
     from piece_mm.methods.piece import GRADIENT_SCORES
     from piece_mm.models import activation_checkpointing
     from piece_mm.plan import PeakMemory
@@ -57,12 +60,18 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -
         masks = pm.select_masks(scores, budgeted, arg)
         del scores
         model.train()
-        with PeakMemory(existing) as mem:
-            opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-4)
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        opt.close()
+        with tempfile.TemporaryDirectory() as tmp, PeakMemory(existing) as mem:
+            cfg = {"lr": 1e-4, "budget": b, "tasks": [SimpleNamespace(name="color")], "index": 0, "output": Path(tmp),
+                   "main": True, "resumed": False}
+            tuning = METHODS[method].for_task(model, None, None, cfg, masks=masks)
+            got = model(**batch)
+            loss = got.loss if tuning.extra_loss is None else got.loss + tuning.extra_loss(model, batch, got)
+            del got
+            loss.backward()
+            del loss
+            tuning.optimizer.step()
+            tuning.optimizer.zero_grad(set_to_none=True)
+        tuning.close()
         model.eval()
     out["train"] = weights + mem.peak
     return out

@@ -2,8 +2,8 @@
     [--jobs 2]
 
 Runs the default sequence once per setting of a grid (budget per component × lr × steps for the sparse methods, lr
-for SeqFT; the grid's optional `exclude` list goes into every budget), each run in a process of its own
-(experiments/runs.py: a run that fails is reported and the others go on), and writes sweep.json, table.md and
+for SeqFT; the grid's optional `exclude` list and `distill` mapping go into every budget), each run in a process of
+its own (experiments/runs.py: a run that fails is reported and the others go on), and writes sweep.json, table.md and
 frontier.png: caption retention against own-task accuracy (mean of R[i][i]), one point per setting. A setting whose
 run already finished (metrics.json present) is read back, not rerun, so an interrupted sweep continues where it
 stopped; a run made with another budget is refused. Exit 0 when every setting ran, 1 when some failed (the others
@@ -37,6 +37,8 @@ def settings(grid: dict) -> list[dict]:
             budget = {"fractions": {"vision": vis, "projector": proj, "llm": llm}}
             if "exclude" in grid:  # regexes of weights never chosen, as in a budget YAML
                 budget["exclude"] = list(grid["exclude"])
+            if "distill" in grid:  # the distillation term, as in a budget YAML (Budget checks it)
+                budget["distill"] = grid["distill"]
             tag = f"{method}-llm{llm:g}-proj{proj:g}-vis{vis:g}-lr{lr:g}-s{steps}"
             out.append({"tag": tag, "method": method, "lr": lr, "steps": steps, "budget": budget})
     for lr, steps in itertools.product(grid.get("seqft_lr", []), grid.get("seqft_steps", grid["steps"])):

@@ -23,6 +23,9 @@ SCORE_MEMORY = ("auto", "device", "host")
 # method="trace" options (piece_mm/importance/trace.py); probe_steps None = a tenth of the task's training steps
 TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
                   "strength": 1.0, "threshold": 0.5}
+# the sparse methods' guard against forgetting: weight x T^2 x KL(teacher || student) at temperature T, where the
+# teacher is the model as the task began (piece_mm/methods/piece.py); weight 0 = off
+DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0}
 
 
 @dataclass
@@ -34,7 +37,8 @@ class Budget:
     exclude: regexes of parameter names never chosen; components: {regex: component} for families not known;
     score_examples, score_batch_size (1 = per-sample): the scoring pass; score_memory: where its sums live;
     lr, steps: used when the command line gives none; betas, weight_decay: AdamW's; granularity: "element" or
-    "tensor" (whole tensors, as TRACE's code); trace: method="trace" options (TRACE_DEFAULTS)."""
+    "tensor" (whole tensors, as TRACE's code); trace: method="trace" options (TRACE_DEFAULTS); distill: the
+    distillation term added to every task's loss, {weight, temperature} (DISTILL_DEFAULTS: off)."""
     fractions: dict = field(default_factory=lambda: {"vision": 0.0, "projector": 0.0, "llm": 0.001})
     pool: str = "component"
     total: float | None = None
@@ -49,6 +53,7 @@ class Budget:
     granularity: str = "element"
     score_memory: str = "auto"
     trace: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
     path: str | None = None  # the file it was read from, as shown in logs and metrics.json
 
     def __post_init__(self):
@@ -86,6 +91,7 @@ class Budget:
         if self.score_memory not in SCORE_MEMORY:
             raise InputError(f"{where}: score_memory is {self.score_memory!r}; expected auto, device or host")
         self.trace = _trace_options(where, self.trace)
+        self.distill = _distill_options(where, self.distill)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "Budget") -> Budget:
@@ -134,10 +140,6 @@ class Budget:
         return self.fractions
 
 
-BUDGET_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                   for f in dataclasses.fields(Budget) if f.name != "path"}
-
-
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -165,3 +167,20 @@ def _trace_options(where, t) -> dict:
         raise InputError(f"{where}: trace.specificity is {t['specificity']!r}; expected one of "
                          f"{', '.join(SPECIFICITY_RULES)}")
     return t
+
+
+def _distill_options(where, d) -> dict:
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: distill is {d!r:.60}; expected a mapping with weight and temperature")
+    unknown = sorted(set(d) - set(DISTILL_DEFAULTS))
+    if unknown:
+        raise InputError(f"{where}: distill.{unknown[0]} is not a distill option; known: {', '.join(DISTILL_DEFAULTS)}")
+    d = {**DISTILL_DEFAULTS, **d}
+    if not _number(d["weight"]) or d["weight"] < 0:
+        raise InputError(f"{where}: distill.weight is {d['weight']!r}; expected a number >= 0 (0 = off)")
+    if not _number(d["temperature"]) or d["temperature"] <= 0:
+        raise InputError(f"{where}: distill.temperature is {d['temperature']!r}; expected a number > 0")
+    return {k: float(v) for k, v in d.items()}
+
+
+BUDGET_DEFAULTS = {k: v for k, v in Budget().to_dict().items() if k != "path"}  # as validated: trace, distill filled

@@ -155,10 +155,39 @@ def image_shape(config, image_size: int | None) -> dict:
                      "qwen2_vl models")
 
 
+def _logits(model, config, img: dict, batch: int, text_len: int, dtype: torch.dtype):
+    """One forward of a batch of the planned shape on the meta device: the logits [B, L, V]."""
+    inner = model.model
+    n_img = img["tokens"]
+    if img["family"] == "llava":
+        pixels = torch.empty(batch, 3, img["size"], img["size"], device="meta", dtype=dtype)
+        feats = torch.stack(list(inner.get_image_features(pixel_values=pixels).pooler_output))
+    else:  # Qwen2-VL: patches laid out image after image; their positions from the (known) grid
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as q
+        v, g = config.vision_config, img["grid"]
+        grid = torch.tensor([[1, g, g]] * batch)
+        width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.empty(batch * g * g, width, device="meta", dtype=dtype)
+        pos = q.get_vision_position_ids(grid, v.spatial_merge_size).to("meta")
+        cu, longest = q.get_vision_attention_seqlens(grid, v)
+        feats = inner.visual(pixels, grid_thw=grid, position_ids=pos, cu_seqlens=cu,
+                             max_seqlen=longest).pooler_output.reshape(batch, n_img, -1)
+    ids = torch.empty(batch, text_len, dtype=torch.long, device="meta")
+    embeds = torch.cat([feats.to(dtype), inner.get_input_embeddings()(ids)], dim=1)
+    del feats, pixels
+    position = torch.arange(embeds.shape[1], device="meta").expand(batch, -1)
+    if img["family"] == "qwen2_vl":
+        position = position.unsqueeze(0).expand(3, -1, -1)
+    hidden = inner.language_model(inputs_embeds=embeds, position_ids=position, use_cache=False)
+    del embeds
+    return model.lm_head(hidden.last_hidden_state)
+
+
 def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_grads: bool, checkpointing: bool,
-           dtype: torch.dtype) -> int:
+           dtype: torch.dtype, distill: float | None = None) -> int:
     """Peak bytes of one forward + backward on the meta device, weights excluded: activations, the gradients that
-    are alive, the logits and the loss's fp32 copy of them."""
+    are alive, the logits and the loss's fp32 copy of them; with `distill` (a temperature), also the teacher's
+    forward and the distillation term's fp32 softmaxes."""
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
         p.grad = None
@@ -175,30 +204,17 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
     try:
         with activation_checkpointing(model, checkpointing), _meta_forward(), \
                 PeakMemory(list(model.parameters()) + list(model.buffers())) as mem:
-            inner = model.model
-            if img["family"] == "llava":
-                pixels = torch.empty(batch, 3, img["size"], img["size"], device="meta", dtype=dtype)
-                feats = torch.stack(list(inner.get_image_features(pixel_values=pixels).pooler_output))
-            else:  # Qwen2-VL: patches laid out image after image; their positions from the (known) grid
-                from transformers.models.qwen2_vl import modeling_qwen2_vl as q
-                v, g = config.vision_config, img["grid"]
-                grid = torch.tensor([[1, g, g]] * batch)
-                width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-                pixels = torch.empty(batch * g * g, width, device="meta", dtype=dtype)
-                pos = q.get_vision_position_ids(grid, v.spatial_merge_size).to("meta")
-                cu, longest = q.get_vision_attention_seqlens(grid, v)
-                feats = inner.visual(pixels, grid_thw=grid, position_ids=pos, cu_seqlens=cu,
-                                     max_seqlen=longest).pooler_output.reshape(batch, n_img, -1)
-            ids = torch.empty(batch, text_len, dtype=torch.long, device="meta")
-            embeds = torch.cat([feats.to(dtype), inner.get_input_embeddings()(ids)], dim=1)
-            position = torch.arange(embeds.shape[1], device="meta").expand(batch, -1)
-            if img["family"] == "qwen2_vl":
-                position = position.unsqueeze(0).expand(3, -1, -1)
-            hidden = inner.language_model(inputs_embeds=embeds, position_ids=position, use_cache=False)
-            logits = model.lm_head(hidden.last_hidden_state)
-            labels = torch.empty(batch * embeds.shape[1], dtype=torch.long, device="meta")
+            logits = _logits(model, config, img, batch, text_len, dtype)
+            labels = torch.empty(logits.shape[0] * logits.shape[1], dtype=torch.long, device="meta")
             loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), labels)  # transformers' fp32 loss
-            del feats, embeds, hidden, logits, pixels
+            if distill:  # the teacher's forward (no graph) and the KL of the two at fp32, as methods/lwf.py computes
+                with torch.no_grad():
+                    teacher = _logits(model, config, img, batch, text_len, dtype)
+                s, t = logits.float().view(-1, vocab) / distill, teacher.float().view(-1, vocab) / distill
+                loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                                         log_target=True, reduction="batchmean")
+                del teacher, s, t
+            del logits
             if any(p.requires_grad for p in model.parameters()):
                 loss.backward()
             del loss
@@ -289,8 +305,11 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
         score_batch = -(-score_batch // n_proc)
     act_score = _trace(m, config, img, score_batch, seq, scored, True, gradient_checkpointing, dt) \
         if method in GRADIENT_SCORES else 0
-    act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt)
-    state = selected * SPARSE_STATE_BYTES
+    d = b["distill"]
+    distill = d["temperature"] if d["weight"] > 0 else None  # the teacher's forward and the KL, in the trace
+    act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt, distill)
+    # the chosen elements' start values (the teacher) and, during its forward, their current values
+    state = selected * (SPARSE_STATE_BYTES + (2 * width if distill else 0))
     largest = max((named[n].numel() for n in trainable), default=0) * width
     out["bytes"] = {"weights": weights, "gradients": largest, "score_sums": score_sums, "optimizer_state": state,
                     "activations_score": act_score, "activations_train": act_train}
@@ -305,6 +324,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     out["peak_bytes"] = {"score": weights + act_score + (0 if on_host else score_sums),
                          "train": weights + state + act_train}
     out["score_memory"] = b["score_memory"]
+    out["distill"] = bool(distill)
     out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
     out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
     return out
@@ -353,6 +373,9 @@ def render(p: dict) -> str:
             f"{_size(p['peak_bytes_sums_on_host']['score'])}"
         lines.append(f"score sums: {where}")
         lines.append(f"gradients: one weight's at a time (at most {_size(by['gradients'])}), inside the activations")
+        if p.get("distill"):
+            lines.append("distillation (budget's distill): the teacher is the chosen weights' start values (in the "
+                         "optimizer state); its forward and the KL's fp32 softmaxes are in the activations")
     if p["fsdp"]:
         lines.append(f"weights: 1/{p['processes']} of them, plus the root's own and two blocks gathered whole "
                      f"({_size(by['gathered_block'])}); optimizer state: the chosen weights assumed spread evenly "

@@ -53,6 +53,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise KeyError(f"sparse_optimizer: mask for {unknown[0]!r}, which the model does not have")
         self.masks = {n: idx for n, idx in masks.items() if idx.numel()}
         self._targets: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, idx, compact)
+        self._names: list[str] = []  # the parameter of each target
         self.sharded = any(shard.is_sharded(p) for p in named.values())
         for n, p in named.items():
             idx = self.masks.get(n)
@@ -70,6 +71,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             master = torch.float64 if p.dtype == torch.float64 else torch.float32  # fp32 master for bf16 / fp16
             compact = part.detach().reshape(-1)[idx].to(master).clone().requires_grad_(True)  # [k]
             self._targets.append((p, idx, compact))
+            self._names.append(n)
         if not self._targets:
             raise ValueError("sparse_optimizer: the masks select no element")
         me = weakref.ref(self)  # the hooks must not keep a discarded optimizer (and its state) alive
@@ -100,6 +102,47 @@ class SparseOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 for (_, _, c), m in zip(self._targets, masters):
                     c.copy_(m)
+
+    def chosen_values(self) -> list[torch.Tensor]:
+        """The chosen elements' values as the weights hold them now (this process's part, the weights' dtype), one
+        tensor per parameter: what `holding` takes."""
+        return [shard.local(p).detach().reshape(-1)[idx].clone() for p, idx, _ in self._targets]
+
+    def values_from(self, whole: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """`chosen_values`' form of {name: the values of a whole-parameter mask, in its order} (a saved file): on
+        shards, the part of each that falls in this process's shard."""
+        out = []
+        for n, (p, _, _) in zip(self._names, self._targets):
+            idx, v = self.masks[n].to(torch.int64).cpu(), whole[n]
+            if v.numel() != idx.numel():
+                raise ValueError(f"sparse_optimizer: {v.numel()} values for {n!r}, whose mask holds {idx.numel()}")
+            if shard.is_sharded(p):
+                lo, k = shard.offset(p), shard.local(p).numel()
+                v = v[(idx >= lo) & (idx < lo + k)]
+            out.append(v.to(dtype=p.dtype, device=shard.local(p).device))
+        return out
+
+    @contextmanager
+    def holding(self, values: list[torch.Tensor]):
+        """Inside the block the chosen elements hold `values` (as `chosen_values` gives them), and after it their
+        own again, bit for bit; nothing the optimizer keeps changes. A teacher's forward in the middle of a step:
+        the writes go through `.data`, outside autograd's version counters, so the student's forward that ran
+        before the block keeps a valid backward, which reads the weights only after they are back."""
+        own = self.chosen_values()
+        try:
+            self._write(values)
+            yield
+        finally:
+            self._write(own)
+
+    @torch.no_grad()
+    def _write(self, values: list[torch.Tensor]) -> None:
+        for (p, idx, _), v in zip(self._targets, values):
+            part = shard.local(p).data
+            if part.is_contiguous():
+                part.view(-1).index_copy_(0, idx, v)
+            else:
+                part.copy_(part.reshape(-1).index_copy(0, idx, v).view_as(part))
 
     def compact_params(self) -> list[torch.Tensor]:
         return [c for _, _, c in self._targets]

@@ -15,18 +15,22 @@ for m in llava qwen2-vl; do
     # its comment says how), and with lm_head left out too (at the settings where the tasks are learned)
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-keys-in.yaml --output "results/sweep-$m-keys-in"
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid "configs/sweeps/no-head-$m.yaml" --output "results/sweep-$m-no-head"
-    # the default budget (1 % at 3e-4) with PIECE-F and PIECE-S, and SeqFT, on seeds 0, 1, 2 (lrs: results/lrs-*.json).
-    # SeqFT at 3e-4 on seed 0 is the sweep's run with the same flags: copied, not rerun.
+    # the previous default budget (1 % at 3e-4, no distillation; results/budgets/previous-default.yaml) with PIECE-F and
+    # PIECE-S, and SeqFT, on seeds 0, 1, 2 (lrs: results/lrs-*.json). SeqFT at 3e-4 on seed 0 is the sweep's run with
+    # the same flags: copied, not rerun.
     mkdir -p "results/world-$m/runs"
     [ -d "results/world-$m/runs/seqft-lr0.0003-seed0" ] ||
         cp -r "results/sweep-$m/runs/seqft-lr0.0003-s300" "results/world-$m/runs/seqft-lr0.0003-seed0"
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
-        --lr-from "results/lrs-$m.json" --eval-limit 100 --output "results/world-$m" --jobs 2
-    # PIECE-F's three seeds on their own (the same run dirs, copied)
-    mkdir -p "results/default-$m/runs"
-    cp -r "results/world-$m"/runs/piece-f-lr0.0003-seed* "results/default-$m/runs/"
-    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
-        --output "results/default-$m"
+        --lr-from "results/lrs-$m.json" --budget results/budgets/previous-default.yaml --eval-limit 100 \
+        --output "results/world-$m" --jobs 2
+    # the default budget (configs/budgets/default.yaml: 1 % at 1e-3, with distillation) with PIECE-F and PIECE-S, on
+    # seeds 0, 1, 2
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s --seeds 0,1,2 --lrs 1.0e-3 \
+        --eval-limit 100 --output "results/default-$m" --jobs 2
+    # the default budget's distillation over fractions and lrs (configs/sweeps/world-distill.yaml), seed 0
+    python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-distill.yaml \
+        --output "results/sweep-$m-distill"
     # two baselines the issue compares PIECE-F with, on seed 0, each at its best lr (OP) of 3e-4, 1e-3 and 3e-3
     python -m piece_mm.experiments.compare --model "$m" --methods seqlora,ewc --seeds 0 --lrs 3.0e-4,1.0e-3,3.0e-3 \
         --eval-limit 100 --output "results/baselines-$m" --jobs 2
@@ -36,8 +40,8 @@ for m in llava qwen2-vl; do
         cp -r "results/baselines-$m/runs/ewc-lr0.0003-seed0" "results/ewc-$m/runs/"
     python -m piece_mm.experiments.compare --model "$m" --methods ewc --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
         --output "results/ewc-$m" --jobs 2
-    # another task order
-    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 3.0e-4 --tasks world-reversed \
+    # another task order, at the default budget
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 1.0e-3 --tasks world-reversed \
         --eval-limit 100 --output "results/order-$m"
     # where the captions go (results/README.md): the default budget with the LLM's attention keys in the pool (as it
     # was) and with the queries left out too, seed 0
@@ -55,9 +59,11 @@ for m in llava qwen2-vl; do
         --budget results/budgets/early.yaml --output "results/diag-$m-early"
 done
 for m in llava qwen2-vl; do
-    # the other seven baselines, seed 0, each at three lrs
+    # the other seven baselines, seed 0, each at three lrs (TRACE, the one sparse method among them, with the budget
+    # it ran with: the previous default, without distillation)
     python -m piece_mm.experiments.compare --model "$m" --methods olora,lwf,replay,migu,ln,multitask,trace --seeds 0 \
-        --lrs 3.0e-4,1.0e-3,3.0e-3 --eval-limit 100 --output "results/others-$m" --jobs 2
+        --lrs 3.0e-4,1.0e-3,3.0e-3 --budget results/budgets/previous-default.yaml --eval-limit 100 \
+        --output "results/others-$m" --jobs 2
     # LwF at 3e-4 (its best lr on both) over three seeds; on Qwen2-VL seed 0 is the run above, copied (on LLaVA it was
     # rerun, and it gave the same numbers)
     if [ "$m" = qwen2-vl ]; then
@@ -70,7 +76,7 @@ for m in llava qwen2-vl; do
     # every method in one figure and table: each from the comparison with the most seeds (nothing rerun)
     python -m piece_mm.experiments.frontier --output "results/methods-$m" \
         --title "$m: every method at its chosen lr (default sequence)" \
-        --summaries "results/world-$m/summary.json,results/baselines-$m/summary.json,results/ewc-$m/summary.json,results/others-$m/summary.json,results/lwf-$m/summary.json"
+        --summaries "results/default-$m/summary.json,results/world-$m/summary.json,results/baselines-$m/summary.json,results/ewc-$m/summary.json,results/others-$m/summary.json,results/lwf-$m/summary.json"
 done
 # the keys-in runs taken apart: which layer and kind of weight changes the captions
 python -m piece_mm.experiments.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
@@ -83,14 +89,3 @@ python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
 python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
-# a lead, not a method of piece_mm (results/README.md, "A lead"): PIECE-F plus LwF's distillation from the first task
-# on, three seeds per model; the numbers are in results/README.md, the run dirs in results/leads/runs/
-for m in llava qwen2-vl; do
-    for s in 0 1 2; do
-        for lr in 3.0e-4 1.0e-3; do
-            out="results/leads/runs/pfd-$m-lr$lr-seed$s"
-            [ -f "$out/metrics.json" ] || python results/leads/piece_f_distill.py 1.0 --model "$m" --seed "$s" \
-                --lr "$lr" --eval-limit 100 --output "$out"
-        done
-    done
-done

@@ -9,6 +9,18 @@ from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tenso
 from piece_mm.methods.seqft import adamw
 
 
+def distillation_loss(student_logits, teacher_logits, keep, temperature: float) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) of the next-token distributions at temperature T, summed over the vocabulary and
+    averaged over the positions where `keep` ([B, L] bool) is True. The logits are [B, L, V]; the teacher's carry no
+    gradient. LwF's term, and the sparse methods' (the budget's distill)."""
+    s = student_logits[keep].float()  # [N, V]
+    t = teacher_logits[keep].float()  # [N, V]
+    T = temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1), log_target=True,
+                                    reduction="batchmean")
+    return T * T * kl
+
+
 def teacher_for(model, cfg):
     """A frozen copy of the model as the task begins. Its weights are saved (<output>/lwf/<task>.safetensors), so a
     task resumed midway distils from the same teacher."""
@@ -33,13 +45,9 @@ def lwf(model, processor, task, cfg, masks=None):
     teacher = teacher_for(model, cfg)
 
     def extra_loss(model, batch, out):
-        keep = batch["attention_mask"].bool()  # [B, L]
         with torch.no_grad():
-            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[keep].float()  # [N, V]
-        s = out.logits[keep].float()  # [N, V]
-        T = cfg["settings"]["temperature"]  # configs/methods/lwf.yaml
-        kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
-                                        log_target=True, reduction="batchmean")
-        return cfg["settings"]["weight"] * T * T * kl
+            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        s = cfg["settings"]  # configs/methods/lwf.yaml
+        return s["weight"] * distillation_loss(out.logits, t, batch["attention_mask"].bool(), s["temperature"])
     tuning.extra_loss = extra_loss
     return tuning

@@ -1,7 +1,12 @@
 """The sparse methods: piece-f, piece-s, grad-magnitude, magnitude, random and trace. For each task they score the
 task's training examples on the current model (piece_mm/importance/), choose the top weights of each component
 within the budget (select.py), and tune only those with a sparse AdamW (sparse.py), recreated per task as in PIECE.
-They run the same way on FSDP2 shards (shard.py), except random and trace."""
+They run the same way on FSDP2 shards (shard.py), except random and trace.
+
+The budget's `distill` adds weight x T² x KL(teacher ‖ student) to every task's loss (LwF's term, from the first task
+on), where the teacher is the model as the task began. Since a sparse task moves only its chosen elements, that
+teacher is the same model with those elements put back to their values at the task's start, for one forward
+pass: it costs their k values, not a copy of the model."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +16,7 @@ from piece_mm.batching import IGNORE_INDEX, collate
 from piece_mm.components import split_components
 from piece_mm.importance import estimate_importance
 from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
+from piece_mm.methods.lwf import distillation_loss
 from piece_mm.models import activation_checkpointing
 from piece_mm.select import budget_arg, select_masks
 from piece_mm.sparse import sparse_optimizer
@@ -28,7 +34,10 @@ def _sparse_method(estimator: str):
             masks = _choose(model, processor, task, cfg, parts)
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
-        return Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
+        tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
+        if b["distill"]["weight"] > 0:
+            tuning.extra_loss = _distillation(model, opt, cfg)
+        return tuning
 
     def _choose(model, processor, task, cfg, parts):
         b = cfg["budget"]
@@ -65,6 +74,33 @@ def _sparse_method(estimator: str):
                             shards=shards)
     make.__name__ = estimator
     return make
+
+
+def _distillation(model, opt, cfg):
+    """The budget's distill term for this task (module docstring). The chosen elements' values at the task's start
+    are saved (<output>/distill/<task>.safetensors), so a task resumed midway distils from the same teacher."""
+    d, path = cfg["budget"]["distill"], state_file(cfg, "distill", cfg["index"])
+    if cfg["resumed"]:
+        start = opt.values_from(load_tensors(path))
+    else:
+        start = opt.chosen_values()
+        whole = shard.gather_values(model, opt.masks)  # on shards: a collective, the values on the first process
+        if cfg["main"]:
+            named = dict(model.named_parameters())
+            save_tensors(whole or {n: named[n].detach().reshape(-1)[idx.to(torch.int64)]
+                                   for n, idx in opt.masks.items()}, path)
+
+    def extra_loss(model, batch, out):
+        was = model.training
+        with torch.no_grad(), opt.holding(start):
+            model.eval()  # the teacher as LwF's: in eval mode
+            try:
+                teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            finally:
+                model.train(was)
+        keep = batch["attention_mask"].bool()  # [B, L]: every position of the task's sequences
+        return d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
+    return extra_loss
 
 
 def _share_batch(processor, examples: list) -> dict:

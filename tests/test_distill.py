@@ -1,0 +1,118 @@
+"""The budget's distill term for the sparse methods: the teacher is the model as the task began, made for one forward
+pass by putting the chosen elements back to their task-start values (piece_mm/methods/piece.py)."""
+import copy
+
+import pytest
+import torch
+
+from piece_mm.batching import collate
+from piece_mm.budget import Budget
+from piece_mm.continual import METHODS, make_scheduler, train_task
+from piece_mm.errors import InputError
+from piece_mm.methods import load_tensors
+from piece_mm.tasks import world
+from piece_mm.tasks.sequence import Task
+
+W, T = 0.5, 2.0
+
+
+def _cfg(task, output, resumed=False):
+    budget = Budget(fractions={"llm": 0.01}, distill={"weight": W, "temperature": T}).to_dict()
+    return {"lr": 1e-2, "seed": 7, "steps": 3, "batch_size": 4, "budget": budget, "tasks": [task], "index": 0,
+            "output": output, "main": True, "resumed": resumed, "settings": {}, "log": lambda s: None,
+            "gradient_checkpointing": False}
+
+
+def _masks(model, seed=0):
+    """A few random elements of three LLM weights."""
+    gen = torch.Generator().manual_seed(seed)
+    named = [(n, p) for n, p in model.named_parameters() if "language_model.layers" in n and p.dim() == 2][:3]
+    return {n: torch.randperm(p.numel(), generator=gen)[:40].sort().values for n, p in named}
+
+
+def _reference(teacher_logits, student_logits, keep):
+    """W · T² · KL(teacher ‖ student), summed over the vocabulary and averaged over the kept positions, by hand."""
+    pt = torch.softmax(teacher_logits[keep].double() / T, -1)
+    log_ps = torch.log_softmax(student_logits[keep].double() / T, -1)
+    return W * T * T * (pt * (pt.log() - log_ps)).sum(-1).mean()
+
+
+def test_the_teacher_is_the_task_start_model_and_the_weights_come_back_bit_for_bit(tiny, tmp_path):
+    """After three steps the term equals the formula against a copy of the model kept from the task's start; the
+    forward inside it leaves every weight bit-identical; its gradient on the chosen elements is the formula's; a
+    resumed task reads the same teacher from <output>/distill/."""
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    task = Task("color", world.task_set("color", "train", 16), world.task_set("color", "test", 4))
+    start = copy.deepcopy(model).eval()
+    masks = _masks(model)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path), masks=masks)
+    saved = load_tensors(tmp_path / "distill" / "1-color.safetensors")
+    params = dict(start.named_parameters())
+    assert saved.keys() == masks.keys()
+    assert all(torch.equal(saved[n], params[n].detach().reshape(-1)[masks[n]]) for n in masks)
+
+    batch = collate(processor, task.train[:4])
+    keep = batch["attention_mask"].bool()
+    model.train()
+    assert float(tuning.extra_loss(model, batch, model(**batch)).detach()) == pytest.approx(0.0, abs=1e-6)
+    opt = tuning.optimizer
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", extra_loss=tuning.extra_loss)
+    now = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(now[n], params[n]) for n in masks)  # it learned something
+
+    model.train()
+    out = model(**batch)
+    got = tuning.extra_loss(model, batch, out)
+    assert all(torch.equal(p, now[n]) for n, p in model.named_parameters())  # the teacher's values are gone again
+    with torch.no_grad():
+        teacher = start(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    want = _reference(teacher, out.logits.detach(), keep)
+    assert float(got.detach()) > 1e-6 and float(got.detach()) == pytest.approx(float(want), rel=1e-3)
+
+    got.backward()  # through the student's forward, which ran before the teacher's values came and went
+    grads = dict(zip(masks, [c.grad for c in opt.compact_params()]))
+    ref = copy.deepcopy(model).train()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    _reference(teacher, ref(**batch).logits, keep).backward()
+    for n, p in ref.named_parameters():
+        if n in masks:
+            a, b = grads[n].double(), p.grad.reshape(-1)[masks[n]].double()  # float32 against float64: as vectors
+            assert (a - b).norm() <= 1e-3 * b.norm() and b.norm() > 0, n
+    tuning.close()
+
+    again = METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=masks)
+    model.train()
+    same = again.extra_loss(model, batch, model(**batch))
+    assert float(same.detach()) == pytest.approx(float(got.detach()), rel=1e-6)
+    again.close()
+
+
+def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
+    """weight 0 (the dataclass's default) adds nothing; a bad distill field names the file, the field and the value,
+    and the command exits with 2 before anything is written."""
+    from piece_mm.train import main
+
+    assert Budget().distill == {"weight": 0.0, "temperature": 2.0}
+    assert Budget.from_yaml("default").distill["weight"] > 0  # the shipped default distils
+    for value, says in [({"weight": -1}, r"distill\.weight is -1"), ({"temperature": 0}, r"distill\.temperature is 0"),
+                        ({"temp": 1.0}, r"distill\.temp is not a distill option"), (3, "distill is 3"),
+                        ({"weight": True}, r"distill\.weight is True")]:
+        with pytest.raises(InputError, match=r"^Budget: " + says):
+            Budget(distill=value)
+    bad = tmp_path / "b.yaml"
+    bad.write_text("fractions: {llm: 0.01}\ndistill: {weight: -2.0}\n")
+    assert main(["--model", "llava", "--budget", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_weight_zero_gives_no_extra_loss(tiny, tmp_path):
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    task = Task("color", world.task_set("color", "train", 8), world.task_set("color", "test", 4))
+    cfg = _cfg(task, tmp_path)
+    cfg["budget"]["distill"] = {"weight": 0.0, "temperature": 2.0}
+    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=_masks(model))
+    assert tuning.extra_loss is None and not (tmp_path / "distill").exists()
+    tuning.close()
