@@ -22,6 +22,15 @@ def global_answer_tokens(batches: list[dict]) -> torch.Tensor:
     return count
 
 
+def global_positions(batches: list[dict]) -> torch.Tensor:
+    """[1] float: the non-padding positions (attention_mask) of these batches, summed over every process: what a
+    per-position term such as distillation is averaged over."""
+    from piece_mm import dist
+    count = sum(b["attention_mask"].sum() for b in batches).float().reshape(1)
+    dist.sum_([count])
+    return count
+
+
 def _pieces(processor, ex: Example) -> list[tuple[str, bool]]:
     """The conversation rendered by the model's own chat template, cut into pieces in order: each user turn (with
     the generation cue) untrained, each assistant reply (answer + end-of-turn) trained. The cuts are where each

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from piece_mm import checkpoint, dist, shard
-from piece_mm.batching import global_answer_tokens, training_batches
+from piece_mm.batching import global_answer_tokens, global_positions, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.errors import InputError
@@ -103,18 +103,30 @@ def _sum_gradients(opt) -> None:
     dist.sum_(grads)
 
 
-def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> torch.Tensor:
+def _extra_shares(batches: list[dict], per_position: bool, world: int) -> list:
+    """What each of this process's (micro-)batches of a step takes of a method's extra term, so that the shares of
+    every process add up to the term of the whole step. A per-position term (a mean over the batch's non-padding
+    positions: distillation) is weighted by each batch's share of the step's positions, which gives the mean over
+    the whole step's positions, as one process computes it; any other term (EWC's pull) in equal shares."""
+    if not per_position:
+        return [1.0 / (len(batches) * world)] * len(batches)
+    total = global_positions(batches)  # a collective: every process calls it
+    return [(b["attention_mask"].sum().float() / total.to(b["attention_mask"].device)).squeeze(0) for b in batches]
+
+
+def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per_position: bool) -> torch.Tensor:
     """Forward and backward over the micro-batches of one step, each loss summed over its answer tokens and divided
     by the step's token count (over every process), so the gradients add up to those of the whole batch. Returns
     the step's loss (this process's share)."""
     micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro_batches]
     count = global_answer_tokens(micro_batches)
+    shares = _extra_shares(micro_batches, per_position, world) if extra is not None else None
     total = torch.zeros((), device=device)
-    for b in micro_batches:
+    for i, b in enumerate(micro_batches):
         out = model(**b, num_items_in_batch=count.to(device))
         loss = out.loss
-        if extra is not None:  # a per-step regulariser: its share on each micro-batch and process
-            loss = loss + extra(model, b, out) / (len(micro_batches) * world)
+        if extra is not None:  # its share on each micro-batch and process
+            loss = loss + extra(model, b, out) * shares[i]
         loss.backward()
         total = total + loss.detach()
     return total
@@ -122,11 +134,13 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int) -> 
 
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
                start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False,
-               examples: list | None = None, extra_loss=None) -> float:
+               examples: list | None = None, extra_loss=None, extra_per_position: bool = False) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
     grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
     rounding); gradient_checkpointing recomputes activations in backward instead of keeping them. A method may
-    train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning)."""
+    train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning; with
+    `extra_per_position` it is a mean over the batch's positions, weighted accordingly across processes and
+    micro-batches)."""
     device = next(model.parameters()).device
     model.train()
     world = dist.world()
@@ -135,16 +149,17 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
                                 world=world, micro=grad_accum), initial=start, total=steps, desc=desc,
                file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
     with activation_checkpointing(model, gradient_checkpointing):
-        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step, extra_loss)
+        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step, extra_loss,
+                                  extra_per_position)
     model.eval()
     return loss_value
 
 
-def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra) -> float:
+def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, per_position) -> float:
     loss_value = float("nan")
     for step, batch in enumerate(bar, start=start):  # extra: a regulariser of the method (EWC's pull)
         if isinstance(batch, list):  # gradient accumulation
-            loss = _accumulate(model, batch, device, extra, world)
+            loss = _accumulate(model, batch, device, extra, world, per_position)
             if world > 1:
                 _sum_gradients(opt)
                 loss = loss.reshape(1)
@@ -162,7 +177,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra) -
             out = model(**batch, num_items_in_batch=count.to(device))
             loss = out.loss
             if extra is not None:  # the gradients are summed over the processes: each adds its share
-                loss = loss + extra(model, batch, out) / world
+                loss = loss + extra(model, batch, out) * _extra_shares([batch], per_position, world)[0]
             loss.backward()
             _sum_gradients(opt)
             loss = loss.detach().reshape(1)
@@ -349,7 +364,8 @@ class _Loop:
                                  self.seed * 1000 + i, desc=f"task {i + 1}/{len(self.seq.tasks)} {task.name}",
                                  start=start, on_step=on_step, grad_accum=self.grad_accum,
                                  gradient_checkpointing=self.gradient_checkpointing,
-                                 examples=tuning.train_examples, extra_loss=tuning.extra_loss)
+                                 examples=tuning.train_examples, extra_loss=tuning.extra_loss,
+                                 extra_per_position=tuning.extra_per_position)
             if isinstance(tuning.optimizer, SparseOptimizer):  # what each process held for the chosen elements
                 held = dist.gather_all(torch.tensor([tuning.optimizer.state_bytes()], dtype=torch.int64))
                 st.optimizer_bytes = [max(a, int(b)) for a, b in

@@ -96,3 +96,63 @@ def test_scoring_under_checkpointing_recomputes_and_gives_the_same_scores(llava_
     assert not model.training and not layer.training and model.config.text_config.use_cache is not False
     for n in names:
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-5, atol=1e-8), n
+
+
+def _distilled(model, processor, masks, tmp_path, **kw):
+    """Three steps of PIECE-F's own tuning with the budget's distillation term (the teacher: the start values)."""
+    from piece_mm.methods import METHODS
+    mixed = world.task_set("size", "train", 16, seed=3) + world.knowledge_set(16, 6)  # text-only ones are shorter
+    task = Task("size", mixed, [], "exact")
+    model = copy.deepcopy(model)
+    budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0}).to_dict()
+    cfg = {"lr": 1e-2, "budget": budget, "tasks": [task], "index": 0, "output": tmp_path, "main": True,
+           "resumed": False}
+    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=masks)
+    opt = tuning.optimizer
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 8, seed=0, desc="t",
+               extra_loss=tuning.extra_loss, extra_per_position=tuning.extra_per_position, **kw)
+    tuning.close()
+    return {n: p.detach().reshape(-1)[masks[n]].clone() for n, p in model.named_parameters() if n in masks}
+
+
+
+def test_micro_batches_take_the_distillation_term_by_their_share_of_positions(llava_and_masks, tmp_path):
+    """One step's gradient on the chosen elements, whole batch against two micro-batches of different lengths: the
+    same, because each micro-batch takes the term in proportion to its positions (an equal share each, as a term
+    like EWC's takes, would not give it)."""
+    from piece_mm.continual import _accumulate
+    from piece_mm.methods import METHODS
+    model, processor, masks = llava_and_masks
+    exs = world.task_set("size", "train", 4, seed=3) + world.knowledge_set(4, 6)  # text-only ones are shorter
+    budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0}).to_dict()
+    grads = {}
+    for per_position in (True, False):
+        for parts in ([exs], [exs[:4], exs[4:]]):
+            m = copy.deepcopy(model)
+            cfg = {"lr": 1e-2, "budget": budget, "tasks": [Task("size", exs, [], "exact")], "index": 0,
+                   "output": tmp_path, "main": True, "resumed": False}
+            tuning = METHODS["piece-f"].for_task(m, processor, None, cfg, masks=masks)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():  # the chosen weights away from the teacher's, so that the term has a gradient
+                for n, idx in masks.items():
+                    w = m.get_parameter(n).view(-1)
+                    w[idx] += 0.05 * torch.randn(idx.numel(), generator=gen)
+            m.train()
+            _accumulate(m, [collate(processor, p) for p in parts], "cpu", tuning.extra_loss, 1, per_position)
+            grads[per_position, len(parts)] = torch.cat([c.grad for c in tuning.optimizer.compact_params()])
+            tuning.close()
+    whole, split = grads[True, 1], grads[True, 2]
+    assert (whole - split).norm() <= 1e-4 * whole.norm()
+    assert (grads[False, 1] - grads[False, 2]).norm() > 1e-3 * whole.norm()  # equal shares: another gradient
+
+
+@pytest.mark.parametrize("flag", [{"gradient_checkpointing": True}])
+def test_the_distillation_term_takes_the_same_steps_with_checkpointing(llava_and_masks, tmp_path, flag):
+    """The teacher's forward runs in eval mode, outside checkpointing; the student's is recomputed in backward from
+    the weights as they are after the teacher's values are gone: the same steps."""
+    model, processor, masks = llava_and_masks
+    plain = _distilled(model, processor, masks, tmp_path / "a")
+    other = _distilled(model, processor, masks, tmp_path / "b", **flag)
+    for n in plain:
+        assert torch.allclose(plain[n], other[n], rtol=1e-4, atol=1e-6), n
+    assert any(not torch.equal(plain[n], model.get_parameter(n).detach().reshape(-1)[masks[n]]) for n in plain)

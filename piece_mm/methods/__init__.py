@@ -11,7 +11,9 @@
   - `masks`, `parts`: the chosen elements and the components they were chosen in (sparse methods; saved as masks
     and deltas);
   - `train_examples`: what the task trains on instead of its own examples (replay, multitask);
-  - `extra_loss(model, batch, out)`: a term added to the task loss (EWC, LwF, O-LoRA);
+  - `extra_loss(model, batch, out)`: a term added to the task loss (EWC, LwF, O-LoRA, the budget's distill);
+    `extra_per_position`: it is a mean over the batch's non-padding positions (LwF, distill), so that under several
+    processes or micro-batches the loop weights each part by its share of the step's positions;
   - `after_task(model)`: once the task's training ends, before the evaluation; it must not change the weights;
   - `close()`: when the task's training ends (hooks to remove).
 
@@ -46,6 +48,7 @@ class Tuning:
     parts: dict | None = None
     train_examples: list | None = None
     extra_loss: Callable | None = None
+    extra_per_position: bool = False
     after_task: Callable | None = None
     close: Callable | None = None
 

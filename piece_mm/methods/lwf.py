@@ -49,5 +49,5 @@ def lwf(model, processor, task, cfg, masks=None):
             t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
         s = cfg["settings"]  # configs/methods/lwf.yaml
         return s["weight"] * distillation_loss(out.logits, t, batch["attention_mask"].bool(), s["temperature"])
-    tuning.extra_loss = extra_loss
+    tuning.extra_loss, tuning.extra_per_position = extra_loss, True
     return tuning

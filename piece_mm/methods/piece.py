@@ -36,7 +36,7 @@ def _sparse_method(estimator: str):
                                weight_decay=b["weight_decay"])
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
         if b["distill"]["weight"] > 0:
-            tuning.extra_loss = _distillation(model, opt, cfg)
+            tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
         return tuning
 
     def _choose(model, processor, task, cfg, parts):
@@ -91,13 +91,18 @@ def _distillation(model, opt, cfg):
                                    for n, idx in opt.masks.items()}, path)
 
     def extra_loss(model, batch, out):
-        was = model.training
-        with torch.no_grad(), opt.holding(start):
-            model.eval()  # the teacher as LwF's: in eval mode
-            try:
-                teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            finally:
-                model.train(was)
+        was, sharded = model.training, shard.is_fsdp(model)
+        with torch.no_grad():
+            if sharded:  # FSDP2 units that stay whole after the student's forward would not see the teacher's values
+                shard.reshard(model)
+            with opt.holding(start):
+                model.eval()  # the teacher as LwF's: in eval mode
+                try:
+                    teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                finally:
+                    model.train(was)
+                    if sharded:  # nor would backward see the student's again: it gathers them anew
+                        shard.reshard(model)
         keep = batch["attention_mask"].bool()  # [B, L]: every position of the task's sequences
         return d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
     return extra_loss
