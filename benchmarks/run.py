@@ -17,6 +17,8 @@ Training step methods (each: forward, backward, update, zero_grad):
 - shira:  PEFT SHiRA on the same linear layers with our mask as its mask_fn, AdamW;
 - sparse: pm.sparse_optimizer with the same mask, AdamW. SHiRA only takes masks of r·(in + out) weights per layer,
           so both tune r = 1's worth: 0.3 % of the small preset's LLM linear weights.
+- sparse_distill: sparse plus the default budget's distillation term, as PIECE-F's own tuning adds it (the
+          teacher's forward with the chosen weights at their start values, and the KL at T = 2).
 - fullft_ckpt, sparse_ckpt: fullft and sparse with transformers' gradient checkpointing (--gradient-checkpointing),
           measured for memory only.
 Importance estimation on the batch's 16 samples (every weight but the token embeddings):
@@ -50,7 +52,7 @@ PRESETS = {
 }
 BATCH, TOKENS, IMAGE_TOKENS, ANSWER_TOKENS = 16, 64, 16, 16
 SHIRA_R = 1  # SHiRA takes exactly r·(in + out) weights per layer; r = 1 is the fewest it can hold (~0.3 % here)
-STEP_METHODS = ("floor", "fullft", "lora", "shira", "sparse")
+STEP_METHODS = ("floor", "fullft", "lora", "shira", "sparse", "sparse_distill")
 CKPT_METHODS = ("fullft_ckpt", "sparse_ckpt")  # the same steps under --gradient-checkpointing: memory only
 FISHER_METHODS = ("loop", "per_sample", "batched")
 LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -130,17 +132,35 @@ def setup_step(method: str, preset: str):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     elif method == "sparse":
         opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-4)
+    elif method == "sparse_distill":
+        import tempfile
+        from types import SimpleNamespace
+
+        from piece_mm.methods import METHODS
+        budget = pm.Budget(distill={"weight": 1.0, "temperature": 2.0}).to_dict()
+        saved = tempfile.TemporaryDirectory()  # where the start values are saved; kept while the step lives
+        cfg = {"lr": 1e-4, "budget": budget, "tasks": [SimpleNamespace(name="bench")], "index": 0, "main": True,
+               "output": Path(saved.name), "resumed": False}
+        tuning = METHODS["piece-f"].for_task(model, None, None, cfg, masks=masks)
+        opt, extra = tuning.optimizer, tuning.extra_loss
     else:
         raise KeyError(method)
     batch = fixed_batch(model)
 
     def step():
-        model(**batch).loss.backward()
+        if method == "sparse_distill":
+            out = model(**batch)
+            (out.loss + extra(model, batch, out)).backward()
+            del out
+        else:
+            model(**batch).loss.backward()
         if opt is None:
             model.zero_grad(set_to_none=True)
             return
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if method == "sparse_distill":
+        step.saved = saved  # the start values' directory lives as long as the step
     return model, step
 
 
@@ -241,6 +261,8 @@ def run(preset: str, rounds: int) -> dict:
         "ratios": {
             "sparse_vs_floor_time": step_time["sparse"] / step_time["floor"],
             "sparse_vs_shira_time": step_time["sparse"] / step_time["shira"],
+            "distill_vs_sparse_time": step_time["sparse_distill"] / step_time["sparse"],
+            "distill_vs_sparse_mem": mem["sparse_distill"] / mem["sparse"],
             "sparse_vs_lora_mem": mem["sparse"] / mem["lora"],
             "sparse_vs_fullft_mem": mem["sparse"] / mem["fullft"],
             "sparse_ckpt_vs_fullft_mem": mem["sparse_ckpt"] / mem["fullft"],
@@ -252,6 +274,7 @@ def run(preset: str, rounds: int) -> dict:
 
 
 TARGETS = {"sparse_vs_floor_time": ("<=", 1.10), "sparse_vs_shira_time": ("<=", 0.90),
+           "distill_vs_sparse_time": ("<=", 1.50), "distill_vs_sparse_mem": ("<=", 1.25),
            "sparse_vs_lora_mem": ("<=", 1.00), "sparse_vs_fullft_mem": ("<=", 0.60),
            "sparse_ckpt_vs_fullft_mem": ("<=", 0.50), "sparse_ckpt_vs_fullft_ckpt_mem": ("<=", 0.50),
            "loop_vs_per_sample_fisher": (">=", 3.0), "per_sample_vs_batched_fisher": ("<=", 2.0)}
