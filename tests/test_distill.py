@@ -88,6 +88,16 @@ def test_the_teacher_is_the_task_start_model_and_the_weights_come_back_bit_for_b
     assert float(same.detach()) == pytest.approx(float(got.detach()), rel=1e-6)
     again.close()
 
+    # a resumed task whose saved start values are damaged, or are another mask's: one line naming the file
+    saved_file = tmp_path / "distill" / "1-color.safetensors"
+    other = {n: idx[:30] for n, idx in masks.items()}
+    with pytest.raises(InputError, match=r"1-color\.safetensors: not the start values") as e:
+        METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=other)
+    assert "\n" not in str(e.value)
+    saved_file.write_bytes(saved_file.read_bytes()[:50])
+    with pytest.raises(InputError, match=r"1-color\.safetensors: a method's saved state cannot be read"):
+        METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=masks)
+
 
 def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
     """weight 0 (the dataclass's default) adds nothing; a bad distill field names the file, the field and the value,

@@ -153,8 +153,15 @@ def save_tensors(tensors: dict, path) -> None:
 
 
 def load_tensors(path) -> dict:
+    """A method's saved state (state_file); a file missing or damaged is one line that names it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    return load_file(str(path))
+
+    from piece_mm.errors import InputError
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path}: a method's saved state cannot be read ({str(e).splitlines()[0]})") from None
 
 
 from piece_mm.methods import ewc, ln, lwf, migu, multitask, olora, piece, replay, seqft, seqlora  # noqa: E402,F401,I001

@@ -14,6 +14,7 @@ import torch
 from piece_mm import dist, shard
 from piece_mm.batching import IGNORE_INDEX, collate
 from piece_mm.components import split_components
+from piece_mm.errors import InputError
 from piece_mm.importance import estimate_importance
 from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.lwf import distillation_loss
@@ -81,7 +82,10 @@ def _distillation(model, opt, cfg):
     are saved (<output>/distill/<task>.safetensors), so a task resumed midway distils from the same teacher."""
     d, path = cfg["budget"]["distill"], state_file(cfg, "distill", cfg["index"])
     if cfg["resumed"]:
-        start = opt.values_from(load_tensors(path))
+        try:
+            start = opt.values_from(load_tensors(path))
+        except (KeyError, ValueError) as e:  # a file of another run, or of another mask
+            raise InputError(f"{path}: not the start values of this task's chosen weights ({e})") from None
     else:
         start = opt.chosen_values()
         whole = shard.gather_values(model, opt.masks)  # on shards: a collective, the values on the first process
