@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/ (results/README.md says what each part shows). About 7 h on 2 cores, two runs at a time with
+# Regenerates results/ (results/README.md says what each part shows). About 8 h on 2 cores, two runs at a time with
 # one thread each; finished runs (metrics.json present) are read back, not rerun, so it continues where it stopped.
 # Run dirs go to results/*/runs/ and are not committed.
 set -euo pipefail
@@ -11,8 +11,8 @@ for m in llava qwen2-vl; do
     # the budget x lr grid (configs/sweeps/world.yaml): PIECE-F at 0.1, 0.3, 1 and 3 % of the LLM (keys left out, as
     # in the default budget) x lr 3e-4, 5e-4, 1e-3, and SeqFT at three lrs
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2
-    # the same grid with the keys in the pool (configs/budgets/default.yaml's fraction and lr were chosen from it,
-    # its comment says how), and with lm_head left out too (at the settings where the tasks are learned)
+    # the same grid with the keys in the pool (configs/budgets/default.yaml's fraction was chosen from it, its comment
+    # says how), and with lm_head left out too (at the settings where the tasks are learned)
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-keys-in.yaml --output "results/sweep-$m-keys-in"
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid "configs/sweeps/no-head-$m.yaml" --output "results/sweep-$m-no-head"
     # the previous default budget (1 % at 3e-4, no distillation; results/budgets/previous-default.yaml) with PIECE-F and
@@ -24,10 +24,16 @@ for m in llava qwen2-vl; do
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
         --lr-from "results/lrs-$m.json" --budget results/budgets/previous-default.yaml --eval-limit 100 \
         --output "results/world-$m" --jobs 2
-    # the default budget (configs/budgets/default.yaml: 1 % at 1e-3, with distillation) with PIECE-F and PIECE-S, on
-    # seeds 0, 1, 2
-    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s --seeds 0,1,2 --lrs 1.0e-3 \
-        --eval-limit 100 --output "results/default-$m" --jobs 2
+    # the default budget (configs/budgets/default.yaml: 1 % at 1e-3, with distillation) with PIECE-F and PIECE-S, and
+    # SeqFT at 3e-4, on seeds 0, 1, 2 (lrs: results/lrs-default.json). SeqFT's runs are the previous comparison's, with
+    # the same flags: copied, not rerun.
+    mkdir -p "results/default-$m/runs"
+    for s in 0 1 2; do
+        [ -d "results/default-$m/runs/seqft-lr0.0003-seed$s" ] ||
+            cp -r "results/world-$m/runs/seqft-lr0.0003-seed$s" "results/default-$m/runs/"
+    done
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
+        --lr-from results/lrs-default.json --eval-limit 100 --output "results/default-$m" --jobs 2
     # the default budget's distillation over fractions and lrs (configs/sweeps/world-distill.yaml), seed 0
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-distill.yaml \
         --output "results/sweep-$m-distill"
