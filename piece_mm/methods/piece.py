@@ -36,7 +36,7 @@ def _sparse_method(estimator: str):
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
-        if b["distill"]["weight"] > 0:
+        if b.get("distill", {}).get("weight", 0) > 0:  # a budget dict made by hand may lack it: off
             tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
         return tuning
 
