@@ -144,15 +144,20 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _options(where, name: str, given, defaults: dict) -> dict:
+    """A field that is a mapping of options (trace, distill): the given ones over the defaults, none unknown."""
+    if not isinstance(given, dict):
+        raise InputError(f"{where}: {name} is {given!r:.60}; expected a mapping of {', '.join(defaults)}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise InputError(f"{where}: {name}.{unknown[0]} is not a {name} option; known: {', '.join(defaults)}")
+    return {**defaults, **given}
+
+
 def _trace_options(where, t) -> dict:
     from piece_mm.importance.trace import LEVELS, SPECIFICITY_RULES
 
-    if not isinstance(t, dict):
-        raise InputError(f"{where}: trace is {t!r:.60}; expected a mapping")
-    unknown = sorted(set(t) - set(TRACE_DEFAULTS))
-    if unknown:
-        raise InputError(f"{where}: trace.{unknown[0]} is not a trace option; known: {', '.join(TRACE_DEFAULTS)}")
-    t = {**TRACE_DEFAULTS, **t}
+    t = _options(where, "trace", t, TRACE_DEFAULTS)
     v = t["probe_steps"]
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
         raise InputError(f"{where}: trace.probe_steps is {v!r}; expected a positive integer")
@@ -170,12 +175,7 @@ def _trace_options(where, t) -> dict:
 
 
 def _distill_options(where, d) -> dict:
-    if not isinstance(d, dict):
-        raise InputError(f"{where}: distill is {d!r:.60}; expected a mapping with weight and temperature")
-    unknown = sorted(set(d) - set(DISTILL_DEFAULTS))
-    if unknown:
-        raise InputError(f"{where}: distill.{unknown[0]} is not a distill option; known: {', '.join(DISTILL_DEFAULTS)}")
-    d = {**DISTILL_DEFAULTS, **d}
+    d = _options(where, "distill", d, DISTILL_DEFAULTS)
     if not _number(d["weight"]) or d["weight"] < 0:
         raise InputError(f"{where}: distill.weight is {d['weight']!r}; expected a number >= 0 (0 = off)")
     if not _number(d["temperature"]) or d["temperature"] <= 0:
