@@ -174,6 +174,13 @@ def _trace_options(where, t) -> dict:
     return t
 
 
+def distill_of(budget: dict) -> dict | None:
+    """A budget dict's distill options when it distils (weight > 0), else None. A dict made by hand, not through
+    Budget, may lack the field: off."""
+    d = budget.get("distill") or {}
+    return d if d.get("weight", 0) > 0 else None
+
+
 def _distill_options(where, d) -> dict:
     d = _options(where, "distill", d, DISTILL_DEFAULTS)
     if not _number(d["weight"]) or d["weight"] < 0:

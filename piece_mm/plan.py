@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from piece_mm.budget import distill_of
 from piece_mm.components import COMPONENTS, split_components
 from piece_mm.errors import InputError
 from piece_mm.select import budget_arg, component_k, load_budget
@@ -305,8 +306,8 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
         score_batch = -(-score_batch // n_proc)
     act_score = _trace(m, config, img, score_batch, seq, scored, True, gradient_checkpointing, dt) \
         if method in GRADIENT_SCORES else 0
-    d = b.get("distill") or {}
-    distill = d["temperature"] if d.get("weight", 0) > 0 else None  # the teacher's forward and the KL, in the trace
+    d = distill_of(b)
+    distill = d["temperature"] if d else None  # the teacher's forward and the KL, in the trace
     act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt, distill)
     # the chosen elements' start values (the teacher) and, during its forward, their current values
     state = selected * (SPARSE_STATE_BYTES + (2 * width if distill else 0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piece_mm.batching import collate
-from piece_mm.budget import Budget
+from piece_mm.budget import Budget, distill_of
 from piece_mm.continual import METHODS, make_scheduler, train_task
 from piece_mm.errors import InputError
 from piece_mm.methods import load_tensors
@@ -106,6 +106,9 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
 
     assert Budget().distill == {"weight": 0.0, "temperature": 2.0}
     assert Budget.from_yaml("default").distill["weight"] > 0  # the shipped default distils
+    # a budget dict made by hand (the library API) may lack the field, or switch it off: no term either way
+    assert distill_of({"fractions": {"llm": 0.01}}) is None and distill_of(Budget().to_dict()) is None
+    assert distill_of(Budget(distill={"weight": 0.5}).to_dict()) == {"weight": 0.5, "temperature": 2.0}
     for value, says in [({"weight": -1}, r"distill\.weight is -1"), ({"temperature": 0}, r"distill\.temperature is 0"),
                         ({"temp": 1.0}, r"distill\.temp is not a distill option"), (3, "distill is 3"),
                         ({"weight": True}, r"distill\.weight is True")]:

@@ -13,6 +13,7 @@ import torch
 
 from piece_mm import dist, shard
 from piece_mm.batching import IGNORE_INDEX, collate
+from piece_mm.budget import distill_of
 from piece_mm.components import split_components
 from piece_mm.errors import InputError
 from piece_mm.importance import estimate_importance
@@ -36,7 +37,7 @@ def _sparse_method(estimator: str):
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
-        if b.get("distill", {}).get("weight", 0) > 0:  # a budget dict made by hand may lack it: off
+        if distill_of(b):
             tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
         return tuning
 
@@ -80,7 +81,7 @@ def _sparse_method(estimator: str):
 def _distillation(model, opt, cfg):
     """The budget's distill term for this task (module docstring). The chosen elements' values at the task's start
     are saved (<output>/distill/<task>.safetensors), so a task resumed midway distils from the same teacher."""
-    d, path = cfg["budget"]["distill"], state_file(cfg, "distill", cfg["index"])
+    d, path = distill_of(cfg["budget"]), state_file(cfg, "distill", cfg["index"])
     if cfg["resumed"]:
         try:
             start = opt.values_from(load_tensors(path))
