@@ -18,7 +18,7 @@ from piece_mm.errors import InputError
 
 BUDGET_DIR = CONFIGS / "budgets"
 GRANULARITIES = ("element", "tensor")
-POOLS = ("component", "global")
+POOLS = ("component", "global", "auto")
 SCORE_MEMORY = ("auto", "device", "host")
 # method="trace" options (piece_mm/importance/trace.py); probe_steps None = a tenth of the task's training steps
 TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
@@ -33,7 +33,8 @@ class Budget:
     """Which weights the sparse methods may choose for a task, how many, and how they are tuned.
 
     fractions: of each component's scorable elements (k = floor(fraction x elements), >= 1 if > 0);
-    pool: "component" (a top-k in each) or "global" (one top-k over all, the paper's; `total` then gives its size);
+    pool: "component" (a top-k in each), "global" (one top-k over all, the paper's; `total` then gives its size) or
+    "auto" (the same total, split among the components by their share of the task's score mass; select.py);
     exclude: regexes of parameter names never chosen; components: {regex: component} for families not known;
     score_examples, score_batch_size (1 = per-sample): the scoring pass; score_memory: where its sums live;
     lr, steps: used when the command line gives none; betas, weight_decay: AdamW's; granularity: "element" or
@@ -68,7 +69,7 @@ class Budget:
             if not _number(v) or not 0.0 <= v <= 1.0:
                 raise InputError(f"{where}: fractions.{c} is {v!r}; expected a number in [0, 1]")
         if self.pool not in POOLS:
-            raise InputError(f"{where}: pool is {self.pool!r}; expected 'component' or 'global'")
+            raise InputError(f"{where}: pool is {self.pool!r}; expected 'component', 'global' or 'auto'")
         if self.total is not None and (not _number(self.total) or not 0.0 < self.total <= 1.0):
             raise InputError(f"{where}: total is {self.total!r}; expected a number in (0, 1]")
         if not isinstance(self.exclude, list) or not all(isinstance(x, str) for x in self.exclude):
@@ -135,7 +136,7 @@ class Budget:
     def selection(self):
         """select_masks' `budget` argument: the fractions per component, or {"total": t} for a global pool of
         a set size."""
-        if self.pool == "global" and self.total is not None:
+        if self.pool in ("global", "auto") and self.total is not None:
             return {"total": self.total}
         return self.fractions
 

@@ -277,7 +277,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     eligible = sum(size.values())
     if b["pool"] == "component":
         selected = sum(v["selected"] for v in components.values())
-    else:  # one top-k over everything: how it splits over the components is known only after scoring
+    else:  # global or auto: how the total splits over the components is known only after scoring
         frac = arg if isinstance(arg, float) else float(arg.get("total", sum(
             float(arg.get(c, 0.0)) * size[c] for c in COMPONENTS) / max(eligible, 1)))
         selected = component_k(frac, eligible)
@@ -297,7 +297,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
                         "activations_train": act}
         out["peak_bytes"] = {"score": 0, "train": weights + state + act}  # act holds the gradients as they appear
         return out
-    budgeted = [c for c in COMPONENTS if b["pool"] == "global" or float(arg.get(c, 0.0)) > 0]
+    budgeted = [c for c in COMPONENTS if b["pool"] != "component" or float(arg.get(c, 0.0)) > 0]
     scored = {n for c in (budgeted if method in GRADIENT_SCORES else COMPONENTS) for n in parts[c]}
     score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
     trainable = {n for c in budgeted for n in parts[c]}  # any of them may hold a chosen element

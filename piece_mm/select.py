@@ -1,4 +1,5 @@
-"""Top-k selection of weights from importance scores, per component (default) or over one global pool."""
+"""Top-k selection of weights from importance scores: per component (default), over one global pool, or per
+component with the total split among them by the task's own scores (pool "auto")."""
 from __future__ import annotations
 
 import math
@@ -125,6 +126,11 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
     element-weighted sum of the per-component fractions. This is the paper's selection, kept for ablation; scores
     of different components live on different scales, so it tends to favour one component.
 
+    pool="auto": the same total k as "global", split among the components in proportion to each one's share of the
+    score mass (score_mass, auto_split), then a top-k inside each. A component's mass is how much the task's loss
+    rests on it as a whole (PIECE-F: its summed squared gradients); the global pool instead follows the largest
+    single scores, wherever they are.
+
     shards: {name: parameter} when the scores are this rank's FSDP2 shards (piece_mm/shard.py); every rank then
     returns the same whole-parameter masks, equal to those one process would choose from the whole scores."""
     if isinstance(budget, Budget):
@@ -149,7 +155,7 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
             _check_fraction(f"budget.{c}", frac)
             masks.update(top(scores, names, component_k(frac, sizes[c])))
         return masks
-    if pool == "global":
+    if pool in ("global", "auto"):
         if isinstance(budget, dict):
             if "total" in budget:
                 frac = float(budget["total"])
@@ -159,9 +165,53 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
         else:
             frac = float(budget)
         _check_fraction("budget.total", frac)
-        names = [n for c in COMPONENTS for n in parts.get(c, [])]
-        return top(scores, names, component_k(frac, sum(sizes.values())))
-    raise InputError(f"pool: {pool!r}; expected 'component' or 'global'")
+        k = component_k(frac, sum(sizes.values()))
+        if pool == "global":
+            return top(scores, [n for c in COMPONENTS for n in parts.get(c, [])], k)
+        ks = auto_split(k, score_mass(scores, parts, shards), sizes)
+        masks = {}
+        for c, names in parts.items():
+            masks.update(top(scores, names, ks[c]))
+        return masks
+    raise InputError(f"pool: {pool!r}; expected 'component', 'global' or 'auto'")
+
+
+def score_mass(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], shards: dict | None = None) -> dict:
+    """{component: the sum of its scores (negative ones count as 0), in float64}; on FSDP2 shards, summed over the
+    ranks, so every rank has the whole model's masses."""
+    mass = torch.tensor([sum(float(scores[n].double().clamp(min=0).sum()) for n in parts[c]) for c in parts],
+                        dtype=torch.float64)
+    if shards is not None:
+        dist.sum_exact(mass)
+    return dict(zip(parts, mass.tolist()))
+
+
+def auto_split(k: int, mass: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
+    """{component: k_c}: k shared out in proportion to `mass` by largest remainders (ties: the earlier component),
+    so the k_c sum to k exactly. No k_c exceeds its component's size: a full component takes all its elements and
+    the rest is shared again among the others. When no component left has any mass, the rest goes in proportion to
+    size."""
+    out = {c: 0 for c in sizes}
+    left = [c for c in sizes if sizes[c] > 0]
+    k = min(int(k), sum(sizes[c] for c in left))
+    while k > 0:
+        weight = {c: max(float(mass.get(c, 0.0)), 0.0) for c in left}
+        if sum(weight.values()) <= 0:
+            weight = {c: float(sizes[c]) for c in left}
+        whole = sum(weight.values())
+        ideal = {c: k * weight[c] / whole for c in left}
+        share = {c: math.floor(ideal[c]) for c in left}
+        by_remainder = sorted(left, key=lambda c: (-(ideal[c] - share[c]), left.index(c)))
+        for c in by_remainder[:k - sum(share.values())]:
+            share[c] += 1
+        full = [c for c in left if share[c] >= sizes[c]]
+        if not full:
+            out.update(share)
+            break
+        for c in full:
+            out[c], k = sizes[c], k - sizes[c]
+            left.remove(c)
+    return out
 
 
 def _check_fraction(field: str, frac: float) -> None:
@@ -204,6 +254,6 @@ def load_budget(name) -> dict:
 
 def budget_arg(b: dict):
     """The `budget` argument of select_masks for a loaded budget."""
-    if b["pool"] == "global" and b["total"] is not None:
+    if b["pool"] in ("global", "auto") and b["total"] is not None:
         return {"total": b["total"]}
     return b["fractions"]

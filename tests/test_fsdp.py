@@ -151,7 +151,7 @@ _TOPK = textwrap.dedent("""
     local = {n: s.to_local() for n, s in shards.items()}
     bad = 0
     for budget, pool in [({"vision": 0.3, "projector": 0.5, "llm": 0.4}, "component"), (0.37, "global"),
-                         ({"vision": 1.0, "projector": 0.0, "llm": 0.05}, "component")]:
+                         (0.37, "auto"), ({"vision": 1.0, "projector": 0.0, "llm": 0.05}, "component")]:
         for gran in ("element", "tensor"):
             want = select_masks(full, parts, budget, pool=pool, granularity=gran)
             got = select_masks(local, parts, budget, pool=pool, granularity=gran, shards=shards)

@@ -69,6 +69,43 @@ def test_global_pool_is_one_top_k_over_everything():
     assert pm.select_masks(scores, PARTS, {"total": 0.03}, pool="global").keys() == masks.keys()
 
 
+def test_auto_pool_splits_the_total_by_score_mass():
+    scores = _scores(3)
+    scores["head.w"] = scores["head.w"] * 10  # a larger scale: the global pool gives this tensor most of its k
+    total = sum(t.numel() for t in scores.values())
+    k = math.floor(0.1 * total)
+    masks = pm.select_masks(scores, PARTS, 0.1, pool="auto")
+    glob = pm.select_masks(scores, PARTS, 0.1, pool="global")
+    mass = {c: sum(float(scores[n].double().sum()) for n in names) for c, names in PARTS.items()}
+    got = {c: sum(masks[n].numel() for n in names if n in masks) for c, names in PARTS.items()}
+    assert sum(got.values()) == k
+    for c in PARTS:  # k_c is k x the component's share of the mass, rounded (largest remainders)
+        assert abs(got[c] - k * mass[c] / sum(mass.values())) < 1 and got[c] > 0, (c, got)
+        flat = torch.cat([scores[x].view(-1) for x in PARTS[c]])
+        chosen = [scores[x].view(-1)[masks[x]] for x in PARTS[c] if x in masks]
+        assert torch.cat(chosen).sort().values.equal(flat.topk(got[c]).values.sort().values)  # a top-k in each
+    assert {c: sum(glob[n].numel() for n in names if n in glob) for c, names in PARTS.items()} != got
+    # the budget forms: a float, {"total": t}, and a Budget with pool auto
+    assert pm.select_masks(scores, PARTS, {"total": 0.1}, pool="auto").keys() == masks.keys()
+    b = pm.Budget(pool="auto", total=0.1)
+    assert all(torch.equal(pm.select_masks(scores, PARTS, b)[n], masks[n]) for n in masks)
+
+
+def test_auto_split_shares_exactly_caps_at_size_and_falls_back_to_size():
+    from piece_mm.select import auto_split
+    sizes = {"vision": 100, "projector": 10, "llm": 1000}
+    assert auto_split(7, {"vision": 1.0, "projector": 1.0, "llm": 1.0}, sizes) == \
+        {"vision": 3, "projector": 2, "llm": 2}  # 7/3 each: the one left over goes to the earliest
+    # the projector's share (50 of 100) is more than its 10 elements: it takes them all, the 90 left split 1:3
+    assert auto_split(100, {"vision": 1.0, "projector": 8.0, "llm": 3.0}, sizes) == \
+        {"vision": 23, "projector": 10, "llm": 67}
+    assert auto_split(11, {"vision": 0.0, "projector": 0.0, "llm": 0.0}, sizes) == \
+        {"vision": 1, "projector": 0, "llm": 10}  # no mass anywhere: by size (1.0, 0.1, 9.9 -> 1, 0, 10)
+    assert auto_split(5000, {"vision": 1.0, "projector": 0.0, "llm": 0.0}, sizes) == \
+        {"vision": 100, "projector": 10, "llm": 1000}  # more than there is: all of it
+    assert auto_split(0, {"vision": 1.0}, sizes) == {"vision": 0, "projector": 0, "llm": 0}
+
+
 def test_bad_budget_and_pool():
     with pytest.raises(InputError, match="budget.llm"):
         pm.select_masks(_scores(), PARTS, {"llm": 1.5})
