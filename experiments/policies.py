@@ -10,10 +10,11 @@ The total is a fraction of every scorable weight (--totals, default 0.1, 0.3, 1 
 same number of weights per task. Every budget otherwise is the default's (keys and token embeddings left out, the
 distillation term on), with --score-examples examples scored per task.
 
-lr: each policy runs at each lr of --lrs on seed 0 at the --choose-at total, and keeps the one with the highest OP
-among those that keep caption retention >= 0.90 (none does: the highest retention); that lr then serves every
-total. Seeds: --seeds at the --choose-at total, seed 0 at the others. The runs are the default sequence at --steps
-steps of --batch-size examples (fewer than the default's 300 x 16, so that the study fits in 90 min on 2 cores).
+lr: each policy runs at each lr of --lrs on seed 0 at the --choose-at total (1 %), and keeps the one with the
+highest OP among those that keep caption retention >= 0.90 (none does: the highest retention); that lr then serves
+every total. Seeds: --seeds at the --seeded totals (1 and 3 %), seed 0 at the others. The runs are the default
+sequence at --steps steps of --batch-size examples (fewer than the default's 300 x 16, so that the study fits in
+90 min on 2 cores).
 
 Writes policies.json (every run: OP, BWT, caption and VQA retention, the component split and the per-layer counts of
 every task's mask, the overlap of successive tasks' masks), table.md, and per model retention_vs_op-<m>.png,
@@ -103,12 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--lrs", default="1.0e-3,3.0e-3", help="each policy's lr grid (seed 0, at --choose-at)")
     ap.add_argument("--choose-at", type=float, default=0.01, help="the total where the lr is chosen and seeded")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds at the --choose-at total (seed 0 elsewhere)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds at the --seeded totals (seed 0 elsewhere)")
+    ap.add_argument("--seeded", default="0.01,0.03", help="the totals run with every seed of --seeds")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-limit", type=int, default=40)
     ap.add_argument("--score-examples", type=int, default=200)
     ap.add_argument("--budget", default="default", help="the budget every policy starts from (exclude, distill)")
+    ap.add_argument("--tasks", default="world", help="sequence YAML or name (default: world)")
     ap.add_argument("--output", type=Path, default=Path("results") / "policies")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
@@ -119,8 +122,10 @@ def main(argv=None) -> int:
         if bad:
             raise InputError(f"--policies: {bad[0]!r} is not a policy; expected some of {', '.join(POLICIES)}")
         totals, lrs, seeds = _floats("--totals", args.totals), _floats("--lrs", args.lrs), _ints("--seeds", args.seeds)
-        if args.choose_at not in totals:
-            raise InputError(f"--choose-at {args.choose_at:g}: not one of --totals ({args.totals})")
+        seeded = _floats("--seeded", args.seeded)
+        for flag, ts in (("--choose-at", [args.choose_at]), ("--seeded", seeded)):
+            if set(ts) - set(totals):
+                raise InputError(f"{flag} {min(set(ts) - set(totals)):g}: not one of --totals ({args.totals})")
         if 0 not in seeds:
             raise InputError(f"--seeds {args.seeds!r}: must hold seed 0 (the lr is chosen on it)")
         if args.jobs < 1:
@@ -129,7 +134,8 @@ def main(argv=None) -> int:
         base = {k: base[k] for k in ("exclude", "components", "score_batch_size", "betas", "weight_decay",
                                      "distill")} | {"score_examples": args.score_examples}
         for m in models:  # an unknown model, bad steps or the like: one line before anything runs
-            RunConfig(model=m, steps=args.steps, batch_size=args.batch_size, eval_limit=args.eval_limit, lr=lrs[0])
+            RunConfig(model=m, steps=args.steps, batch_size=args.batch_size, eval_limit=args.eval_limit, lr=lrs[0],
+                      tasks=args.tasks)
         sizes = {m: eligible_sizes(m, base["exclude"]) for m in models}
         budgets = {(m, p, t): policy_budget(p, t, sizes[m], base) for m in models for p in policies for t in totals}
         for key, b in budgets.items():
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
         bpath.write_text(text)
         return Job(key, {"model": m, "method": "piece-f", "budget": str(bpath), "lr": lr, "seed": seed,
                          "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
-                         "output": run_dir})
+                         "tasks": args.tasks, "output": run_dir})
 
     def report(o) -> None:
         print(f"failed: {o.key}: {o.error}" if o.error else f"done: {o.key}", file=sys.stderr, flush=True)
@@ -171,7 +177,7 @@ def main(argv=None) -> int:
                 if tried:
                     chosen[(m, p)] = choose_lr(tried)["lr"]
         rest = [(m, p, t, chosen[(m, p)], s) for (m, p) in chosen for t in totals for s in seeds
-                if (t == args.choose_at and s != 0) or (t != args.choose_at and s == 0)]
+                if (s == 0 and t != args.choose_at) or (s != 0 and t in seeded)]
         done.update(run_jobs([job(k) for k in rest], args.jobs, threads, report))
     except InputError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -185,7 +191,8 @@ def main(argv=None) -> int:
                                                                               sys.argv[1:]),
              "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
              "score_examples": args.score_examples, "totals": totals, "lrs": lrs, "choose_at": args.choose_at,
-             "seeds": seeds, "sizes": sizes, "chosen_lr": {f"{m} {p}": lr for (m, p), lr in chosen.items()},
+             "seeds": seeds, "seeded": seeded, "sizes": sizes,
+             "chosen_lr": {f"{m} {p}": lr for (m, p), lr in chosen.items()},
              "failed": {str(k): e for k, e in failed.items()}}
     write(out, list(rows.values()), about, models, policies)
     print(f"wrote {out / 'policies.json'}, {out / 'table.md'} and the figures")
@@ -241,7 +248,8 @@ def write(out: Path, rows: list[dict], about: dict, models, policies) -> None:
              f"{about['score_examples']} examples scored per task, eval-limit {about['eval_limit']}; otherwise the "
              "default budget (keys and token embeddings left out, distillation on). The total is a fraction of every "
              "scorable weight, so each policy tunes the same number per task. Mean ± sd over seeds "
-             f"{', '.join(map(str, about['seeds']))} at {about['choose_at'] * 100:g} %, seed 0 elsewhere.", ""]
+             f"{', '.join(map(str, about['seeds']))} at " + " and ".join(f"{t * 100:g} %" for t in about["seeded"]) +
+             ", seed 0 elsewhere.", ""]
     for m in models:
         sz = about["sizes"][m]
         lines += [f"## {m}", "", "Scorable weights: " + ", ".join(f"{c} {sz[c]:,}" for c in COMPONENTS) +

@@ -10,6 +10,7 @@ COMMANDS = {  # command: (module, what it does)
     "plan": ("piece_mm.plan", "the memory a model needs, from its config.json alone"),
     "compare": ("piece_mm.experiments.compare", "every method on one sequence, side by side"),
     "sweep": ("piece_mm.experiments.sweep", "a budget x lr grid and its frontier"),
+    "policies": ("piece_mm.experiments.policies", "five ways to spend one total budget over the components"),
     "frontier": ("piece_mm.experiments.frontier", "every method of earlier comparisons in one figure and table"),
     "zoo": ("piece_mm.zoo", "build the tiny embedded bases"),
     "probe": ("piece_mm.experiments.probe", "does a base's caption leak a task's answers, before any tuning"),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -111,12 +113,18 @@ def test_lean_scoring_selects_what_dense_fp32_scoring_selects(tiny, where):
     lines = []
     for method in ("piece-f", "piece-s"):
         lean = pm.estimate_importance(model, batches, method, names=names, accumulate=where, log=lines.append)
-        for pool in ("component", "global"):
-            b = {"total": 0.01} if pool == "global" else budget
+        for pool in ("component", "global", "auto"):
+            b = budget if pool == "component" else {"total": 0.01}
             got = pm.select_masks(lean, parts, b, pool=pool)
             want = pm.select_masks(dense[method], parts, b, pool=pool)
             assert got.keys() == want.keys()
             assert all(torch.equal(got[n], want[n]) for n in want), (method, pool)
+        # auto: each component's count is the total's share by its summed dense scores, rounded
+        k = math.floor(0.01 * sum(dense[method][n].numel() for n in names))
+        mass = {c: sum(float(dense[method][n].double().sum()) for n in parts[c]) for c in parts}
+        for c in parts:
+            n_c = sum(got[n].numel() for n in parts[c] if n in got)
+            assert abs(n_c - k * mass[c] / sum(mass.values())) < 1, (method, c)
     assert len(lines) == 2 and "one fp32 sum per weight" in lines[0] and "two fp32 sums" in lines[1]
     assert all(("in host memory" if where == "host" else "on cpu") in x for x in lines), lines
 

@@ -127,3 +127,17 @@ def test_plan_errors_are_one_line_and_exit_2(argv, words, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert all(w in err for w in words), err
+
+
+def test_auto_pool_plans_as_the_global_pool(tmp_path):
+    """pool: auto splits the same total as the global pool, known only after scoring: the same count, the same score
+    sums (every component scored) and the same peaks."""
+    import yaml
+    auto = tmp_path / "auto.yaml"
+    auto.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs/budgets/paper-global.yaml").read_text()),
+                                    "pool": "auto"}))
+    g, a = plan("llava", budget="paper-global", dtype="float32"), plan("llava", budget=str(auto), dtype="float32")
+    assert a["total"]["selected"] == g["total"]["selected"] == int(0.001 * g["total"]["eligible"])
+    assert all(v["selected"] is None for v in a["components"].values())
+    assert a["bytes"] == g["bytes"] and a["peak_bytes"] == g["peak_bytes"]
+
