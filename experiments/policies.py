@@ -10,9 +10,10 @@ The total is a fraction of every scorable weight (--totals, default 0.1, 0.3, 1 
 same number of weights per task. Every budget otherwise is the default's (keys and token embeddings left out, the
 distillation term on), with --score-examples examples scored per task.
 
-lr: each policy runs at each lr of --lrs on seed 0 at the --choose-at total (1 %), and keeps the one with the
-highest OP among those that keep caption retention >= 0.90 (none does: the highest retention); that lr then serves
-every total. Seeds: --seeds at the --seeded totals (1 and 3 %), seed 0 at the others. The runs are the default
+lr: each policy runs at each lr of --lrs on seed 0 at each --choose-at total (1 and 3 %), and keeps there the one
+with the highest OP among those that keep caption retention >= 0.90 (none does: the highest retention); another
+total takes the choice of the nearest of them (0.1 and 0.3 % take 1 %'s). Seeds: --seeds at the --seeded totals
+(1 and 3 %), seed 0 at the others. The runs are the default
 sequence at --steps steps of --batch-size examples (fewer than the default's 300 x 16, so that the study fits in
 90 min on 2 cores).
 
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--totals", default="0.001,0.003,0.01,0.03", help="fractions of every scorable weight")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--lrs", default="1.0e-3,3.0e-3", help="each policy's lr grid (seed 0, at --choose-at)")
-    ap.add_argument("--choose-at", type=float, default=0.01, help="the total where the lr is chosen and seeded")
+    ap.add_argument("--choose-at", default="0.01,0.03",
+                    help="the totals where each policy's lr is chosen; another total takes the nearest one's")
     ap.add_argument("--seeds", default="0,1,2", help="seeds at the --seeded totals (seed 0 elsewhere)")
     ap.add_argument("--seeded", default="0.01,0.03", help="the totals run with every seed of --seeds")
     ap.add_argument("--steps", type=int, default=100)
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
         if bad:
             raise InputError(f"--policies: {bad[0]!r} is not a policy; expected some of {', '.join(POLICIES)}")
         totals, lrs, seeds = _floats("--totals", args.totals), _floats("--lrs", args.lrs), _ints("--seeds", args.seeds)
-        seeded = _floats("--seeded", args.seeded)
-        for flag, ts in (("--choose-at", [args.choose_at]), ("--seeded", seeded)):
+        seeded, choose_at = _floats("--seeded", args.seeded), _floats("--choose-at", args.choose_at)
+        for flag, ts in (("--choose-at", choose_at), ("--seeded", seeded)):
             if set(ts) - set(totals):
                 raise InputError(f"{flag} {min(set(ts) - set(totals)):g}: not one of --totals ({args.totals})")
         if 0 not in seeds:
@@ -165,19 +167,24 @@ def main(argv=None) -> int:
         print(f"failed: {o.key}: {o.error}" if o.error else f"done: {o.key}", file=sys.stderr, flush=True)
 
     print(f"{len(models)} models x {len(policies)} policies x {len(totals)} totals; lr from {lrs} at "
-          f"{args.choose_at:g}; seeds {seeds} there -> {out}", flush=True)
+          f"{args.choose_at}; seeds {seeds} at {args.seeded} -> {out}", flush=True)
     try:
-        first = [(m, p, args.choose_at, lr, 0) for m in models for p in policies for lr in lrs]
+        first = [(m, p, c, lr, 0) for m in models for p in policies for c in choose_at for lr in lrs]
         done = run_jobs([job(k) for k in first], args.jobs, threads, report)
         rows = {k: row(k, o.metrics) for k, o in done.items() if o.metrics}
-        chosen = {}
+        chosen = {}  # (model, policy, total): lr
         for m in models:
             for p in policies:
-                tried = [rows[k] for k in first if k[:2] == (m, p) and k in rows]
-                if tried:
-                    chosen[(m, p)] = choose_lr(tried)["lr"]
-        rest = [(m, p, t, chosen[(m, p)], s) for (m, p) in chosen for t in totals for s in seeds
-                if (s == 0 and t != args.choose_at) or (s != 0 and t in seeded)]
+                for c in choose_at:
+                    tried = [rows[k] for k in first if k[:3] == (m, p, c) and k in rows]
+                    if tried:
+                        chosen[(m, p, c)] = choose_lr(tried)["lr"]
+                for t in totals:
+                    c = nearest(t, [c for c in choose_at if (m, p, c) in chosen])
+                    if c is not None:
+                        chosen[(m, p, t)] = chosen[(m, p, c)]
+        rest = [(m, p, t, lr, s) for (m, p, t), lr in chosen.items() for s in seeds
+                if (s == 0 and t not in choose_at) or (s != 0 and t in seeded)]
         done.update(run_jobs([job(k) for k in rest], args.jobs, threads, report))
     except InputError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -190,13 +197,19 @@ def main(argv=None) -> int:
     about = {"command": "python -m piece_mm.experiments.policies " + " ".join(argv if argv is not None else
                                                                               sys.argv[1:]),
              "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
-             "score_examples": args.score_examples, "totals": totals, "lrs": lrs, "choose_at": args.choose_at,
+             "score_examples": args.score_examples, "totals": totals, "lrs": lrs, "choose_at": choose_at,
              "seeds": seeds, "seeded": seeded, "sizes": sizes,
-             "chosen_lr": {f"{m} {p}": lr for (m, p), lr in chosen.items()},
+             "chosen_lr": {f"{m} {p} {t:g}": lr for (m, p, t), lr in chosen.items()},
              "failed": {str(k): e for k, e in failed.items()}}
     write(out, list(rows.values()), about, models, policies)
     print(f"wrote {out / 'policies.json'}, {out / 'table.md'} and the figures")
     return 1 if failed else 0
+
+
+def nearest(t: float, among: list[float]) -> float | None:
+    """The total of `among` nearest to t on a log scale (ties: the smaller); None when `among` is empty."""
+    import math
+    return min(among, key=lambda c: (abs(math.log(t / c)), c)) if among else None
 
 
 def _floats(flag: str, text: str) -> list[float]:
@@ -226,7 +239,7 @@ def summarize(rows: list[dict], models, policies, totals, chosen: dict) -> list[
         for p in policies:
             for t in totals:
                 rs = [r for r in rows if (r["model"], r["policy"], r["total"], r["lr"]) ==
-                      (m, p, t, chosen.get(f"{m} {p}"))]
+                      (m, p, t, chosen.get(f"{m} {p} {t:g}"))]
                 if not rs:
                     continue
 
@@ -254,15 +267,16 @@ def write(out: Path, rows: list[dict], about: dict, models, policies) -> None:
         sz = about["sizes"][m]
         lines += [f"## {m}", "", "Scorable weights: " + ", ".join(f"{c} {sz[c]:,}" for c in COMPONENTS) +
                   f" (total {sum(sz.values()):,}).", "",
-                  f"### lr choice (seed 0, total {about['choose_at'] * 100:g} %)", "",
-                  "| policy | lr | caption retention | VQA retention | OP | BWT | chosen |",
-                  "|---|---|---|---|---|---|---|"]
-        for p in policies:
-            for r in sorted((r for r in rows if (r["model"], r["policy"], r["total"], r["seed"]) ==
-                             (m, p, about["choose_at"], 0)), key=lambda r: r["lr"]):
-                mark = "✓" if about["chosen_lr"].get(f"{m} {p}") == r["lr"] else ""
-                lines.append(f"| {p} | {r['lr']:g} | {r['caption_retention']:.3f} | {r['VQA_retention']:.3f} | "
-                             f"{r['OP']:.3f} | {r['BWT']:+.3f} | {mark} |")
+                  "### lr choice (seed 0)", "",
+                  "| total | policy | lr | caption retention | VQA retention | OP | BWT | chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in about["choose_at"]:
+            for p in policies:
+                for r in sorted((r for r in rows if (r["model"], r["policy"], r["total"], r["seed"]) == (m, p, c, 0)),
+                                key=lambda r: r["lr"]):
+                    mark = "✓" if about["chosen_lr"].get(f"{m} {p} {c:g}") == r["lr"] else ""
+                    lines.append(f"| {c * 100:g} % | {p} | {r['lr']:g} | {r['caption_retention']:.3f} | "
+                                 f"{r['VQA_retention']:.3f} | {r['OP']:.3f} | {r['BWT']:+.3f} | {mark} |")
         lines += ["", "### Each policy at its lr", "",
                   "| total | policy | lr | caption retention | VQA retention | OP | BWT | share vision / proj / llm "
                   "| overlap of successive masks |", "|---|---|---|---|---|---|---|---|---|"]
@@ -272,16 +286,18 @@ def write(out: Path, rows: list[dict], about: dict, models, policies) -> None:
                              f"{_mean_sd(s['VQA_retention'])} | {_mean_sd(s['OP'])} | {_mean_sd(s['BWT'])} | " +
                              " / ".join(f"{s['share'][c]:.2f}" for c in COMPONENTS) + f" | {s['overlap']:.3f} |")
         lines += ["", "### Where the global pool's budget goes (seed 0)", "",
-                  "Share of each task's chosen weights per component, and the LLM layers and vision layers holding "
-                  "the most of them.", "", "| total | task | vision | projector | llm | top LLM layers | "
-                  "top vision layers |", "|---|---|---|---|---|---|---|"]
+                  "Share of each task's chosen weights per component, and per layer of the LLM and of the vision "
+                  "encoder (layer index, then its share of all the task's chosen weights; \"other\": outside the "
+                  "blocks, e.g. lm_head, norms, embeddings).", "",
+                  "| total | task | vision | projector | llm | LLM layers | vision layers |",
+                  "|---|---|---|---|---|---|---|"]
         for t in totals:
             g = [r for r in rows if (r["model"], r["policy"], r["total"], r["seed"]) == (m, "global", t, 0)]
             for r in g[:1]:
                 for task, split, layers in zip(r["tasks"], r["split"], r["layers"]):
                     n = max(1, sum(split.values()))
                     lines.append(f"| {t * 100:g} % | {task} | " + " | ".join(f"{split[c] / n:.2f}" for c in COMPONENTS)
-                                 + f" | {_top_layers(layers['llm'], n)} | {_top_layers(layers['vision'], n)} |")
+                                 + f" | {_layer_shares(layers['llm'], n)} | {_layer_shares(layers['vision'], n)} |")
         lines += ["", f"![retention against OP](retention_vs_op-{m}.png)", "",
                   f"![the global pool's component shares](shares-{m}.png)", "",
                   f"![overlap of successive masks](overlap-{m}.png)", ""]
@@ -292,9 +308,14 @@ def write(out: Path, rows: list[dict], about: dict, models, policies) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def _top_layers(layers: dict, n: int, top: int = 3) -> str:
-    best = sorted(layers.items(), key=lambda kv: -kv[1])[:top]
-    return ", ".join(f"{k} {v / n:.2f}" for k, v in best if v) or "-"
+def _layer_shares(layers: dict, n: int, most: int = 8) -> str:
+    """"layer share" for the layers holding any of the task's n chosen weights, in layer order ("other": outside
+    the blocks); only the `most` largest when there are more."""
+    held = {k: v for k, v in layers.items() if v}
+    if len(held) > most:
+        held = dict(sorted(held.items(), key=lambda kv: -kv[1])[:most])
+    order = sorted(held, key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
+    return ", ".join(f"{k} {held[k] / n:.2f}" for k in order) or "-"
 
 
 def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:

@@ -101,3 +101,6 @@ python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
 python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
+# the budget policies at equal totals (issue 22): global pool, LLM only, LLM + projector, proportional and pool: auto,
+# at 0.1 / 0.3 / 1 / 3 % of every scorable weight, on both models; 100 steps of 8 examples per task, eval-limit 40
+python -m piece_mm.experiments.policies --jobs 2 --output results/policies

@@ -36,6 +36,12 @@ def test_a_total_too_large_for_a_policy_is_refused():
         pol.policy_budget("llm", 0.9, SIZES, {})
 
 
+def test_a_total_takes_the_lr_of_the_nearest_total_where_it_was_chosen():
+    assert [pol.nearest(t, [0.01, 0.03]) for t in (0.001, 0.003, 0.01, 0.02, 0.03, 0.1)] == \
+        [0.01, 0.01, 0.01, 0.03, 0.03, 0.03]  # 0.02: log-nearer 0.03 (ratio 1.5 against 2)
+    assert pol.nearest(0.01, []) is None
+
+
 def test_the_lr_rule_prefers_op_among_those_that_keep_the_captions():
     rows = [{"lr": 1e-3, "OP": 0.80, "caption_retention": 0.99}, {"lr": 3e-3, "OP": 0.90, "caption_retention": 0.95},
             {"lr": 1e-2, "OP": 0.97, "caption_retention": 0.60}]
@@ -46,7 +52,7 @@ def test_the_lr_rule_prefers_op_among_those_that_keep_the_captions():
 
 @pytest.mark.parametrize("argv, says", [
     (["--policies", "llm,everything"], "--policies: 'everything'"),
-    (["--choose-at", "0.05"], "--choose-at 0.05"),
+    (["--choose-at", "0.01,0.05"], "--choose-at 0.05"),
     (["--seeded", "0.01,0.2"], "--seeded 0.2"),
     (["--seeds", "1,2"], "must hold seed 0"),
     (["--totals", "0.01,two"], "--totals"),
@@ -67,8 +73,9 @@ def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path):
                                        "world: {train_examples: 8, test_examples: 4}\ngeneral: {captions: 3, vqa: 3}\n")
     out = tmp_path / "study"
     argv = ["--models", "llava", "--totals", "0.01,0.03", "--policies", "global,auto", "--lrs", "1.0e-3,3.0e-3",
-            "--seeds", "0,1", "--seeded", "0.01", "--steps", "2", "--batch-size", "4", "--eval-limit", "3",
-            "--score-examples", "8", "--tasks", str(tmp_path / "seq.yaml"), "--output", str(out), "--jobs", "2"]
+            "--seeds", "0,1", "--seeded", "0.01", "--choose-at", "0.01", "--steps", "2", "--batch-size", "4",
+            "--eval-limit", "3", "--score-examples", "8", "--tasks", str(tmp_path / "seq.yaml"), "--output", str(out),
+            "--jobs", "2"]
     assert pol.main(argv) == 0
     rec = json.loads((out / "policies.json").read_text())
     runs = rec["runs"]
@@ -76,10 +83,11 @@ def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path):
     assert len(runs) == 8
     for p in ("global", "auto"):
         grid = [r for r in runs if r["policy"] == p and r["total"] == 0.01 and r["seed"] == 0]
-        assert len(grid) == 2 and rec["chosen_lr"][f"llava {p}"] == pol.choose_lr(grid)["lr"]
+        lr = pol.choose_lr(grid)["lr"]
+        assert len(grid) == 2 and rec["chosen_lr"][f"llava {p} 0.01"] == rec["chosen_lr"][f"llava {p} 0.03"] == lr
         rest = [r for r in runs if r["policy"] == p and r not in grid]
         assert {(r["total"], r["seed"]) for r in rest} == {(0.01, 1), (0.03, 0)}
-        assert all(r["lr"] == rec["chosen_lr"][f"llava {p}"] for r in rest)
+        assert all(r["lr"] == lr for r in rest)
     n = sum(rec["sizes"]["llava"].values())
     for r in runs:  # every task of every policy tunes the total's k, read from the run's own metrics.json
         m = json.loads((out / "runs" / f"llava-{r['policy']}-{r['total']:g}-lr{r['lr']:g}-seed{r['seed']}" /
