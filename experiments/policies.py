@@ -345,7 +345,7 @@ def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:
          for t in totals}
     g = {t: r for t, r in g.items() if r}
     if g:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         colors = {"vision": "tab:purple", "projector": "tab:orange", "llm": "tab:blue"}
         pos, lab, x = [], [], 0.0
         for t, r in g.items():  # one bar per task, a gap between totals
@@ -362,7 +362,7 @@ def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:
         ax.set_ylabel("share of the task's chosen weights")
         ax.set_ylim(0, 1)
         ax.set_title(f"{m}: where the global pool spends its budget, task by task, at each total")
-        ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars fill the axes
         fig.tight_layout()
         fig.savefig(out / f"shares-{m}.png", dpi=110)
         plt.close(fig)
@@ -372,7 +372,9 @@ def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:
         pts = [s for s in summary if s["model"] == m and s["policy"] == p]
         ax.plot([s["total"] * 100 for s in pts], [s["overlap"] for s in pts], marker="o", label=p)
     ax.set_xscale("log")
-    ax.set_xlabel("total budget (% of every scorable weight)")
+    ax.set_xticks([t * 100 for t in totals], [f"{t * 100:g} %" for t in totals])
+    ax.minorticks_off()
+    ax.set_xlabel("total budget (of every scorable weight)")
     ax.set_ylabel("Jaccard overlap of successive tasks' masks (mean)")
     ax.set_title(f"{m}: how much each task's weights are the previous task's")
     ax.legend(fontsize=8)
