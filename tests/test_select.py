@@ -125,6 +125,8 @@ def test_shipped_budgets_load_and_bad_ones_name_the_field(tmp_path):
         b = load_budget(name)
         assert b["pool"] in ("component", "global")
     assert load_budget("paper-global")["pool"] == "global"
+    # auto.yaml is default.yaml but for its pool: the same total, split by the scores
+    assert {**load_budget("auto"), "pool": "component", "path": None} == {**load_budget("default"), "path": None}
     for name in ("paper-global", "llava-1.5-7b", "llava-1.5-7b-global", "qwen-vl", "qwen-vl-global"):  # the paper's
         b = load_budget(name)
         assert b["lr"] == 1e-5 and b["betas"] == [0.9, 0.95] and b["exclude"] == ["embed"]
