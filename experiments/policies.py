@@ -95,7 +95,8 @@ def row(key: tuple, m: dict) -> dict:
 
 
 def _mean_sd(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    mean = round(statistics.mean(xs), 3) + 0.0  # + 0.0: no "-0.000"
+    return f"{mean:.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{mean:.3f}"
 
 
 def main(argv=None) -> int:
@@ -323,20 +324,30 @@ def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for p in policies:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, p in enumerate(policies):
         pts = [s for s in summary if s["model"] == m and s["policy"] == p]
-        xs = [statistics.mean(s["OP"]) for s in pts]
-        ys = [statistics.mean(s["caption_retention"]) for s in pts]
-        line, = ax.plot(xs, ys, marker="o", label=p)
-        for s, x, y in zip(pts, xs, ys):
-            ax.annotate(f"{s['total'] * 100:g} %", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points",
-                        color=line.get_color())
+        op = [statistics.mean(s["OP"]) for s in pts]
+        sd = [statistics.stdev(s["OP"]) if len(s["OP"]) > 1 else 0.0 for s in pts]
+        ret = [statistics.mean(s["caption_retention"]) for s in pts]
+        line, = ax.plot(op, ret, label=p, lw=1)
+        ax.scatter(op, ret, s=[20 + 120 * totals.index(s["total"]) for s in pts], color=line.get_color(), alpha=0.7)
+        shift = 1 + 0.03 * (i - (len(policies) - 1) / 2)  # side by side: the error bars do not hide each other
+        bx.errorbar([s["total"] * 100 * shift for s in pts], op, yerr=sd, marker="o", capsize=3, label=p,
+                    color=line.get_color())
+    lo = min([statistics.mean(s["caption_retention"]) for s in summary if s["model"] == m] + [0.9])
+    ax.set_ylim(lo - 0.02, 1.02)
     ax.set_xlabel("OP (mean accuracy over the tasks after the last one)")
     ax.set_ylabel("caption retention (CIDEr after the last task / before)")
-    ax.set_title(f"{m}: what each budget policy keeps against what it learns\n(labels: total budget; each policy "
-                 "at its own lr)")
+    ax.set_title("caption retention against OP\n(marker size: total budget, 0.1 to 3 %)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
+    bx.set_xscale("log")
+    bx.set_xticks([t * 100 for t in totals], [f"{t * 100:g} %" for t in totals])
+    bx.minorticks_off()
+    bx.set_xlabel("total budget (of every scorable weight)")
+    bx.set_ylabel("OP (bars: sd over seeds where there are three)")
+    bx.set_title("OP against the total budget", fontsize=10)
+    fig.suptitle(f"{m}: five ways to spend the same number of weights, each at its own lr")
     fig.tight_layout()
     fig.savefig(out / f"retention_vs_op-{m}.png", dpi=110)
     plt.close(fig)
