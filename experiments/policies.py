@@ -44,14 +44,17 @@ POLICIES = ("global", "llm", "llm+projector", "proportional", "auto")
 RETENTION_TARGET = 0.90  # the lr rule's floor on caption retention: the default run's target
 
 
-def eligible_sizes(model: str, exclude: list[str]) -> dict[str, int]:
-    """{component: scorable elements} of the model under the budget's exclusions."""
-    from piece_mm.components import split_components
-    from piece_mm.models import load_model
+def eligible_sizes(model: str, exclude: list[str], rules: dict | None = None) -> dict[str, int]:
+    """{component: scorable elements} of the model under the budget's exclusions, from its config alone (a model
+    on the meta device, as piece_mm.plan builds it: no weights are read)."""
+    import torch
 
-    m, _ = load_model(model)
+    from piece_mm.components import split_components
+    from piece_mm.plan import load_config, meta_model
+
+    m = meta_model(load_config(model), torch.float32)
     named = dict(m.named_parameters())
-    parts = split_components(m, exclude=exclude)
+    parts = split_components(m, exclude=exclude, rules=rules)
     return {c: sum(named[n].numel() for n in parts[c]) for c in COMPONENTS}
 
 
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
         for m in models:  # an unknown model, bad steps or the like: one line before anything runs
             RunConfig(model=m, steps=args.steps, batch_size=args.batch_size, eval_limit=args.eval_limit, lr=lrs[0],
                       tasks=args.tasks)
-        sizes = {m: eligible_sizes(m, base["exclude"]) for m in models}
+        sizes = {m: eligible_sizes(m, base["exclude"], base["components"]) for m in models}
         budgets = {(m, p, t): policy_budget(p, t, sizes[m], base) for m in models for p in policies for t in totals}
         for key, b in budgets.items():
             Budget.from_dict(b, where=f"policy {key[1]} at {key[2]:g} on {key[0]}")
