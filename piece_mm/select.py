@@ -179,8 +179,8 @@ def select_masks(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], b
 def score_mass(scores: dict[str, torch.Tensor], parts: dict[str, list[str]], shards: dict | None = None) -> dict:
     """{component: the sum of its scores (negative ones count as 0), in float64}; on FSDP2 shards, summed over the
     ranks, so every rank has the whole model's masses."""
-    mass = torch.tensor([sum(float(scores[n].double().clamp(min=0).sum()) for n in parts[c]) for c in parts],
-                        dtype=torch.float64)
+    mass = torch.tensor([sum(float(scores[n].clamp(min=0).sum(dtype=torch.float64)) for n in parts[c])
+                         for c in parts], dtype=torch.float64)  # a float64 sum, without a float64 copy
     if shards is not None:
         dist.sum_exact(mass)
     return dict(zip(parts, mass.tolist()))
