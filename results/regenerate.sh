@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates results/ (results/README.md says what each part shows). About 9 h on 2 cores, two runs at a time with
+# Regenerates results/ (results/README.md says what each part shows). About 10 h on 2 cores, two runs at a time with
 # one thread each; finished runs (metrics.json present) are read back, not rerun, so it continues where it stopped.
 # Run dirs go to results/*/runs/ and are not committed.
 set -euo pipefail
@@ -104,3 +104,8 @@ python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-l
 # the budget policies at equal totals (issue 22): global pool, LLM only, LLM + projector, proportional and pool: auto,
 # at 0.1 / 0.3 / 1 / 3 % of every scorable weight, on both models; 100 steps of 8 examples per task, eval-limit 40
 python -m piece_mm.experiments.policies --jobs 2 --output results/policies
+# the default budget with pool: auto (configs/budgets/auto.yaml) at the default's own settings, three seeds
+for m in llava qwen2-vl; do
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 2.0e-3 --budget auto \
+        --eval-limit 100 --output "results/auto-$m" --jobs 2
+done
