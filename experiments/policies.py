@@ -151,48 +151,49 @@ def main(argv=None) -> int:
         return 2
     out = args.output
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    try:  # every budget checked against the finished runs before any file is written
+        texts = {key: yaml.safe_dump(b) for key, b in budgets.items()}
+        for (m, p, t), text in texts.items():
+            bpath = out / "budgets" / f"{m}-{p}-{t:g}.yaml"
+            made = [d for d in (out / "runs").glob(f"{m}-{p}-{t:g}-lr*") if (d / "metrics.json").is_file()]
+            if made and (not bpath.is_file() or bpath.read_text() != text):
+                raise InputError(f"{made[0]} was made with another budget than {bpath} would now hold (another "
+                                 "--budget or --score-examples?); use another --output")
+    except InputError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
     def job(key):
         m, p, t, lr, seed = key
-        tag = f"{m}-{p}-{t:g}-lr{lr:g}-seed{seed}"
         bpath = out / "budgets" / f"{m}-{p}-{t:g}.yaml"
         bpath.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(budgets[(m, p, t)])
-        run_dir = out / "runs" / tag
-        if (run_dir / "metrics.json").is_file() and (not bpath.is_file() or bpath.read_text() != text):
-            raise InputError(f"{run_dir} was made with another budget than {bpath} would now hold; use another "
-                             "--output")
-        bpath.write_text(text)
+        bpath.write_text(texts[(m, p, t)])
         return Job(key, {"model": m, "method": "piece-f", "budget": str(bpath), "lr": lr, "seed": seed,
                          "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
-                         "tasks": args.tasks, "output": run_dir})
+                         "tasks": args.tasks, "output": out / "runs" / f"{m}-{p}-{t:g}-lr{lr:g}-seed{seed}"})
 
     def report(o) -> None:
         print(f"failed: {o.key}: {o.error}" if o.error else f"done: {o.key}", file=sys.stderr, flush=True)
 
     print(f"{len(models)} models x {len(policies)} policies x {len(totals)} totals; lr from {lrs} at "
           f"{args.choose_at}; seeds {seeds} at {args.seeded} -> {out}", flush=True)
-    try:
-        first = [(m, p, c, lr, 0) for m in models for p in policies for c in choose_at for lr in lrs]
-        done = run_jobs([job(k) for k in first], args.jobs, threads, report)
-        rows = {k: row(k, o.metrics) for k, o in done.items() if o.metrics}
-        chosen = {}  # (model, policy, total): lr
-        for m in models:
-            for p in policies:
-                for c in choose_at:
-                    tried = [rows[k] for k in first if k[:3] == (m, p, c) and k in rows]
-                    if tried:
-                        chosen[(m, p, c)] = choose_lr(tried)["lr"]
-                for t in totals:
-                    c = nearest(t, [c for c in choose_at if (m, p, c) in chosen])
-                    if c is not None:
-                        chosen[(m, p, t)] = chosen[(m, p, c)]
-        rest = [(m, p, t, lr, s) for (m, p, t), lr in chosen.items() for s in seeds
-                if (s == 0 and t not in choose_at) or (s != 0 and t in seeded)]
-        done.update(run_jobs([job(k) for k in rest], args.jobs, threads, report))
-    except InputError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    first = [(m, p, c, lr, 0) for m in models for p in policies for c in choose_at for lr in lrs]
+    done = run_jobs([job(k) for k in first], args.jobs, threads, report)
+    rows = {k: row(k, o.metrics) for k, o in done.items() if o.metrics}
+    chosen = {}  # (model, policy, total): lr
+    for m in models:
+        for p in policies:
+            for c in choose_at:
+                tried = [rows[k] for k in first if k[:3] == (m, p, c) and k in rows]
+                if tried:
+                    chosen[(m, p, c)] = choose_lr(tried)["lr"]
+            for t in totals:
+                c = nearest(t, [c for c in choose_at if (m, p, c) in chosen])
+                if c is not None:
+                    chosen[(m, p, t)] = chosen[(m, p, c)]
+    rest = [(m, p, t, lr, s) for (m, p, t), lr in chosen.items() for s in seeds
+            if (s == 0 and t not in choose_at) or (s != 0 and t in seeded)]
+    done.update(run_jobs([job(k) for k in rest], args.jobs, threads, report))
     rows = {k: row(k, o.metrics) for k, o in done.items() if o.metrics}
     failed = {k: o.error for k, o in done.items() if o.error}
     if not rows:

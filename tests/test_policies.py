@@ -68,7 +68,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, says):
 
 
 @pytest.mark.slow
-def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path):
+def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path, capsys):
     (tmp_path / "seq.yaml").write_text("tasks:\n  - {name: color, format: world}\n  - {name: size, format: world}\n"
                                        "world: {train_examples: 8, test_examples: 4}\ngeneral: {captions: 3, vqa: 3}\n")
     out = tmp_path / "study"
@@ -104,3 +104,11 @@ def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path):
     one = next((out / "runs").iterdir()) / "metrics.json"
     mtime = one.stat().st_mtime
     assert pol.main(argv) == 0 and one.stat().st_mtime == mtime
+    # the same output with another budget (more examples scored): refused before anything is written
+    budget = out / "budgets" / "llava-auto-0.01.yaml"
+    before = budget.read_text()
+    capsys.readouterr()
+    assert pol.main([*argv, "--score-examples", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "another budget" in err, err
+    assert budget.read_text() == before and one.stat().st_mtime == mtime
