@@ -77,9 +77,11 @@ def policy_budget(policy: str, total: float, sizes: dict[str, int], base: dict) 
 
 def choose_lr(rows: list[dict]) -> dict:
     """The row whose lr a policy keeps: the highest OP among those with caption retention >= 0.90, else the highest
-    retention (ties: the first, i.e. the lower lr)."""
+    retention; ties go to the lower lr, whatever the rows' order."""
     kept = [r for r in rows if r["caption_retention"] >= RETENTION_TARGET]
-    return max(kept, key=lambda r: r["OP"]) if kept else max(rows, key=lambda r: r["caption_retention"])
+    if kept:
+        return max(kept, key=lambda r: (r["OP"], -r["lr"]))
+    return max(rows, key=lambda r: (r["caption_retention"], -r["lr"]))
 
 
 def row(key: tuple, m: dict) -> dict:

@@ -48,6 +48,8 @@ def test_the_lr_rule_prefers_op_among_those_that_keep_the_captions():
     assert pol.choose_lr(rows)["lr"] == 3e-3  # 1e-2 learns most but loses the captions
     low = [{**r, "caption_retention": r["caption_retention"] - 0.5} for r in rows]
     assert pol.choose_lr(low)["lr"] == 1e-3  # none keeps 0.90: the one that keeps the most
+    tie = [{"lr": 3e-3, "OP": 0.5, "caption_retention": 1.0}, {"lr": 1e-3, "OP": 0.5, "caption_retention": 1.0}]
+    assert pol.choose_lr(tie)["lr"] == pol.choose_lr(tie[::-1])["lr"] == 1e-3  # a tie: the lower lr, in any order
 
 
 @pytest.mark.parametrize("argv, says", [
