@@ -185,9 +185,10 @@ def answer_leak(predictions: Sequence[str], references: Sequence[Sequence[str]],
 
 def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[Example], batch_size: int = 64,
                    progress=None, clip=None, spice=False, caption_max_new_tokens: int = 24,
-                   answer_max_new_tokens: int = 8) -> tuple[dict, list[str]]:
+                   answer_max_new_tokens: int = 8, vqa_unseen: Sequence[bool] = ()) -> tuple[dict, list[str]]:
     """Caption metrics on `captions` (their `refs`), CLIPScore / RefCLIPScore with a `clip` scorer
-    (eval/clipscore.py), SPICE as in caption_scores, plus general-VQA exact-match accuracy on `vqa`."""
+    (eval/clipscore.py), SPICE as in caption_scores, plus general-VQA exact-match accuracy on `vqa` (and split by
+    `vqa_unseen`, one flag per question, when given: split_vqa)."""
     from piece_mm.errors import from_data
     from piece_mm.tasks.base import load_image
 
@@ -204,5 +205,42 @@ def general_scores(model, processor, captions: Sequence[Example], vqa: Sequence[
     if vqa:
         answers = generate(model, processor, vqa, batch_size=batch_size, max_new_tokens=answer_max_new_tokens,
                            progress=progress)
-        scores["VQA"] = sum(exact_match(a, ex.answer) for a, ex in zip(answers, vqa)) / len(vqa)
+        correct = [exact_match(a, ex.answer) for a, ex in zip(answers, vqa)]
+        scores["VQA"] = sum(correct) / len(vqa)
+        if vqa_unseen:
+            scores.update(split_vqa(correct, vqa_unseen))
     return scores, preds
+
+
+PROMPT_KEYS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "answer_leak", "bare_answer")  # kept per caption prompt
+
+
+def prompt_scores(model, processor, captions: Sequence[Example], prompts: Sequence[str], answers=(),
+                  batch_size: int = 64, progress=None, caption_max_new_tokens: int = 24) -> dict:
+    """{prompt: the caption metrics of `captions` (their images and references) asked under that prompt instead of
+    their own, with the leak of the task `answers` into them (answer_leak)}: retention under prompts other than the
+    evaluation one."""
+    import dataclasses
+
+    from .generate import generate
+
+    refs = [ex.refs or (ex.answer,) for ex in captions]
+    out = {}
+    for prompt in prompts:
+        asked = [dataclasses.replace(ex, prompt=prompt) for ex in captions]
+        preds = generate(model, processor, asked, batch_size=batch_size, max_new_tokens=caption_max_new_tokens,
+                         progress=progress)
+        scores = {**caption_scores(preds, refs), **answer_leak(preds, refs, answers)}
+        out[prompt] = {k: scores[k] for k in PROMPT_KEYS}
+    return out
+
+
+def split_vqa(correct: Sequence[bool], unseen: Sequence[bool]) -> dict:
+    """General-VQA accuracy over the questions asked in phrasings no method is given (VQA_unseen) and over the
+    others (VQA_seen); a side with no question is left out."""
+    out = {}
+    for key, want in (("VQA_seen", False), ("VQA_unseen", True)):
+        picked = [c for c, u in zip(correct, unseen) if bool(u) == want]
+        if picked:
+            out[key] = sum(picked) / len(picked)
+    return out

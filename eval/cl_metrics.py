@@ -45,6 +45,24 @@ def caption_retention(before: dict, after: list[dict], key: str = "CIDEr") -> fl
     return after[-1][key] / before[key] if before[key] > 0 else 0.0
 
 
+def unseen_retention(before: dict, after: list[dict], key: str = "CIDEr") -> float | None:
+    """The mean over the unseen caption prompts (general["unseen_prompts"]) of each one's CIDEr after the last task
+    over before; None where none was asked."""
+    b, a = before.get("unseen_prompts") or {}, (after[-1].get("unseen_prompts") or {}) if after else {}
+    ratios = [a[p][key] / b[p][key] if b[p][key] > 0 else 0.0 for p in b if p in a]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def summary(R, general_before: dict, general_after: list[dict]) -> dict:
-    return {"OP": op(R), "BWT": bwt(R), "FWT": fwt(R),
-            "caption_retention": caption_retention(general_before, general_after)}
+    """OP, BWT, FWT and caption retention; with the general set's other measures where they were taken: caption
+    retention averaged over the unseen prompts, general-VQA retention, and the same over the questions asked in
+    unseen phrasings (each: after the last task over before)."""
+    out = {"OP": op(R), "BWT": bwt(R), "FWT": fwt(R),
+           "caption_retention": caption_retention(general_before, general_after)}
+    unseen = unseen_retention(general_before, general_after)
+    if unseen is not None:
+        out["caption_retention_unseen"] = unseen
+    for key, name in (("VQA", "vqa_retention"), ("VQA_unseen", "vqa_retention_unseen")):
+        if general_before.get(key) and key in general_after[-1]:
+            out[name] = general_after[-1][key] / general_before[key]
+    return out

@@ -7,7 +7,7 @@ RETENTION_THRESHOLD = 0.90  # caption retention at or above which a report says 
 LEARNED = 0.5  # own-task score right after learning at or above which a report counts a task as learned
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 CAPTION_KEYS = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "VQA",
-                "answer_leak", "bare_answer")
+                "VQA_seen", "VQA_unseen", "answer_leak", "bare_answer")
 
 
 def _stages(tasks: list[str]) -> list[str]:
@@ -186,10 +186,18 @@ def verdict(metrics: dict, reference: tuple[Path, dict] | None = None) -> list[s
              "counts as learned): " + ", ".join(f"{t} {v:.2f}" for t, v in zip(tasks, own)) + ".",
              f"- **Forgetting:** BWT {s['BWT']:+.3f} (mean change of each earlier task's score from right after it was "
              f"learned to the end); OP {s['OP']:.3f} (mean task score at the end)."]
+    if "caption_retention_unseen" in s:
+        prompts = list(g["before"].get("unseen_prompts") or {})
+        lines.append(f"- **Under prompts no method was given:** caption retention {s['caption_retention_unseen']:.3f}"
+                     " (the mean over " + ", ".join(f'"{p}"' for p in prompts) + "; the general set's own prompt "
+                     "above is one a method may see).")
     vqa_b, vqa_a = g["before"].get("VQA"), g["after"][-1].get("VQA")
     if vqa_b:
-        lines.append(f"- **General VQA:** {vqa_a:.3f} at the end against {vqa_b:.3f} before "
-                     f"(retention {vqa_a / vqa_b:.3f}).")
+        line = f"- **General VQA:** {vqa_a:.3f} at the end against {vqa_b:.3f} before (retention {vqa_a / vqa_b:.3f}"
+        if "vqa_retention_unseen" in s:
+            line += (f"; {s['vqa_retention_unseen']:.3f} over the questions asked in phrasings no method was given, "
+                     f"{g['after'][-1]['VQA_unseen']:.3f} against {g['before']['VQA_unseen']:.3f}")
+        lines.append(line + ").")
     if reference is not None and metrics["method"] != "seqft":
         path, row = reference
         try:
@@ -228,6 +236,17 @@ def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str
     for stage, m in zip(_stages(tasks), [g["before"]] + g["after"]):
         lines.append(f"| {stage} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
     lines += ["", "![CIDEr across stages](cider.png)", ""]
+    prompts = list(g["before"].get("unseen_prompts") or {})
+    if prompts:
+        lines += ["### Captions under prompts no method was given", "",
+                  "CIDEr of the same held-out images asked under each prompt (answer leak after the last task in "
+                  "brackets). No method is given these prompts in training, scoring or regularisation.", "",
+                  "| stage | " + " | ".join(f'"{p}"' for p in prompts) + " |", "|---" * (len(prompts) + 1) + "|"]
+        for stage, m in zip(_stages(tasks), [g["before"]] + g["after"]):
+            u = m.get("unseen_prompts") or {}
+            lines.append(f"| {stage} | " + " | ".join(f"{u[p]['CIDEr']:.3f} ({u[p]['answer_leak']:.2f})" if p in u
+                                                      else "" for p in prompts) + " |")
+        lines.append("")
     if metrics.get("selection"):
         plot_selection(metrics, out_dir / "selection.png")
         lines += _selection_lines(metrics)

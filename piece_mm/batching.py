@@ -52,10 +52,21 @@ def _pieces(processor, ex: Example) -> list[tuple[str, bool]]:
     return pieces
 
 
-def collate(processor, examples: Sequence[Example]) -> dict:
+HELD = "held"  # a batch's [B, L] mask of the held rows' answer predictions (collate's held=); not a model input
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with: the batch less the loop's own keys."""
+    return {k: v for k, v in batch.items() if k != HELD}
+
+
+def collate(processor, examples: Sequence[Example], held: int = 0) -> dict:
     """Training batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 outside the assistant replies),
     plus the processor's image tensors (pixel_values, and image_grid_thw / image_sizes where the family uses them).
-    Text-only examples (image None) may share a batch with pictured ones."""
+    Text-only examples (image None) may share a batch with pictured ones.
+
+    With held = n the last n examples are held, not learned: their labels are -100 and batch["held"] [B, L] marks
+    the positions whose next token is their answer (the positions where a distillation term holds them)."""
     tok = processor.tokenizer
     pieces = [_pieces(processor, ex) for ex in examples]
     with from_data():  # an image file gone or unreadable: one line naming it (exit 2)
@@ -92,30 +103,52 @@ def collate(processor, examples: Sequence[Example]) -> dict:
         batch["labels"][i, : len(r)] = lab
         for k in per_token:
             batch[k][i, : len(r)] = extras[k][i]
+    if held:
+        rows = slice(len(examples) - held, len(examples))
+        mask = torch.zeros((len(examples), length), dtype=torch.bool)
+        mask[rows, :-1] = batch["labels"][rows, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+        batch["labels"][rows] = IGNORE_INDEX
+        batch[HELD] = mask
     return batch
 
 
+def _epochs(rng: random.Random, n: int, size: int) -> Iterator[list[int]]:
+    """Batches of `size` indices into n items, drawn in epochs of a seeded shuffle, forever."""
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:size], order[size:]
+        yield idx
+
+
 def training_batches(processor, examples: Sequence[Example], batch_size: int, steps: int, seed: int,
-                     start: int = 0, rank: int = 0, world: int = 1, micro: int = 1) -> Iterator[dict | list[dict]]:
+                     start: int = 0, rank: int = 0, world: int = 1, micro: int = 1, held: Sequence[Example] = (),
+                     held_size: int = 0) -> Iterator[dict | list[dict]]:
     """`steps` batches drawn in epochs of a seeded shuffle; the order depends on the seed alone. `start` skips the
     first batches without building them (a resumed run continues the same order). With world > 1 each batch holds
     this process's share (every world-th example) of the global batch. With micro > 1 each step is a list of `micro`
-    batches that split this process's share (gradient accumulation): the same examples as micro = 1."""
-    rng = random.Random(seed)
-    order: list[int] = []
+    batches that split this process's share (gradient accumulation): the same examples as micro = 1.
+
+    With `held` examples, `held_size` of them (drawn the same way, from a shuffle of their own) join each step's
+    batch as held rows (collate's held=), shared among processes and micro-batches like the rest."""
+    draws = _epochs(random.Random(seed), len(examples), batch_size)
+    held_draws = _epochs(random.Random(seed + 1), len(held), held_size) if held and held_size else None
     for step in range(steps):
-        if len(order) < batch_size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch_size], order[batch_size:]
+        idx = next(draws)
+        kept = next(held_draws) if held_draws is not None else []
         if step >= start:
             mine = [examples[i] for i in idx[rank::world]]
+            also = [held[i] for i in kept[rank::world]]
             if micro == 1:
-                yield collate(processor, mine)
+                yield collate(processor, mine + also, held=len(also))
             else:
-                size = -(-len(mine) // micro)
-                yield [collate(processor, mine[j:j + size]) for j in range(0, len(mine), size)]
+                size, hsize = -(-len(mine) // micro), -(-len(also) // micro)
+                yield [collate(processor, mine[j * size:(j + 1) * size] + also[j * hsize:(j + 1) * hsize],
+                               held=len(also[j * hsize:(j + 1) * hsize])) for j in range(micro)
+                       if mine[j * size:(j + 1) * size]]
 
 
 def fit_length(processor, examples: Sequence[Example], max_length: int) -> tuple[list[Example], int]:

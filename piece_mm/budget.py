@@ -25,7 +25,14 @@ TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "
                   "strength": 1.0, "threshold": 0.5}
 # the sparse methods' guard against forgetting: weight x T^2 x KL(teacher || student) at temperature T, where the
 # teacher is the model as the task began (piece_mm/methods/piece.py); weight 0 = off
-DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0}
+DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "held": {}}
+# distill.held: the same term on prompts the task does not show (piece_mm/methods/held.py): the task's images asked
+# the bank's prompts and the earlier tasks' prompts (strings only), answered by the model as the task began; weight 0
+# = off. pool: such examples made per task; per_step: of them beside each step's batch; earlier: prompts taken from
+# each earlier task; earlier_share: their share of the pool (when there are any); max_new_tokens: the longest answer
+# held.
+HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
+                 "max_new_tokens": 24}
 
 
 @dataclass
@@ -188,7 +195,33 @@ def _distill_options(where, d) -> dict:
         raise InputError(f"{where}: distill.weight is {d['weight']!r}; expected a number >= 0 (0 = off)")
     if not _number(d["temperature"]) or d["temperature"] <= 0:
         raise InputError(f"{where}: distill.temperature is {d['temperature']!r}; expected a number > 0")
-    return {k: float(v) for k, v in d.items()}
+    h = _options(where, "distill.held", d["held"], HELD_DEFAULTS)
+    if not _number(h["weight"]) or h["weight"] < 0:
+        raise InputError(f"{where}: distill.held.weight is {h['weight']!r}; expected a number >= 0 (0 = off)")
+    if h["weight"] > 0 and d["weight"] <= 0:
+        raise InputError(f"{where}: distill.held.weight is {h['weight']!r} but distill.weight is {d['weight']!r}; "
+                         "the held prompts are part of the distillation term: give distill.weight > 0")
+    if not isinstance(h["bank"], str) or not h["bank"]:
+        raise InputError(f"{where}: distill.held.bank is {h['bank']!r}; expected a prompt bank's name or path")
+    for f in ("pool", "per_step", "earlier", "max_new_tokens"):
+        v = h[f]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "earlier" else 1):
+            raise InputError(f"{where}: distill.held.{f} is {v!r}; expected an integer >= "
+                             f"{0 if f == 'earlier' else 1}")
+    if not isinstance(d["answers"], bool):
+        raise InputError(f"{where}: distill.answers is {d['answers']!r}; expected true (the term also holds the "
+                         "positions that predict the task's answer) or false")
+    if not _number(h["earlier_share"]) or not 0 <= h["earlier_share"] < 1:
+        raise InputError(f"{where}: distill.held.earlier_share is {h['earlier_share']!r}; expected a number in [0, 1)")
+    h["weight"], h["earlier_share"] = float(h["weight"]), float(h["earlier_share"])
+    return {"weight": float(d["weight"]), "temperature": float(d["temperature"]), "answers": d["answers"], "held": h}
+
+
+def held_of(budget: dict) -> dict | None:
+    """A budget dict's distill.held options when the held prompts are on (weight > 0), else None."""
+    d = distill_of(budget)
+    h = (d or {}).get("held") or {}
+    return h if h.get("weight", 0) > 0 else None
 
 
 BUDGET_DEFAULTS = {k: v for k, v in Budget().to_dict().items() if k != "path"}  # as validated: trace, distill filled

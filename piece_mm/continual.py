@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from piece_mm import checkpoint, dist, shard
-from piece_mm.batching import global_answer_tokens, global_positions, training_batches
+from piece_mm.batching import global_answer_tokens, global_positions, model_inputs, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.errors import InputError
@@ -42,13 +42,15 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
     """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
     scorer, SPICE with a CoreNLP dir `spice`, the leak of `task_answers` into the captions); the first captions
     with their references)."""
-    from piece_mm.eval.captioning import answer_leak, general_scores
+    from piece_mm.eval.captioning import answer_leak, general_scores, prompt_scores
     from piece_mm.eval.generate import generate
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
     caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
     gen = getattr(seq, "generation", None) or GENERATION_DEFAULTS  # a sequence-like object may lack it
-    with tqdm(total=sum(map(len, tests)) + len(caps) + len(vqa), desc=desc, file=sys.stderr, leave=False,
+    unseen = getattr(seq, "unseen_prompts", ())
+    with tqdm(total=sum(map(len, tests)) + len(caps) * (1 + len(unseen)) + len(vqa), desc=desc, file=sys.stderr,
+              leave=False,
               mininterval=2, disable=None) as bar:  # None: no bar when stderr is not a terminal (logs, pipes)
         scores = []
         for task, examples in zip(seq.tasks, tests):
@@ -58,7 +60,11 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
             scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
         general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
                                         clip=clip, spice=spice, caption_max_new_tokens=gen["caption_max_new_tokens"],
-                                        answer_max_new_tokens=gen["answer_max_new_tokens"])
+                                        answer_max_new_tokens=gen["answer_max_new_tokens"],
+                                        vqa_unseen=getattr(seq, "vqa_unseen", ())[:len(vqa)])
+        if unseen:  # the same images under the prompts no method is given
+            general["unseen_prompts"] = prompt_scores(model, processor, caps, unseen, task_answers, batch_size, bar,
+                                                      gen["caption_max_new_tokens"])
     general.update(answer_leak(preds, [ex.refs or (ex.answer,) for ex in caps], task_answers))
     samples = [(p, ex.refs[0]) for p, ex in zip(preds[:3], caps)]
     return scores, general, samples
@@ -123,7 +129,7 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per
     shares = _extra_shares(micro_batches, per_position, world) if extra is not None else None
     total = torch.zeros((), device=device)
     for i, b in enumerate(micro_batches):
-        out = model(**b, num_items_in_batch=count.to(device))
+        out = model(**model_inputs(b), num_items_in_batch=count.to(device))
         loss = out.loss
         if extra is not None:  # its share on each micro-batch and process
             loss = loss + extra(model, b, out) * shares[i]
@@ -134,19 +140,22 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per
 
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
                start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False,
-               examples: list | None = None, extra_loss=None, extra_per_position: bool = False) -> float:
+               examples: list | None = None, extra_loss=None, extra_per_position: bool = False,
+               held: list | None = None, held_per_step: int = 0) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
     grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
     rounding); gradient_checkpointing recomputes activations in backward instead of keeping them. A method may
     train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning; with
     `extra_per_position` it is a mean over the batch's positions, weighted accordingly across processes and
-    micro-batches)."""
+    micro-batches). `held` examples join each step's batch, `held_per_step` of them, as rows that the extra term
+    holds and the task loss does not learn (batching.training_batches)."""
     device = next(model.parameters()).device
     model.train()
     world = dist.world()
     examples = examples or task.train
     bar = tqdm(training_batches(processor, examples, batch_size, steps, seed, start=start, rank=dist.rank(),
-                                world=world, micro=grad_accum), initial=start, total=steps, desc=desc,
+                                world=world, micro=grad_accum, held=held or (), held_size=held_per_step),
+               initial=start, total=steps, desc=desc,
                file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
     with activation_checkpointing(model, gradient_checkpointing):
         loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step, extra_loss,
@@ -166,7 +175,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, p
                 dist.sum_([loss])
         elif world == 1:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = model(**batch)
+            out = model(**model_inputs(batch))
             loss = out.loss
             if extra is not None:
                 loss = loss + extra(model, batch, out)
@@ -174,7 +183,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, p
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             count = global_answer_tokens([batch])
-            out = model(**batch, num_items_in_batch=count.to(device))
+            out = model(**model_inputs(batch), num_items_in_batch=count.to(device))
             loss = out.loss
             if extra is not None:  # the gradients are summed over the processes: each adds its share
                 loss = loss + extra(model, batch, out) * _extra_shares([batch], per_position, world)[0]
@@ -293,7 +302,8 @@ class _Loop:
         self.task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
         self.cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget,
                     "tasks": seq.tasks, "output": output, "main": self.main, "log": log if self.main else None,
-                    "gradient_checkpointing": gradient_checkpointing, "settings": settings}
+                    "gradient_checkpointing": gradient_checkpointing, "settings": settings,
+                    "generate": self.generate}
         self.elapsed = 0.0  # + time.time() = the run's time, over every process that worked on it
         self.train_state = None
 
@@ -301,6 +311,14 @@ class _Loop:
         with shard.whole_root(self.model):
             return evaluate(self.model, self.processor, self.seq, self.eval_limit, self.eval_batch_size, desc,
                             self.clip, self.spice, self.task_answers)
+
+    def generate(self, model, processor, examples: list, max_new_tokens: int) -> list[str]:
+        """Greedy replies, as evaluation makes them: what a method asks of the model as it stands (held prompts).
+        Every process makes them (on shards each takes part in every forward)."""
+        from piece_mm.eval.generate import generate
+        with shard.whole_root(model):
+            return generate(model, processor, examples, batch_size=self.eval_batch_size,
+                            max_new_tokens=max_new_tokens)
 
     def save(self, st: RunState, opt=None, sched=None, weights_unchanged: bool = False) -> None:
         checkpoint.save(self.output, dataclasses.asdict(st), self.model, opt, sched,
@@ -365,7 +383,8 @@ class _Loop:
                                  start=start, on_step=on_step, grad_accum=self.grad_accum,
                                  gradient_checkpointing=self.gradient_checkpointing,
                                  examples=tuning.train_examples, extra_loss=tuning.extra_loss,
-                                 extra_per_position=tuning.extra_per_position)
+                                 extra_per_position=tuning.extra_per_position, held=tuning.held_examples,
+                                 held_per_step=tuning.held_per_step)
             if isinstance(tuning.optimizer, SparseOptimizer):  # what each process held for the chosen elements
                 held = dist.gather_all(torch.tensor([tuning.optimizer.state_bytes()], dtype=torch.int64))
                 st.optimizer_bytes = [max(a, int(b)) for a, b in

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from piece_mm.budget import distill_of
+from piece_mm.budget import distill_of, held_of
 from piece_mm.components import COMPONENTS, split_components
 from piece_mm.errors import InputError
 from piece_mm.select import budget_arg, component_k, load_budget
@@ -308,7 +308,10 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
         if method in GRADIENT_SCORES else 0
     d = distill_of(b)
     distill = d["temperature"] if d else None  # the teacher's forward and the KL, in the trace
-    act_train = _trace(m, config, img, batch_size, seq, trainable, True, gradient_checkpointing, dt, distill)
+    held = held_of(b)  # the held prompts' rows join each step's batch (split over the processes like the rest)
+    held_rows = -(-held["per_step"] // n_proc) if held else 0
+    act_train = _trace(m, config, img, batch_size + held_rows, seq, trainable, True, gradient_checkpointing, dt,
+                       distill)
     # the chosen elements' start values (the teacher) and, during its forward, their current values
     state = selected * (SPARSE_STATE_BYTES + (2 * width if distill else 0))
     largest = max((named[n].numel() for n in trainable), default=0) * width
@@ -326,6 +329,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
                          "train": weights + state + act_train}
     out["score_memory"] = b["score_memory"]
     out["distill"] = bool(distill)
+    out["held_rows"] = held_rows
     out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
     out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
     return out
@@ -377,6 +381,8 @@ def render(p: dict) -> str:
         if p.get("distill"):
             lines.append("distillation (budget's distill): the teacher is the chosen weights' start values (in the "
                          "optimizer state); its forward and the KL's fp32 softmaxes are in the activations")
+        if p.get("held_rows"):
+            lines.append(f"held prompts (distill.held): {p['held_rows']} more rows per forward, in the activations")
     if p["fsdp"]:
         lines.append(f"weights: 1/{p['processes']} of them, plus the root's own and two blocks gathered whole "
                      f"({_size(by['gathered_block'])}); optimizer state: the chosen weights assumed spread evenly "

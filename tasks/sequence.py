@@ -21,6 +21,8 @@ SPLIT_KEYS = {"llava-json": (("data",), ("images", "limit")),
               "hf-dataset": (("path",), ("split", "limit"))}
 GENERAL_KEYS = {"world": ("captions", "vqa"), "coco-captions": ("data", "images", "limit"),
                 "karpathy": ("data", "images", "split", "limit")}
+# every general format may name caption prompts that no method is given (the world's are world.UNSEEN_CAPTION_PROMPTS)
+UNSEEN_KEY = "unseen_prompts"
 TASK_KEYS = {"name", "format", "train", "test", "metric", "question_types", "columns"}
 
 
@@ -42,6 +44,9 @@ class Sequence:
     general_format: str = "world"
     corenlp: Path | None = None  # Stanford CoreNLP 3.6.0 jars for SPICE (general.corenlp)
     generation: dict = field(default_factory=lambda: dict(GENERATION_DEFAULTS))  # prompts and new-token limits
+    # the general captions are also asked under these prompts, which no method is given (world.py says why)
+    unseen_prompts: tuple = ()
+    vqa_unseen: tuple = ()  # per general-VQA example: asked in a phrasing no method is given
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -101,7 +106,7 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     if not isinstance(g, dict):
         raise ValueError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
     gfmt = g.get("format", "world")
-    common = ("format", "corenlp", *GENERATION_DEFAULTS)
+    common = ("format", "corenlp", UNSEEN_KEY, *GENERATION_DEFAULTS)
     unknown = sorted(set(g) - set(common) - set(GENERAL_KEYS.get(gfmt, ())))
     if gfmt in GENERAL_KEYS and unknown:
         raise ValueError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
@@ -135,7 +140,23 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
         raise ValueError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
-    return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp, generation)
+    if UNSEEN_KEY in g:
+        unseen = g[UNSEEN_KEY]
+        if not isinstance(unseen, list) or not all(isinstance(p, str) and p.strip() for p in unseen):
+            raise ValueError(f"{path}: general.{UNSEEN_KEY} is {unseen!r:.60}; expected a list of prompts")
+    else:
+        unseen = world.UNSEEN_CAPTION_PROMPTS if gfmt == "world" else ()
+    seen = sorted({ex.prompt for t in tasks for ex in t.train} & set(unseen))
+    if seen:
+        raise ValueError(f"{path}: general.{UNSEEN_KEY}: {seen[0]!r} is a task's prompt, so a method is given it")
+    vqa_unseen = tuple(world.unseen_question(ex.prompt) for ex in vqa)
+    return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp, generation,
+                    _unseen(unseen, generation["caption_prompt"]), vqa_unseen)
+
+
+def _unseen(prompts, caption_prompt: str) -> tuple:
+    """The unseen caption prompts, less the evaluation prompt (asked already) and repeats."""
+    return tuple(dict.fromkeys(p for p in prompts if p != caption_prompt))
 
 
 def check_generation(key: str, value, where: str):
@@ -160,7 +181,8 @@ def with_generation(seq: Sequence, **overrides) -> Sequence:
     captions = seq.captions
     if gen["caption_prompt"] != seq.generation["caption_prompt"]:
         captions = [dataclasses.replace(ex, prompt=gen["caption_prompt"]) for ex in captions]
-    return dataclasses.replace(seq, captions=captions, generation=gen)
+    return dataclasses.replace(seq, captions=captions, generation=gen,
+                               unseen_prompts=_unseen(seq.unseen_prompts, gen["caption_prompt"]))
 
 
 def _required(at: str, spec: dict, key: str):

@@ -130,6 +130,12 @@ CAPTION_PROMPTS = [  # prompt -> index into Scene.captions()
     ("caption this picture", 3),
 ]
 CAPTION_EVAL_PROMPT = "describe the image"
+# Retention is measured under several prompts. The UNSEEN ones are for evaluation only: no method is given them in
+# training, scoring or regularisation (no task asks them, and the distillation term's prompt bank,
+# configs/prompts/generic.yaml, may not name them: tests/test_prompts.py checks both), so their retention says what a
+# method keeps where it cannot look. The evaluation prompt above and the first phrasing of each general question are
+# SEEN: a method may hold the model on them.
+UNSEEN_CAPTION_PROMPTS = ("what do you see in the image", "describe the scene in a sentence", "caption this picture")
 HELDOUT_CAPTION_SEED = 900_001  # the general set that measures retention; pretraining uses seeds < 100
 HELDOUT_VQA_SEED = 900_002
 
@@ -145,6 +151,18 @@ GENERAL_QUESTIONS = {
     "size": (["are the shapes big or small", "what size are the shapes", "how large are the shapes"],
              lambda s: s.size),
 }
+
+
+SEEN_QUESTIONS = tuple(prompts[0] for prompts, _ in GENERAL_QUESTIONS.values()) + ("is there a",)
+UNSEEN_EXISTS = "do you see a"  # "do you see a red circle": the unseen phrasing of the existence question
+
+
+def unseen_question(question: str) -> bool:
+    """Whether a general-VQA question is asked in a phrasing that no method is given (UNSEEN_CAPTION_PROMPTS' note)."""
+    if question.startswith("is there a ") or question in SEEN_QUESTIONS:
+        return False
+    return question.startswith(UNSEEN_EXISTS + " ") or any(question in prompts for prompts, _ in
+                                                           GENERAL_QUESTIONS.values())
 
 
 def caption_set(seed: int, n: int, prompt: str | None = None) -> list[Example]:
@@ -171,7 +189,7 @@ def general_vqa_set(seed: int, n: int) -> list[Example]:
             # half true, half about another colour or shape
             color = s.color if rng.random() < 0.5 else rng.choice(sorted(COLORS))
             shape = s.shape if rng.random() < 0.5 else rng.choice(SHAPES)
-            q = rng.choice([f"is there a {color} {shape}", f"do you see a {color} {shape}"])
+            q = rng.choice([f"is there a {color} {shape}", f"{UNSEEN_EXISTS} {color} {shape}"])
             a = "yes" if (color, shape) == (s.color, s.shape) else "no"
         else:
             prompts, fn = GENERAL_QUESTIONS[kind]

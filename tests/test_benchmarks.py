@@ -16,7 +16,8 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    steps, fisher = {"floor", "fullft", "lora", "shira", "sparse", "sparse_distill"}, {"loop", "per_sample", "batched"}
+    steps = {"floor", "fullft", "lora", "shira", "sparse", "sparse_distill", "sparse_held"}
+    fisher = {"loop", "per_sample", "batched"}
     assert set(res["step_time_s"]) == steps and set(res["peak_mem_mb"]) == steps | {"fullft_ckpt", "sparse_ckpt"}
     assert set(res["fisher_time_s"]) == fisher
     assert all(v > 0 for v in res["step_time_s"].values())
@@ -24,7 +25,8 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert set(res["ratios"]) == {"sparse_vs_floor_time", "sparse_vs_shira_time", "sparse_vs_lora_mem",
                                   "sparse_vs_fullft_mem", "loop_vs_per_sample_fisher", "per_sample_vs_batched_fisher",
                                   "sparse_ckpt_vs_fullft_mem", "sparse_ckpt_vs_fullft_ckpt_mem",
-                                  "distill_vs_sparse_time", "distill_vs_sparse_mem"}
+                                  "distill_vs_sparse_time", "distill_vs_sparse_mem", "held_vs_sparse_time",
+                                  "held_vs_sparse_mem"}
     assert "| sparse |" in (tmp_path / "table.md").read_text()
 
 

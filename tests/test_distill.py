@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piece_mm.batching import collate
-from piece_mm.budget import Budget, distill_of
+from piece_mm.budget import HELD_DEFAULTS, Budget, distill_of, held_of
 from piece_mm.continual import METHODS, make_scheduler, train_task
 from piece_mm.errors import InputError
 from piece_mm.methods import load_tensors
@@ -104,14 +104,22 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
     and the command exits with 2 before anything is written."""
     from piece_mm.train import main
 
-    assert Budget().distill == {"weight": 0.0, "temperature": 2.0}
+    assert Budget().distill == {"weight": 0.0, "temperature": 2.0, "answers": True, "held": HELD_DEFAULTS}
     assert Budget.from_yaml("default").distill["weight"] > 0  # the shipped default distils
     # a budget dict made by hand (the library API) may lack the field, or switch it off: no term either way
     assert distill_of({"fractions": {"llm": 0.01}}) is None and distill_of(Budget().to_dict()) is None
-    assert distill_of(Budget(distill={"weight": 0.5}).to_dict()) == {"weight": 0.5, "temperature": 2.0}
+    assert distill_of(Budget(distill={"weight": 0.5}).to_dict()) == {"weight": 0.5, "temperature": 2.0, "answers": True,
+                                                                      "held": HELD_DEFAULTS}
+    assert held_of(Budget(distill={"weight": 0.5}).to_dict()) is None  # held prompts: off unless given a weight
     for value, says in [({"weight": -1}, r"distill\.weight is -1"), ({"temperature": 0}, r"distill\.temperature is 0"),
                         ({"temp": 1.0}, r"distill\.temp is not a distill option"), (3, "distill is 3"),
-                        ({"weight": True}, r"distill\.weight is True")]:
+                        ({"weight": True}, r"distill\.weight is True"),
+                        ({"weight": 1, "held": {"weight": -1}}, r"distill\.held\.weight is -1"),
+                        ({"weight": 0, "held": {"weight": 1}}, r"distill\.held\.weight is 1 but distill\.weight is 0"),
+                        ({"weight": 1, "held": {"pool": 0}}, r"distill\.held\.pool is 0"),
+                        ({"weight": 1, "held": {"per_step": 2.5}}, r"distill\.held\.per_step is 2\.5"),
+                        ({"weight": 1, "held": {"bank": ""}}, r"distill\.held\.bank is ''"),
+                        ({"weight": 1, "held": {"prompts": 1}}, r"distill\.held\.prompts is not a distill\.held")]:
         with pytest.raises(InputError, match=r"^Budget: " + says):
             Budget(distill=value)
     bad = tmp_path / "b.yaml"
@@ -129,3 +137,66 @@ def test_weight_zero_gives_no_extra_loss(tiny, tmp_path):
     tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=_masks(model))
     assert tuning.extra_loss is None and not (tmp_path / "distill").exists()
     tuning.close()
+
+
+def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_path):
+    """With distill.held on, the task's images asked the bank's and the earlier tasks' prompts are answered by the
+    model as the task begins (its greedy replies, written for resume); in a batch they are rows the task loss does not
+    learn, and the term is W·KL on the task's rows plus W_held·KL on the held rows' answer predictions, against the
+    task-start model, by hand."""
+    from piece_mm.batching import HELD, model_inputs
+    from piece_mm.eval.generate import generate
+
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    start = copy.deepcopy(model).eval()
+    first = Task("big", world.task_set("big", "train", 8), [])
+    task = Task("many", world.task_set("many", "train", 16), world.task_set("many", "test", 4))
+    cfg = _cfg(task, tmp_path) | {"tasks": [first, task], "index": 1, "lr": 0.1}  # a move the term sees in float32
+    WH = 3.0
+    cfg["budget"] = Budget(fractions={"llm": 0.01}, distill={"weight": W, "temperature": T, "held": {
+        "weight": WH, "pool": 12, "per_step": 3, "earlier": 1, "max_new_tokens": 6}}).to_dict()
+    cfg["generate"] = lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n)
+    masks = _masks(model)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=masks)
+    held = tuning.held_examples
+    assert len(held) == 12 and tuning.held_per_step == 3
+    assert first.train[0].prompt in {ex.prompt for ex in held}  # an earlier task's prompt, as a string
+    assert not {ex.prompt for ex in held} & {ex.prompt for ex in task.train}  # the task's own are learned
+    train_images = [ex.image for ex in task.train]
+    assert all(any(ex.image is im for im in train_images) for ex in held)  # the task's own images only
+    assert [ex.answer for ex in held] == generate(start, processor, held, batch_size=8, max_new_tokens=6)
+
+    batch = collate(processor, task.train[:4] + held[:3], held=3)
+    plain = collate(processor, task.train[:4] + held[:3])
+    assert (batch["labels"][4:] == -100).all() and torch.equal(batch["labels"][:4], plain["labels"][:4])
+    assert torch.equal(batch[HELD][4:, :-1], plain["labels"][4:, 1:] != -100) and not batch[HELD][:4].any()
+    model.train()
+    with torch.no_grad():
+        alone = model(**collate(processor, task.train[:4])).loss
+    with torch.no_grad():
+        assert float(model(**model_inputs(batch)).loss) == pytest.approx(float(alone), rel=1e-5)  # not learned
+
+    opt = tuning.optimizer
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", extra_loss=tuning.extra_loss,
+               held=held, held_per_step=3)
+    model.train()
+    out = model(**model_inputs(batch))
+    got = tuning.extra_loss(model, batch, out)
+    with torch.no_grad():
+        teacher = start(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+    rows = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    rows[:4] = True
+    want = (_reference(teacher, out.logits.detach(), batch["attention_mask"].bool() & rows) +
+            WH / W * _reference(teacher, out.logits.detach(), batch[HELD]))
+    assert float(got.detach()) > 1e-6 and float(got.detach()) == pytest.approx(float(want), rel=1e-3)
+    tuning.close()
+
+    # resumed: the same held examples, read back (nothing is generated)
+    def refuse(*a):
+        raise AssertionError("a resumed task must not generate its held examples again")
+    again = METHODS["piece-f"].for_task(model, processor, task, cfg | {"resumed": True, "generate": refuse},
+                                        masks=masks)
+    assert [(ex.prompt, ex.answer) for ex in again.held_examples] == [(ex.prompt, ex.answer) for ex in held]
+    assert all(a.image is b.image for a, b in zip(again.held_examples, held))
+    again.close()

@@ -14,6 +14,9 @@
   - `extra_loss(model, batch, out)`: a term added to the task loss (EWC, LwF, O-LoRA, the budget's distill);
     `extra_per_position`: it is a mean over the batch's non-padding positions (LwF, distill), so that under several
     processes or micro-batches the loop weights each part by its share of the step's positions;
+  - `held_examples`, `held_per_step`: examples that join each step's batch, that many of them, as rows the task
+    loss does not learn and `extra_loss` holds (batch["held"] marks their answer positions: the budget's held
+    prompts, methods/held.py);
   - `after_task(model)`: once the task's training ends, before the evaluation; it must not change the weights;
   - `close()`: when the task's training ends (hooks to remove).
 
@@ -49,6 +52,8 @@ class Tuning:
     train_examples: list | None = None
     extra_loss: Callable | None = None
     extra_per_position: bool = False
+    held_examples: list | None = None
+    held_per_step: int = 0
     after_task: Callable | None = None
     close: Callable | None = None
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from piece_mm import dist, shard
-from piece_mm.batching import IGNORE_INDEX, collate
-from piece_mm.budget import distill_of
+from piece_mm.batching import HELD, IGNORE_INDEX, collate, model_inputs
+from piece_mm.budget import distill_of, held_of
 from piece_mm.components import split_components
 from piece_mm.errors import InputError
 from piece_mm.importance import estimate_importance
@@ -39,6 +39,10 @@ def _sparse_method(estimator: str):
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
         if distill_of(b):
             tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
+            if held_of(b):  # made now, with the model as the task begins: the teacher's own answers
+                from piece_mm.methods.held import held_examples
+                tuning.held_examples = held_examples(model, processor, task, cfg, held_of(b))
+                tuning.held_per_step = held_of(b)["per_step"]
         return tuning
 
     def _choose(model, processor, task, cfg, parts):
@@ -103,13 +107,21 @@ def _distillation(model, opt, cfg):
             with opt.holding(start):
                 model.eval()  # the teacher as LwF's: in eval mode
                 try:
-                    teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    teacher = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
                 finally:
                     model.train(was)
                     if sharded:  # nor would backward see the student's again: it gathers them anew
                         shard.reshard(model)
         keep = batch["attention_mask"].bool()  # [B, L]: every position of the task's sequences
-        return d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
+        if not d.get("answers", True):  # not where the task's answer is predicted: there the term pulls against it
+            keep = keep.clone()
+            keep[:, :-1] &= batch["labels"][:, 1:] == IGNORE_INDEX
+        held = batch.get(HELD)  # [B, L]: the held rows' answer predictions (methods/held.py)
+        if held is None or not held.any():
+            return d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
+        keep = keep & ~held.any(-1, keepdim=True)  # the task's own rows, as without held prompts
+        return (d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"]) +
+                d["held"]["weight"] * distillation_loss(out.logits, teacher, held, d["temperature"]))
     return extra_loss
 
 
