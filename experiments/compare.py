@@ -34,6 +34,10 @@ from piece_mm.select import load_budget
 ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
 KEYS = ("OP", "BWT", "FWT", "caption_retention")
 LEAK_KEYS = ("answer_leak", "bare_answer")  # of the captions after the last task
+# measured where the general set has them (null for a run recorded before they were): caption retention averaged over
+# the prompts no method is given, general-VQA retention (all questions, and those asked in unseen phrasings), and the
+# worst task's score right after it was learned
+MORE_KEYS = ("caption_retention_unseen", "vqa_retention", "vqa_retention_unseen")
 
 
 def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: int) -> tuple[dict, list]:
@@ -82,6 +86,9 @@ def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
         row = {k: [m["summary"][k] for m in ms] for k in KEYS}
         for k in LEAK_KEYS:
             row[k] = [m["general"]["after"][-1].get(k) for m in ms]
+        for k in MORE_KEYS:
+            row[k] = [m["summary"].get(k) for m in ms]
+        row["min_own_task"] = [min(m["scores"][i + 1][i] for i in range(len(m["tasks"]))) for m in ms]
         row["trainable_fraction"] = ms[0]["trainable"]["total"] / ms[0]["parameters"]
         row["peak_memory_mb"] = max(m["peak_memory_mb"] for m in ms)
         row["time_s"] = [m["time_s"] for m in ms]
@@ -103,10 +110,12 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Methods on {model}, seeds {', '.join(map(str, summary['seeds']))}", "", f"Command: `{command}`", "",
-             "| method | lr | OP | BWT | FWT | caption retention | answer leak | bare answer | trainable | peak MB "
-             "| time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | lr | OP | BWT | FWT | caption retention | answer leak | bare answer | unseen-prompt "
+             "retention | VQA retention | VQA retention, unseen phrasings | worst task when learned | trainable "
+             "| peak MB | time (s) |", "|---" * 15 + "|"]
     for m, r in summary["methods"].items():
-        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r[k]) for k in KEYS + LEAK_KEYS) +
+        cells = KEYS + LEAK_KEYS + MORE_KEYS + ("min_own_task",)
+        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r.get(k, [None])) for k in cells) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
     if failed:
@@ -114,7 +123,10 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
         lines += [f"- {o.key[0]}, seed {o.key[1]}, lr {o.key[2]:g}: {o.error}" for o in failed]
     lines += ["", "Of the captions after the last task: answer leak = the share that use a word only the tasks' "
               "answers use (the reference captions never do); bare answer = the share that are nothing but a task "
-              "answer.",
+              "answer. Unseen-prompt retention: the mean over the caption prompts no method is given of each one's "
+              "CIDEr after the last task over before; VQA retention: general-VQA accuracy after the last task over "
+              "before (all questions, then those asked in phrasings no method is given); worst task when learned: "
+              "the lowest score of a task right after it was learned (min R[i][i]).",
               "", "![retention against OP](retention_vs_op.png)", "", "![CIDEr across stages](cider.png)", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
     seeds = summary["seeds"]

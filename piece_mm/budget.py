@@ -30,9 +30,10 @@ DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "held": 
 # the bank's prompts and the earlier tasks' prompts (strings only), answered by the model as the task began; weight 0
 # = off. pool: such examples made per task; per_step: of them beside each step's batch; earlier: prompts taken from
 # each earlier task; earlier_share: their share of the pool (when there are any); max_new_tokens: the longest answer
-# held.
+# held; protect: how much a weight's own importance to the held examples counts against choosing it (0 = not at all;
+# piece_mm/methods/held.py, protect_scores).
 HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
-                 "max_new_tokens": 24}
+                 "max_new_tokens": 24, "protect": 0.0}
 
 
 @dataclass
@@ -213,7 +214,9 @@ def _distill_options(where, d) -> dict:
                          "positions that predict the task's answer) or false")
     if not _number(h["earlier_share"]) or not 0 <= h["earlier_share"] < 1:
         raise InputError(f"{where}: distill.held.earlier_share is {h['earlier_share']!r}; expected a number in [0, 1)")
-    h["weight"], h["earlier_share"] = float(h["weight"]), float(h["earlier_share"])
+    if not _number(h["protect"]) or h["protect"] < 0:
+        raise InputError(f"{where}: distill.held.protect is {h['protect']!r}; expected a number >= 0 (0 = off)")
+    h["weight"], h["earlier_share"], h["protect"] = float(h["weight"]), float(h["earlier_share"]), float(h["protect"])
     return {"weight": float(d["weight"]), "temperature": float(d["temperature"]), "answers": d["answers"], "held": h}
 
 

@@ -119,6 +119,9 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
                         ({"weight": 1, "held": {"pool": 0}}, r"distill\.held\.pool is 0"),
                         ({"weight": 1, "held": {"per_step": 2.5}}, r"distill\.held\.per_step is 2\.5"),
                         ({"weight": 1, "held": {"bank": ""}}, r"distill\.held\.bank is ''"),
+                        ({"weight": 1, "held": {"earlier_share": 1.0}}, r"distill\.held\.earlier_share is 1\.0"),
+                        ({"weight": 1, "held": {"protect": -0.5}}, r"distill\.held\.protect is -0\.5"),
+                        ({"weight": 1, "answers": "no"}, r"distill\.answers is 'no'"),
                         ({"weight": 1, "held": {"prompts": 1}}, r"distill\.held\.prompts is not a distill\.held")]:
         with pytest.raises(InputError, match=r"^Budget: " + says):
             Budget(distill=value)

@@ -103,3 +103,17 @@ def test_held_prompts_take_each_earlier_tasks_prompts_and_every_group_gets_its_s
     assert pairs != held_pairs(10, [(["x", "y", "z"], 1.0), (["e"], 0.25)], 40, seed=1)
     # no earlier task (the first one): the bank takes the whole pool
     assert {q for _, q in held_pairs(4, [(["x"], 1.0), ([], 0.5)], 8, seed=0)} == {"x"}
+
+
+def test_protect_divides_each_score_by_its_share_of_the_held_importance():
+    import torch
+
+    from piece_mm.methods.held import protect_scores
+    scores = {"a": torch.tensor([4.0, 2.0]), "b": torch.tensor([[1.0, 3.0]])}
+    held = {"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([[4.0, 2.0]])}  # mean 2
+    got = protect_scores(scores, held, strength=2.0)
+    want = {"a": [4.0 / 1.0, 2.0 / 3.0], "b": [[1.0 / 5.0, 3.0 / 3.0]]}
+    assert all(torch.allclose(got[n], torch.tensor(want[n])) for n in scores)
+    assert protect_scores(scores, held, 0.0)["a"].tolist() == [4.0, 2.0]  # strength 0: the ranking as it was
+    zero = {n: torch.zeros_like(t) for n, t in held.items()}
+    assert protect_scores(scores, zero, 5.0) is scores  # no held importance anywhere: nothing to protect

@@ -111,3 +111,22 @@ def held_examples(model, processor, task, cfg, options: dict) -> list[Example]:
         cfg["log"](f"{task.name}: holding {len(bank)} prompts of the bank and {len(earlier)} of earlier tasks "
                    f"on {len(pairs)} of its images")
     return [Example(ex.image, ex.prompt, a) for ex, a in zip(asked, replies)]
+
+
+def protect_scores(scores: dict, held_scores: dict, strength: float, sharded: bool = False) -> dict:
+    """The task's scores with each weight's importance to the held examples counted against it:
+    score / (1 + strength · held / mean(held)), the mean over every scored weight (over the shards, on FSDP2). A
+    weight the held prompts lean on keeps less of its task score, so the budget goes to weights that matter to the
+    task and not to them; strength 0 leaves the ranking as it was."""
+    import torch
+
+    from piece_mm import dist
+    total = torch.zeros(2, dtype=torch.float64)  # [sum, count]
+    for t in held_scores.values():
+        total += torch.tensor([t.double().sum().item(), t.numel()], dtype=torch.float64)
+    if sharded:
+        dist.sum_([total])
+    mean = float(total[0] / max(total[1], 1.0))
+    if mean <= 0:
+        return scores
+    return {n: s / (1.0 + strength * held_scores[n].to(s.device) / mean) for n, s in scores.items()}

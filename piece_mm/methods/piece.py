@@ -32,20 +32,22 @@ def _sparse_method(estimator: str):
         budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
         b = cfg["budget"]
         parts = split_components(model, exclude=b["exclude"], rules=b["components"])
+        held = None
+        if held_of(b):  # made first, with the model as the task begins: the teacher's own answers
+            from piece_mm.methods.held import held_examples
+            held = held_examples(model, processor, task, cfg, held_of(b))
         if masks is None:
-            masks = _choose(model, processor, task, cfg, parts)
+            masks = _choose(model, processor, task, cfg, parts, held)
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
         if distill_of(b):
             tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
-            if held_of(b):  # made now, with the model as the task begins: the teacher's own answers
-                from piece_mm.methods.held import held_examples
-                tuning.held_examples = held_examples(model, processor, task, cfg, held_of(b))
-                tuning.held_per_step = held_of(b)["per_step"]
+            if held is not None:
+                tuning.held_examples, tuning.held_per_step = held, held_of(b)["per_step"]
         return tuning
 
-    def _choose(model, processor, task, cfg, parts):
+    def _choose(model, processor, task, cfg, parts, held=None):
         b = cfg["budget"]
         examples = task.train[: b["score_examples"]]
         per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
@@ -71,6 +73,18 @@ def _sparse_method(estimator: str):
         with activation_checkpointing(model, cfg["gradient_checkpointing"]):
             scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                          **options)
+        h = held_of(b)
+        if held and h["protect"] > 0 and estimator in GRADIENT_SCORES:  # the held prompts' own PIECE-F, against it
+            from piece_mm.methods.held import protect_scores
+            chunks = [held[i:i + bs] for i in range(0, len(held), bs)]
+            if shard.is_fsdp(model):
+                hb = (_share_batch(processor, c) for c in chunks)
+            else:
+                hb = (collate(processor, c) for c in dist.share(chunks))
+            with activation_checkpointing(model, cfg["gradient_checkpointing"]):
+                on_held = estimate_importance(model, hb, "piece-f", names=list(scores),
+                                              accumulate=b["score_memory"], log=None)
+            scores = protect_scores(scores, on_held, h["protect"], sharded=shard.is_fsdp(model))
         if estimator == "trace" and "sketch" in options["probe_out"]:
             if cfg["main"]:
                 save_tensors(options["probe_out"]["sketch"], state_file(cfg, "trace", cfg["index"]))
