@@ -7,8 +7,9 @@ Measured here on CPU, in one process, with the plan's own byte counter (PeakMemo
 it is freed; the weights are added once). Scoring is `pm.estimate_importance` on one batch, as the continual loop calls
 it (inside its checkpointing context when asked); training is one step of the method's own tuning on a mask of the
 budget's size (built inside the count): `pm.sparse_optimizer`, and with the budget's distill the teacher's forward
-and the KL. The planned figures trace the same model on the meta device. On a GPU, benchmarks/gpu_check.sh puts
-torch.cuda.max_memory_allocated beside the plan instead."""
+and the KL, over the batch and, with distill.held, its held rows (distill.held.per_step more rows of the same
+examples, their answers held). The planned figures trace the same model on the meta device. On a GPU,
+benchmarks/gpu_check.sh puts torch.cuda.max_memory_allocated beside the plan instead."""
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,38 @@ CASES = [("piece-f, default budget", "piece-f", "default", False),
 TOLERANCE = 0.15
 
 
-def _world_batch(alias, processor):
+def _world_batch(processor, held: int = 0):
     from piece_mm.batching import collate
     from piece_mm.tasks import world
-    return collate(processor, world.task_set("color", "train", 16, seed=3))
+    return collate(processor, world.task_set("color", "train", 16 + held, seed=3), held=held)
 
 
-def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -> dict:
-    """{"score": bytes, "train": bytes}: weights plus the most bytes alive at once in scoring, and in one step."""
+def _preset_batch(model, held: int = 0):
+    from benchmarks.run import BATCH, fixed_batch
+    from piece_mm.batching import HELD, IGNORE_INDEX
+    batch = fixed_batch(model, BATCH + held)
+    if held:  # the last rows held, as collate marks them
+        batch[HELD] = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        batch[HELD][BATCH:, :-1] = batch["labels"][BATCH:, 1:] != IGNORE_INDEX
+        batch["labels"][BATCH:] = IGNORE_INDEX
+    return batch
+
+
+def _held_rows(budget: str) -> int:
+    from piece_mm.budget import held_of
+    from piece_mm.select import load_budget
+    h = held_of(load_budget(budget))
+    return h["per_step"] if h else 0
+
+
+def measure(model, batch: dict, method: str, budget: str, checkpointing: bool, scoring: dict | None = None) -> dict:
+    """{"score": bytes, "train": bytes}: weights plus the most bytes alive at once in scoring (on `scoring`, default
+    the batch), and in one step (on the batch)."""
+    scoring = batch if scoring is None else scoring
+    import copy
+
     import piece_mm as pm
+    from piece_mm.batching import model_inputs
     from piece_mm.methods import METHODS
     from piece_mm.methods.piece import GRADIENT_SCORES
     from piece_mm.models import activation_checkpointing
@@ -44,6 +68,9 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -
 
     b = load_budget(budget)
     arg = budget_arg(b)
+    if b["distill"].get("held"):  # the held rows come in the batch; the term is the same at weight 0 (none made here)
+        b = copy.deepcopy(b)
+        b["distill"]["held"]["weight"] = 0.0
     parts = pm.split_components(model, exclude=b["exclude"], rules=b["components"])
     budgeted = {c: names if float(arg.get(c, 0)) > 0 else [] for c, names in parts.items()}
     names = [n for c in budgeted.values() for n in c]
@@ -53,7 +80,7 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -
     with activation_checkpointing(model, checkpointing):
         if method in GRADIENT_SCORES:
             with PeakMemory(existing) as mem:
-                scores = pm.estimate_importance(model, [batch], method, names=names)
+                scores = pm.estimate_importance(model, [model_inputs(scoring)], method, names=names)
             out["score"] = weights + mem.peak
         else:
             scores = pm.estimate_importance(model, [], "random", names=names)
@@ -64,7 +91,7 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool) -
             cfg = {"lr": 1e-4, "budget": b, "tasks": [SimpleNamespace(name="color")], "index": 0, "output": Path(tmp),
                    "main": True, "resumed": False}
             tuning = METHODS[method].for_task(model, None, None, cfg, masks=masks)
-            got = model(**batch)
+            got = model(**model_inputs(batch))
             loss = got.loss if tuning.extra_loss is None else got.loss + tuning.extra_loss(model, batch, got)
             del got
             loss.backward()
@@ -84,21 +111,25 @@ def check(target: str, preset: str | None = None, cases=CASES) -> list[dict]:
     if preset is None:
         import piece_mm as pm
         model, processor = pm.load_model(target)
-        batch = _world_batch(target, processor)
+        make = lambda held: _world_batch(processor, held)  # noqa: E731
+        batch = make(0)
         where, image = target, None
     else:
-        from benchmarks.run import IMAGE_TOKENS, build_model, fixed_batch
+        from benchmarks.run import IMAGE_TOKENS, build_model
         model = build_model(preset)
-        batch = fixed_batch(model)
+        make = lambda held: _preset_batch(model, held)  # noqa: E731
+        batch = make(0)
         tmp = tempfile.mkdtemp()
         model.config.save_pretrained(tmp)  # the plan reads this config.json alone
         where, image = tmp, model.config.vision_config.image_size
         assert (image // model.config.vision_config.patch_size) ** 2 == IMAGE_TOKENS
-    length = batch["input_ids"].shape[1]
     rows = []
     for label, method, budget, ckpt in cases:
-        got = measure(model, batch, method, budget, ckpt)
-        p = plan(where, method, budget, "float32", batch["input_ids"].shape[0], length, ckpt, image)
+        held = _held_rows(budget)
+        batch = make(held)
+        length = batch["input_ids"].shape[1]
+        got = measure(model, batch, method, budget, ckpt, scoring=make(0))
+        p = plan(where, method, budget, "float32", batch["input_ids"].shape[0] - held, length, ckpt, image)
         for kind in got:
             planned = p["peak_bytes"][kind]
             rows.append({"model": preset or target, "case": label, "kind": kind, "planned": planned,

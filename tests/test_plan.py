@@ -65,7 +65,7 @@ def test_planned_peaks_agree_with_measured_peaks(alias):
         assert abs(r["ratio"] - 1) <= TOLERANCE, r
 
 
-def test_checkpointing_and_batch_move_the_plan_as_they_should():
+def test_checkpointing_and_batch_move_the_plan_as_they_should(tmp_path):
     base = plan("llava", dtype="float32")
     ckpt = plan("llava", dtype="float32", gradient_checkpointing=True)
     small = plan("llava", dtype="float32", batch_size=4)
@@ -76,7 +76,18 @@ def test_checkpointing_and_batch_move_the_plan_as_they_should():
     assert s["bytes"]["score_sums"] == 2 * base["bytes"]["score_sums"]
     full = plan("llava", method="seqft", dtype="float32")
     assert full["bytes"]["optimizer_state"] == 2 * full["bytes"]["weights"]  # AdamW's two moments
-    assert full["peak_bytes"]["train"] > base["peak_bytes"]["train"]
+    plain = plan("llava", budget="llm-only", dtype="float32")  # no distillation: the sparse step alone
+    assert full["peak_bytes"]["train"] > plain["peak_bytes"]["train"]
+    # the held prompts' rows join each step's batch: the default's training trace is that of 16 + per_step rows
+    import yaml
+    raw = yaml.safe_load((ROOT / "configs" / "budgets" / "default.yaml").read_text())
+    raw["distill"]["held"]["weight"] = 0.0
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    no_held = plan("llava", budget=str(tmp_path / "b.yaml"), dtype="float32")
+    wider = plan("llava", budget=str(tmp_path / "b.yaml"), dtype="float32", batch_size=16 + base["held_rows"])
+    assert base["held_rows"] == 8 and no_held["held_rows"] == 0
+    assert base["bytes"]["activations_train"] == wider["bytes"]["activations_train"]
+    assert base["bytes"]["activations_train"] > no_held["bytes"]["activations_train"]
 
 
 @pytest.mark.slow
