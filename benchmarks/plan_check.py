@@ -66,9 +66,9 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool, s
     from piece_mm.plan import PeakMemory
     from piece_mm.select import budget_arg, load_budget
 
-    b = load_budget(budget)
+    b = whole = load_budget(budget)
     arg = budget_arg(b)
-    if b["distill"].get("held"):  # the held rows come in the batch; the term is the same at weight 0 (none made here)
+    if b["distill"]["held"]["weight"]:  # the held rows come in the batch: none are made here (no processor)
         b = copy.deepcopy(b)
         b["distill"]["held"]["weight"] = 0.0
     parts = pm.split_components(model, exclude=b["exclude"], rules=b["components"])
@@ -91,8 +91,13 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool, s
             cfg = {"lr": 1e-4, "budget": b, "tasks": [SimpleNamespace(name="color")], "index": 0, "output": Path(tmp),
                    "main": True, "resumed": False}
             tuning = METHODS[method].for_task(model, None, None, cfg, masks=masks)
+            extra = tuning.extra_loss
+            if whole is not b:  # the whole term, held part included, as the loop adds it
+                from piece_mm.methods.piece import _distillation
+                extra = _distillation(model, tuning.optimizer, {**cfg, "budget": whole})
             got = model(**model_inputs(batch))
-            loss = got.loss if tuning.extra_loss is None else got.loss + tuning.extra_loss(model, batch, got)
+            term = 0.0 if extra is None else extra(model, batch, got)
+            loss = got.loss + (sum(term) if isinstance(term, list) else term)
             del got
             loss.backward()
             del loss

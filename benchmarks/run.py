@@ -160,7 +160,8 @@ def setup_step(method: str, preset: str):
         if method in ("sparse_distill", "sparse_held"):
             from piece_mm.batching import model_inputs
             out = model(**model_inputs(batch))
-            (out.loss + extra(model, batch, out)).backward()
+            term = extra(model, batch, out)  # with held prompts, two parts (one batch: each at its full share)
+            (out.loss + (sum(term) if isinstance(term, list) else term)).backward()
             del out
         else:
             model(**batch).loss.backward()

@@ -116,11 +116,24 @@ def _extra_shares(batches: list[dict], per_position: bool, world: int) -> list:
     the whole step's positions, as one process computes it; any other term (EWC's pull) in equal shares."""
     if not per_position:
         return [1.0 / (len(batches) * world)] * len(batches)
+    if callable(per_position):  # a term of several parts, each a mean over positions of its own: a share per part
+        counts = [torch.stack([c.float().reshape(()) for c in per_position(b)]) for b in batches]  # [parts] each
+        total = torch.stack(counts).sum(0)
+        dist.sum_([total])  # a collective: every process calls it
+        return [c / total.clamp_min(1.0) for c in counts]
     total = global_positions(batches)  # a collective: every process calls it
     return [(b["attention_mask"].sum().float() / total.to(b["attention_mask"].device)).squeeze(0) for b in batches]
 
 
-def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per_position: bool) -> torch.Tensor:
+def _weighted(term, share) -> torch.Tensor:
+    """A method's extra term times its share of the step: a term of parts (a list) takes each part's own share."""
+    if isinstance(term, (list, tuple)):
+        shares = share if torch.is_tensor(share) and share.dim() else [share] * len(term)  # one share: for every part
+        return sum(t * s for t, s in zip(term, shares))
+    return term * share
+
+
+def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per_position) -> torch.Tensor:
     """Forward and backward over the micro-batches of one step, each loss summed over its answer tokens and divided
     by the step's token count (over every process), so the gradients add up to those of the whole batch. Returns
     the step's loss (this process's share)."""
@@ -132,7 +145,7 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per
         out = model(**model_inputs(b), num_items_in_batch=count.to(device))
         loss = out.loss
         if extra is not None:  # its share on each micro-batch and process
-            loss = loss + extra(model, b, out) * shares[i]
+            loss = loss + _weighted(extra(model, b, out), shares[i])
         loss.backward()
         total = total + loss.detach()
     return total
@@ -140,15 +153,17 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per
 
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
                start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False,
-               examples: list | None = None, extra_loss=None, extra_per_position: bool = False,
+               examples: list | None = None, extra_loss=None, extra_per_position=False,
                held: list | None = None, held_per_step: int = 0) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
     grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
     rounding); gradient_checkpointing recomputes activations in backward instead of keeping them. A method may
     train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning; with
     `extra_per_position` it is a mean over the batch's positions, weighted accordingly across processes and
-    micro-batches). `held` examples join each step's batch, `held_per_step` of them, as rows that the extra term
-    holds and the task loss does not learn (batching.training_batches)."""
+    micro-batches; a callable `extra_per_position(batch)` gives the position counts of a term of several parts, each
+    a mean of its own, and each part is weighted by its own share). `held` examples join each step's batch,
+    `held_per_step` of them, as rows that the extra term holds and the task loss does not learn
+    (batching.training_batches)."""
     device = next(model.parameters()).device
     model.train()
     world = dist.world()
@@ -178,7 +193,8 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, p
             out = model(**model_inputs(batch))
             loss = out.loss
             if extra is not None:
-                loss = loss + extra(model, batch, out)
+                term = extra(model, batch, out)  # one batch, one process: each part at its full share
+                loss = loss + (sum(term) if isinstance(term, (list, tuple)) else term)
             loss.backward()
         else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -186,7 +202,7 @@ def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, p
             out = model(**model_inputs(batch), num_items_in_batch=count.to(device))
             loss = out.loss
             if extra is not None:  # the gradients are summed over the processes: each adds its share
-                loss = loss + extra(model, batch, out) * _extra_shares([batch], per_position, world)[0]
+                loss = loss + _weighted(extra(model, batch, out), _extra_shares([batch], per_position, world)[0])
             loss.backward()
             _sum_gradients(opt)
             loss = loss.detach().reshape(1)

@@ -156,3 +156,39 @@ def test_the_distillation_term_takes_the_same_steps_with_checkpointing(llava_and
     for n in plain:
         assert torch.allclose(plain[n], other[n], rtol=1e-4, atol=1e-6), n
     assert any(not torch.equal(plain[n], model.get_parameter(n).detach().reshape(-1)[masks[n]]) for n in plain)
+
+
+def test_micro_batches_take_each_part_of_the_held_term_by_its_own_share(llava_and_masks, tmp_path):
+    """With held prompts the term has two parts, each a mean over its own positions (the task's rows, the held rows'
+    answers). One step's gradient, whole batch against two micro-batches that split both kinds of rows unevenly: the
+    same, because each part takes its own share; one share for both (the attention mask's) gives another."""
+    from piece_mm.budget import distill_of
+    from piece_mm.continual import _accumulate
+    from piece_mm.methods.piece import _distillation, distill_parts
+    model, processor, masks = llava_and_masks
+    task = world.task_set("size", "train", 5, seed=3)
+    held = world.caption_set(3, 3)  # answered with captions: held rows longer than the task's
+    budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0,
+                                                         "held": {"weight": 3.0}}).to_dict()
+    d = distill_of(budget)
+    own = lambda b: [k.sum() for k in distill_parts(b, d)]  # noqa: E731
+    grads = {}
+    for per_position in (own, True):
+        for split in ([(task, held)], [(task[:4], held[:1]), (task[4:], held[1:])]):
+            m = copy.deepcopy(model)
+            opt = pm.sparse_optimizer(m, masks, torch.optim.AdamW, lr=1e-2)
+            cfg = {"budget": budget, "tasks": [Task("size", task, [], "exact")], "index": 0, "output": tmp_path,
+                   "main": True, "resumed": False}
+            extra = _distillation(m, opt, cfg)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():  # the chosen weights away from the teacher's, so that the term has a gradient
+                for n, idx in masks.items():
+                    m.get_parameter(n).view(-1)[idx] += 0.05 * torch.randn(idx.numel(), generator=gen)
+            m.train()
+            batches = [collate(processor, t + h, held=len(h)) for t, h in split]
+            _accumulate(m, batches, "cpu", extra, 1, per_position)
+            grads[per_position is own, len(split)] = torch.cat([c.grad for c in opt.compact_params()])
+            opt.close()
+    whole, parts = grads[True, 1], grads[True, 2]
+    assert (whole - parts).norm() <= 1e-4 * whole.norm()
+    assert (grads[False, 1] - grads[False, 2]).norm() > 1e-3 * whole.norm()  # one share for both parts: another

@@ -13,7 +13,9 @@
   - `train_examples`: what the task trains on instead of its own examples (replay, multitask);
   - `extra_loss(model, batch, out)`: a term added to the task loss (EWC, LwF, O-LoRA, the budget's distill);
     `extra_per_position`: it is a mean over the batch's non-padding positions (LwF, distill), so that under several
-    processes or micro-batches the loop weights each part by its share of the step's positions;
+    processes or micro-batches the loop weights each part by its share of the step's positions; or, for a term of
+    several parts each averaged over positions of its own (distill with held prompts), a callable `(batch) -> [count
+    per part]`: extra_loss then returns the list of parts, and the loop weights each by its share of its positions;
   - `held_examples`, `held_per_step`: examples that join each step's batch, that many of them, as rows the task
     loss does not learn and `extra_loss` holds (batch["held"] marks their answer positions: the budget's held
     prompts, methods/held.py);
@@ -51,7 +53,7 @@ class Tuning:
     parts: dict | None = None
     train_examples: list | None = None
     extra_loss: Callable | None = None
-    extra_per_position: bool = False
+    extra_per_position: bool | Callable = False
     held_examples: list | None = None
     held_per_step: int = 0
     after_task: Callable | None = None

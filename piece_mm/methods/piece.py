@@ -6,7 +6,8 @@ They run the same way on FSDP2 shards (shard.py), except random and trace.
 The budget's `distill` adds weight x T² x KL(teacher ‖ student) to every task's loss (LwF's term, from the first task
 on), where the teacher is the model as the task began. Since a sparse task moves only its chosen elements, that
 teacher is the same model with those elements put back to their values at the task's start, for one forward
-pass: it costs their k values, not a copy of the model."""
+pass: it costs their k values, not a copy of the model. With distill.held the term also holds the model on the task's
+images under prompts the task does not show (methods/held.py): those rows join each step's batch."""
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def _sparse_method(estimator: str):
         tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
         if distill_of(b):
             tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
-            if held is not None:
+            if held is not None:  # two parts, each a mean over its own positions (distill_parts)
                 tuning.held_examples, tuning.held_per_step = held, held_of(b)["per_step"]
+                tuning.extra_per_position = lambda batch: [k.sum() for k in distill_parts(batch, distill_of(b))]
         return tuning
 
     def _choose(model, processor, task, cfg, parts, held=None):
@@ -126,17 +128,29 @@ def _distillation(model, opt, cfg):
                     model.train(was)
                     if sharded:  # nor would backward see the student's again: it gathers them anew
                         shard.reshard(model)
-        keep = batch["attention_mask"].bool()  # [B, L]: every position of the task's sequences
-        if not d.get("answers", True):  # not where the task's answer is predicted: there the term pulls against it
-            keep = keep.clone()
-            keep[:, :-1] &= batch["labels"][:, 1:] == IGNORE_INDEX
-        held = batch.get(HELD)  # [B, L]: the held rows' answer predictions (methods/held.py)
-        if held is None or not held.any():
-            return d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
-        keep = keep & ~held.any(-1, keepdim=True)  # the task's own rows, as without held prompts
-        return (d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"]) +
-                d["held"]["weight"] * distillation_loss(out.logits, teacher, held, d["temperature"]))
+        keep, held = distill_parts(batch, d)
+        task = d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
+        if not (d.get("held") or {}).get("weight"):
+            return task
+        # with held prompts: two parts, each a mean over its own positions (the loop weights each by its share)
+        zero = out.logits.sum() * 0.0  # a batch without held rows (a micro-batch's share) holds none
+        return [task, d["held"]["weight"] * distillation_loss(out.logits, teacher, held, d["temperature"])
+                if held.any() else zero]
     return extra_loss
+
+
+def distill_parts(batch: dict, d: dict) -> tuple:
+    """([B, L] bool, [B, L] bool): the positions where the distill term holds the task's own rows (every non-padding
+    position, less the answer predictions with distill.answers false), and those where it holds the held rows (their
+    answer predictions, batch["held"]; none without)."""
+    keep = batch["attention_mask"].bool()  # [B, L]
+    if not d.get("answers", True):  # not where the task's answer is predicted: there the term pulls against it
+        keep = keep.clone()
+        keep[:, :-1] &= batch["labels"][:, 1:] == IGNORE_INDEX
+    held = batch.get(HELD)
+    if held is None:
+        return keep, torch.zeros_like(keep)
+    return keep & ~held.any(-1, keepdim=True), held  # the task's own rows, as without held prompts
 
 
 def _share_batch(processor, examples: list) -> dict:
