@@ -24,16 +24,19 @@ for m in llava qwen2-vl; do
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
         --lr-from "results/lrs-$m.json" --budget results/budgets/previous-default.yaml --eval-limit 100 \
         --output "results/world-$m" --jobs 2
-    # the default budget (configs/budgets/default.yaml: 3 % at 2e-3, with distillation) with PIECE-F and PIECE-S, and
-    # SeqFT at 3e-4, on seeds 0, 1, 2 (lrs: results/lrs-default.json). SeqFT's runs are the previous comparison's, with
-    # the same flags: copied, not rerun.
-    mkdir -p "results/default-$m/runs"
-    for s in 0 1 2; do
-        [ -d "results/default-$m/runs/seqft-lr0.0003-seed$s" ] ||
-            cp -r "results/world-$m/runs/seqft-lr0.0003-seed$s" "results/default-$m/runs/"
-    done
-    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,piece-s,seqft --seeds 0,1,2 \
+    # the default budget (configs/budgets/default.yaml: 3 % at 2e-3, with distillation and held prompts) with PIECE-F,
+    # and SeqFT at 3e-4, on seeds 0, 1, 2 (lrs: results/lrs-default.json), every stage also scored under the unseen
+    # prompts (issue 35)
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,seqft --seeds 0,1,2 \
         --lr-from results/lrs-default.json --eval-limit 100 --output "results/default-$m" --jobs 2
+    # the same on world-yesno (tasks that share one yes / no answer format)
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f,seqft --seeds 0,1,2 \
+        --lr-from results/lrs-default.json --tasks world-yesno --eval-limit 100 --output "results/yesno-$m" --jobs 2
+    # the default without held prompts (results/budgets/held/none.yaml), seed 0, on both sequences
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 2.0e-3 --tasks world-yesno \
+        --budget results/budgets/held/none.yaml --eval-limit 100 --output "results/held-sweep-$m/none"
+    python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0 --lrs 2.0e-3 \
+        --budget results/budgets/held/none.yaml --eval-limit 100 --output "results/held-sweep-$m/none-world"
     # the default budget's distillation over fractions and lrs (configs/sweeps/world-distill.yaml), seed 0
     python -m piece_mm.experiments.sweep --model "$m" --jobs 2 --grid configs/sweeps/world-distill.yaml \
         --output "results/sweep-$m-distill"
@@ -101,6 +104,23 @@ python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
 python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
+# what was tried for the held prompts (issue 35), seed 0 on world-yesno, every stage scored in full (no eval-limit).
+# w1-bank1, w1-bank1-noanswers, w1-bank2-noanswers and w1-bank2 ran at commit 72a5c49 (the earlier tasks' prompts
+# cycled with the bank's); rerun here they take this code's pool (earlier_share).
+for b in w1-bank1 w1-bank1-noanswers w1-bank2-noanswers w1-bank2 w1-bank2-share w3-bank2-share; do
+    python -m piece_mm.experiments.compare --model llava --methods piece-f --seeds 0 --lrs 2.0e-3 --tasks world-yesno \
+        --budget "results/budgets/held/$b.yaml" --output "results/held-sweep-llava/$b"
+done
+for b in w1-bank2 w1-bank2-share; do
+    python -m piece_mm.experiments.compare --model qwen2-vl --methods piece-f --seeds 0 --lrs 2.0e-3 --tasks world-yesno \
+        --budget "results/budgets/held/$b.yaml" --output "results/held-sweep-qwen2-vl/$b"
+done
+# held.protect on the first task alone (results/held-sweep-llava/big-only.yaml), against the same without it
+for b in w1-generic-share-protect3 w1-generic-share; do
+    python -m piece_mm.experiments.compare --model llava --methods piece-f --seeds 0 --lrs 2.0e-3 \
+        --tasks results/held-sweep-llava/big-only.yaml --budget "results/budgets/held/$b.yaml" \
+        --output "results/held-sweep-llava/big-$b"
+done
 # the budget policies at equal totals (issue 22): global pool, LLM only, LLM + projector, proportional and pool: auto,
 # at 0.1 / 0.3 / 1 / 3 % of every scorable weight, on both models; 100 steps of 8 examples per task, eval-limit 40
 python -m piece_mm.experiments.policies --jobs 2 --output results/policies

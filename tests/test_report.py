@@ -41,3 +41,25 @@ def test_seqft_figure_comes_from_a_comparison_on_the_same_model_and_tasks(tmp_pa
     assert ref is not None and ref[0].parent.name == "same"
     line = verdict(_metrics(7.6), ref)[-1]
     assert "SeqFT" in line and "retention 0.400" in line and "OP 0.600" in line and "BWT -0.300" in line
+
+
+def test_the_verdict_weighs_the_prompts_no_method_was_given(tmp_path):
+    """Kept under the scored prompt but not under the unseen ones: the verdict says so, and the report has a table of
+    CIDEr under each unseen prompt per stage, and the VQA split."""
+    m = _metrics(8.0)
+    unseen = {"p1": {"CIDEr": 4.0, "answer_leak": 0.0}, "p2": {"CIDEr": 2.0, "answer_leak": 0.0}}
+    lost = {"p1": {"CIDEr": 1.0, "answer_leak": 0.5}, "p2": {"CIDEr": 2.0, "answer_leak": 0.0}}
+    m["general"]["before"].update(unseen_prompts=unseen, VQA_unseen=0.5, VQA_seen=1.0)
+    m["general"]["after"] = [{**a, "unseen_prompts": unseen, "VQA_unseen": 0.5, "VQA_seen": 1.0}
+                             for a in m["general"]["after"][:2]] + [
+        {**m["general"]["after"][2], "unseen_prompts": lost, "VQA_unseen": 0.25, "VQA_seen": 1.0}]
+    m["summary"].update(caption_retention_unseen=(0.25 + 1.0) / 2, vqa_retention=1.0, vqa_retention_unseen=0.5)
+    write_report(tmp_path, m)
+    text = (tmp_path / "report.md").read_text()
+    assert "General ability LOST where it is not scored" in text.splitlines()[2]
+    assert "prompts no method was given:** caption retention 0.625" in text
+    assert "0.500 over the questions asked in phrasings no method was given" in text
+    assert '| after c | 1.000 (0.50) | 2.000 (0.00) |' in text
+    m["summary"]["caption_retention_unseen"] = 0.95
+    write_report(tmp_path, m)
+    assert "General ability KEPT" in (tmp_path / "report.md").read_text().splitlines()[2]
