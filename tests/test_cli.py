@@ -79,7 +79,14 @@ def test_short_run_writes_metrics_in_the_schema(tmp_path):
     assert all(keys <= set(a) for a in m["general"]["after"])
     for g in [m["general"]["before"]] + m["general"]["after"]:  # shares of captions ("three" may be a bare answer
         assert 0.0 <= g["answer_leak"] <= 1.0 and 0.0 <= g["bare_answer"] <= 1.0  # that is also a caption word)
-    assert set(m["summary"]) == {"OP", "BWT", "FWT", "caption_retention"}
+    assert set(m["summary"]) == {"OP", "BWT", "FWT", "caption_retention", "caption_retention_unseen",
+                                 "vqa_retention", "vqa_retention_unseen"}
+    from piece_mm.tasks import world
+    b, a = m["general"]["before"], m["general"]["after"][-1]  # the unseen prompts' retention, from their CIDEr
+    assert set(b["unseen_prompts"]) == set(world.UNSEEN_CAPTION_PROMPTS)
+    assert m["summary"]["caption_retention_unseen"] == pytest.approx(sum(
+        a["unseen_prompts"][p]["CIDEr"] / b["unseen_prompts"][p]["CIDEr"] for p in b["unseen_prompts"]) / 3)
+    assert m["summary"]["vqa_retention"] == pytest.approx(a["VQA"] / b["VQA"])
     R = m["scores"]
     assert m["summary"]["OP"] == pytest.approx(sum(R[2]) / 2)
     assert m["summary"]["caption_retention"] == pytest.approx(
