@@ -288,7 +288,8 @@ def run(preset: str, rounds: int) -> dict:
 
 TARGETS = {"sparse_vs_floor_time": ("<=", 1.10), "sparse_vs_shira_time": ("<=", 0.90),
            "distill_vs_sparse_time": ("<=", 1.50), "distill_vs_sparse_mem": ("<=", 1.25),
-           "held_vs_sparse_time": ("<=", 2.25), "held_vs_sparse_mem": ("<=", 1.50),
+           # held rows: 1.5x the rows of the distilling step (8 held beside 16), so its bounds times 1.5
+           "held_vs_sparse_time": ("<=", 2.25), "held_vs_sparse_mem": ("<=", 1.875),
            "sparse_vs_lora_mem": ("<=", 1.00), "sparse_vs_fullft_mem": ("<=", 0.60),
            "sparse_ckpt_vs_fullft_mem": ("<=", 0.50), "sparse_ckpt_vs_fullft_ckpt_mem": ("<=", 0.50),
            "loop_vs_per_sample_fisher": (">=", 3.0), "per_sample_vs_batched_fisher": ("<=", 2.0)}
