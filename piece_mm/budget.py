@@ -204,6 +204,12 @@ def _distill_options(where, d) -> dict:
                          "the held prompts are part of the distillation term: give distill.weight > 0")
     if not isinstance(h["bank"], str) or not h["bank"]:
         raise InputError(f"{where}: distill.held.bank is {h['bank']!r}; expected a prompt bank's name or path")
+    if h["weight"] > 0:  # a bank that is missing or malformed stops the run here, before anything is written
+        from piece_mm.methods.held import load_bank
+        try:
+            load_bank(h["bank"])
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     for f in ("pool", "per_step", "earlier", "max_new_tokens"):
         v = h[f]
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "earlier" else 1):

@@ -122,6 +122,8 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
                         ({"weight": 1, "held": {"earlier_share": 1.0}}, r"distill\.held\.earlier_share is 1\.0"),
                         ({"weight": 1, "held": {"protect": -0.5}}, r"distill\.held\.protect is -0\.5"),
                         ({"weight": 1, "answers": "no"}, r"distill\.answers is 'no'"),
+                        ({"weight": 1, "held": {"weight": 1, "bank": "nope"}},
+                         r"distill\.held\.bank 'nope': prompt bank not found"),
                         ({"weight": 1, "held": {"prompts": 1}}, r"distill\.held\.prompts is not a distill\.held")]:
         with pytest.raises(InputError, match=r"^Budget: " + says):
             Budget(distill=value)

@@ -117,3 +117,15 @@ def test_protect_divides_each_score_by_its_share_of_the_held_importance():
     assert protect_scores(scores, held, 0.0)["a"].tolist() == [4.0, 2.0]  # strength 0: the ranking as it was
     zero = {n: torch.zeros_like(t) for n, t in held.items()}
     assert protect_scores(scores, zero, 5.0) is scores  # no held importance anywhere: nothing to protect
+
+
+def test_a_bad_bank_is_one_line_naming_the_file(tmp_path):
+    from piece_mm.budget import Budget
+    from piece_mm.errors import InputError
+    for text, says in [("prompts: []\n", "field 'prompts' is \\[\\]"), ("prompts: [1, 2]\n", "field 'prompts' is"),
+                       ("prompts: [a\n", "not valid YAML")]:
+        bank = tmp_path / "bank.yaml"
+        bank.write_text(text)
+        with pytest.raises(InputError, match=r"^Budget: .*bank\.yaml: " + says) as e:
+            Budget(distill={"weight": 1.0, "held": {"weight": 1.0, "bank": str(bank)}})
+        assert "\n" not in str(e.value)
