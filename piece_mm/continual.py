@@ -102,7 +102,13 @@ def _sum_gradients(opt) -> None:
     if sparse and opt.sharded:
         return
     grads = []
-    for p in (opt.compact_params() if sparse else [q for g in opt.param_groups for q in g["params"]]):
+    if sparse:
+        params = opt.compact_params()
+    elif hasattr(opt, "grad_params"):  # fp32 masters (optim.py): the model's own gradients are the ones to sum
+        params = opt.grad_params()
+    else:
+        params = [q for g in opt.param_groups for q in g["params"]]
+    for p in params:
         if p.grad is None:  # every process must send the same buffer
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)

@@ -75,7 +75,8 @@ def _minmax(values: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def probe(model, batches: list[dict], params: dict, steps: int, lr: float) -> None:
     """Fine-tune `params` in place for `steps` steps on `batches` (cycled). The caller keeps W_0 and restores it."""
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    from piece_mm import optim
+    opt = optim.adamw(list(params.values()), lr, betas=(0.9, 0.95))  # fp32 masters for bf16 weights
     device = next(iter(params.values())).device
     for step in range(steps):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[step % len(batches)].items()}

@@ -159,14 +159,15 @@ def save_tensors(tensors: dict, path) -> None:
     os.replace(tmp, path)
 
 
-def load_tensors(path) -> dict:
-    """A method's saved state (state_file); a file missing or damaged is one line that names it."""
+def load_tensors(path, device=None) -> dict:
+    """A method's saved state (state_file), on `device` (default: the CPU; a method that computes with it beside the
+    weights loads it onto theirs); a file missing or damaged is one line that names it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from piece_mm.errors import InputError
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device) if device is not None else "cpu")
     except (OSError, SafetensorError) as e:
         raise InputError(f"{path}: a method's saved state cannot be read ({str(e).splitlines()[0]})") from None
 

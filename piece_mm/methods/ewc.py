@@ -8,8 +8,9 @@ from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tenso
 from piece_mm.methods.seqft import adamw
 
 
-def load_state(path) -> dict:
-    flat = load_tensors(path)
+def load_state(path, device=None) -> dict:
+    """The Fisher and anchor of a saved state, on `device` (the weights' own: the pull multiplies them together)."""
+    flat = load_tensors(path, device)
     return {k: {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + ".")} for k in ("fisher", "anchor")}
 
 
@@ -20,8 +21,9 @@ def ewc(model, processor, task, cfg, masks=None):
     anchor are saved in <output>/ewc/, where the next task (or a resumed run) reads them."""
     tuning = Tuning(adamw(model, cfg["lr"]))
     i, lam = cfg["index"], cfg["settings"]["lambda"]  # configs/methods/ewc.yaml
-    state = load_state(state_file(cfg, "ewc", i - 1)) if i > 0 else None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(iter(params.values())).device
+    state = load_state(state_file(cfg, "ewc", i - 1), device) if i > 0 else None
     if state is not None:
         fisher, anchor = state["fisher"], state["anchor"]
 
@@ -35,7 +37,7 @@ def ewc(model, processor, task, cfg, masks=None):
         batches = (collate(processor, c) for c in dist.share([examples[i:i + 16] for i in range(0, len(examples), 16)]))
         f = estimate_importance(model, batches, "piece-f", names=list(params))
         mean = sum(float(t.sum()) for t in f.values()) / max(1, sum(t.numel() for t in f.values()))
-        f = {n: t / mean if mean > 0 else t for n, t in f.items()}
+        f = {n: (t / mean if mean > 0 else t).to(device) for n, t in f.items()}
         if state is not None:
             f = {n: t + state["fisher"][n] for n, t in f.items()}
         new = {"fisher": f, "anchor": {n: p.detach().float().clone() for n, p in params.items()}}

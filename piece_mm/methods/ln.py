@@ -1,8 +1,7 @@
 """LayerNorm tuning: only the normalisation layers are trained."""
 from __future__ import annotations
 
-import torch
-
+from piece_mm import optim
 from piece_mm.methods import Tuning, register
 
 
@@ -19,5 +18,4 @@ def ln(model, processor, task, cfg, masks=None):
     norms = set(norm_params(model))
     for n, p in model.named_parameters():
         p.requires_grad_(n in norms)
-    return Tuning(torch.optim.AdamW([p for n, p in model.named_parameters() if n in norms], lr=cfg["lr"],
-                                    weight_decay=0.0))
+    return Tuning(optim.adamw([p for n, p in model.named_parameters() if n in norms], cfg["lr"]))

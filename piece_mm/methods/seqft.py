@@ -12,6 +12,8 @@ def seqft(model, processor, task, cfg, masks=None):
     return Tuning(adamw(model, cfg["lr"]))
 
 
-def adamw(model, lr: float) -> torch.optim.AdamW:
-    """AdamW over every weight that requires a gradient, no weight decay."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+def adamw(model, lr: float) -> torch.optim.Optimizer:
+    """AdamW over every weight that requires a gradient, no weight decay; bf16 / fp16 weights get fp32 masters
+    (piece_mm/optim.py), so that updates below their resolution are not lost."""
+    from piece_mm import optim
+    return optim.adamw([p for p in model.parameters() if p.requires_grad], lr)

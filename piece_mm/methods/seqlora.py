@@ -47,7 +47,8 @@ def lora_optimizer(model, lr: float):
     """AdamW over the adapter's weights only; every other weight frozen."""
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-    return torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=lr, weight_decay=0.0)
+    from piece_mm import optim
+    return optim.adamw([p for n, p in model.named_parameters() if "lora_" in n], lr)
 
 
 @register("seqlora", prepare=inject, finish=merge_and_unload, settings=LORA)
