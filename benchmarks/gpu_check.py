@@ -5,6 +5,9 @@ downloaded), with the measured peaks (torch.cuda.max_memory_allocated) beside th
     bash benchmarks/gpu_check.sh            # on a machine with CUDA; about a minute
     python -m benchmarks.gpu_check --device cpu --preset quick --steps 3   # the same code on CPU (tests run this)
 
+Then every method of `--method` runs through the real loop (two tiny world tasks, the tiny LLaVA in bf16): each must
+finish with bf16 weights; its measured peak (CUDA) is printed beside the plan's (`--methods none` skips this).
+
 It also checks what the GPU path promises: the weights stay bf16, the chosen elements move (from their fp32 masters),
 every other weight is bit-identical after the steps, and the loss goes down. Exit 0 when all of that holds and every
 peak is within 15 % of the plan's; exit 1 otherwise, with the table."""
@@ -114,6 +117,59 @@ def run(device: str, preset: str, steps: int, checkpointing: bool) -> dict:
             "checks": checks}
 
 
+METHODS_SEQ = ("tasks:\n  - {name: color, format: world}\n  - {name: shape, format: world}\n"
+               "world: {train_examples: 16, test_examples: 4}\ngeneral: {captions: 4, vqa: 4}\n")
+
+
+def run_methods(device: str, steps: int, methods: list[str]) -> list[dict]:
+    """Every method of `--method` through the real loop (piece_mm.train.execute): the tiny LLaVA in bf16 on `device`,
+    two world tasks of `steps` steps, batch 8. Per method: whether it finished, whether the weights stayed bf16, its
+    measured peak (CUDA's counter; none on the CPU) and the plan's training peak for the same model, method and batch
+    (piece_mm.plan; the LoRA family and TRACE are not planned)."""
+    from piece_mm.plan import PLANNED, plan
+    from piece_mm.runconfig import RunConfig
+    from piece_mm.train import execute
+
+    tmp = Path(tempfile.mkdtemp())
+    seq = tmp / "two-tasks.yaml"
+    seq.write_text(METHODS_SEQ)
+    rows = []
+    for m in methods:
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0, error = time.time(), None
+        try:
+            metrics = execute(RunConfig(model="llava", method=m, tasks=str(seq), device=device, dtype="bfloat16",
+                                        steps=steps, batch_size=8, eval_limit=2, output=tmp / m, checkpoint_every=0))
+        except Exception as e:  # noqa: BLE001 - the table says which method failed and how
+            metrics, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        measured = torch.cuda.max_memory_allocated() if cuda else None
+        planned = plan("llava", m, "default", "bfloat16", 8)["peak_bytes"]["train"] if m in PLANNED else None
+        bf16 = None
+        if metrics is not None:
+            from safetensors import safe_open
+            with safe_open(str(next((tmp / m / "model").glob("*.safetensors"))), "pt") as f:
+                bf16 = all(f.get_slice(k).get_dtype() in ("BF16", "I64", "BOOL") for k in f.keys())
+        rows.append({"method": m, "ok": metrics is not None, "error": error, "weights_bf16": bf16,
+                     "seconds": round(time.time() - t0, 1), "measured": measured, "planned": planned})
+    return rows
+
+
+def report_methods(rows: list[dict]) -> str:
+    lines = ["", "every method, through the loop (tiny LLaVA, bf16, 2 tasks):", "",
+             f"{'method':<15} {'result':<8} {'bf16':<5} {'planned':>12} {'measured':>12} {'ratio':>7} {'s':>6}"]
+    for r in rows:
+        pl = f"{r['planned'] / 1e6:9.1f} MB" if r["planned"] else f"{'-':>12}"
+        me = f"{r['measured'] / 1e6:9.1f} MB" if r["measured"] else f"{'-':>12}"
+        ratio = f"{r['planned'] / r['measured']:7.2f}" if r["planned"] and r["measured"] else f"{'-':>7}"
+        lines.append(f"{r['method']:<15} {'ok' if r['ok'] else 'FAIL':<8} {str(r['weights_bf16']):<5} {pl} {me} "
+                     f"{ratio} {r['seconds']:6.1f}" + (f"  {r['error']}" if r["error"] else ""))
+    lines.append("(measured: torch.cuda.max_memory_allocated over the whole run, evaluation included; '-' on the CPU)")
+    return "\n".join(lines)
+
+
 def report(res: dict) -> str:
     lines = [f"gpu_check on {res['device']} ({res['preset']} preset, bf16, {res['chosen']:,} chosen weights, "
              f"{res['steps']} steps, {res['seconds']} s; loss {res['loss'][0]} -> {res['loss'][1]})", "",
@@ -133,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="small", choices=["small", "quick"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--methods", default="all",
+                    help="the methods to run through the loop after the sparse check: all (default), none, or a "
+                         "comma-separated list")
     ap.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -142,11 +201,23 @@ def main(argv=None) -> int:
     if args.steps < 2:
         print(f"gpu_check: --steps {args.steps}: expected at least 2", file=sys.stderr)
         return 2
+    from piece_mm.continual import METHODS
+    methods = sorted(METHODS) if args.methods == "all" else [] if args.methods == "none" else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"gpu_check: --methods: {unknown[0]!r} is not a method; known: {', '.join(sorted(METHODS))}",
+              file=sys.stderr)
+        return 2
     res = run(args.device, args.preset, args.steps, args.gradient_checkpointing)
     print(report(res))
+    res["methods"] = run_methods(args.device, args.steps, methods)
+    if methods:
+        print(report_methods(res["methods"]))
     if args.output:
         args.output.write_text(json.dumps(res, indent=1))
-    ok = all(res["checks"].values()) and all(abs(r["ratio"] - 1) <= TOLERANCE for r in res["peaks"])
+    ok = all(res["checks"].values()) and all(abs(r["ratio"] - 1) <= TOLERANCE for r in res["peaks"]) and \
+        all(r["ok"] and r["weights_bf16"] for r in res["methods"])
     return 0 if ok else 1
 
 

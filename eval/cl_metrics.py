@@ -53,7 +53,7 @@ def unseen_retention(before: dict, after: list[dict], key: str = "CIDEr") -> flo
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def summary(R, general_before: dict, general_after: list[dict]) -> dict:
+def summary(R, general_before: dict, general_after: list[dict], lead: tuple = ()) -> dict:
     """OP, BWT, FWT and caption retention; with the general set's other measures where they were taken: caption
     retention averaged over the unseen prompts, general-VQA retention, and the same over the questions asked in
     unseen phrasings (each: after the last task over before)."""
@@ -62,6 +62,9 @@ def summary(R, general_before: dict, general_after: list[dict]) -> dict:
     unseen = unseen_retention(general_before, general_after)
     if unseen is not None:
         out["caption_retention_unseen"] = unseen
+    if lead:
+        out["caption_retention_by_metric"] = {k: caption_retention(general_before, general_after, k)
+                                              for k in dict.fromkeys([*lead, "CIDEr"])}
     for key, name in (("VQA", "vqa_retention"), ("VQA_unseen", "vqa_retention_unseen")):
         if general_before.get(key) and key in general_after[-1]:
             out[name] = general_after[-1][key] / general_before[key]

@@ -183,7 +183,13 @@ def verdict(metrics: dict, reference: tuple[Path, dict] | None = None) -> list[s
         kept = "LOST where it is not scored"
     own = [R[i + 1][i] for i in range(len(tasks))]
     learned = [t for t, v in zip(tasks, own) if v >= LEARNED]
-    lines = [f"- **General ability {kept}:** caption retention {ret:.3f} (held-out CIDEr {after:.2f} after the last "
+    lines = []
+    by = s.get("caption_retention_by_metric")
+    if by:  # a recipe's own metrics first (the PIECE paper's: BLEU-1, BLEU-4, ROUGE-L), CIDEr's beside them
+        names = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4", "ROUGE_L": "ROUGE-L"}
+        lines.append("- **Caption retention by the sequence's lead metrics** (after the last task / before): " +
+                     ", ".join(f"{names.get(k, k)} {v:.3f}" for k, v in by.items()) + ".")
+    lines += [f"- **General ability {kept}:** caption retention {ret:.3f} (held-out CIDEr {after:.2f} after the last "
              f"task / {before:.2f} before; kept means ≥ {thr:.2f}, here and under the prompts no method was given "
              "where they were asked).",
              f"- **Tasks learned: {len(learned)} of {len(tasks)}** (score right after learning each, ≥ {LEARNED:g} "
@@ -215,6 +221,15 @@ def verdict(metrics: dict, reference: tuple[Path, dict] | None = None) -> list[s
     return lines
 
 
+def _summary_table(s: dict) -> list[str]:
+    """OP, BWT, FWT and caption retention: by CIDEr, or by each of the sequence's lead metrics and CIDEr."""
+    by = s.get("caption_retention_by_metric") or {"CIDEr": s["caption_retention"]}
+    heads = [f"caption retention ({k.replace('_', '-')})" for k in by]
+    return ["| OP | BWT | FWT | " + " | ".join(heads) + " |", "|---" * (3 + len(by)) + "|",
+            f"| {s['OP']:.3f} | {s['BWT']:+.3f} | {s['FWT']:+.3f} | " + " | ".join(f"{v:.3f}" for v in by.values())
+            + " |", ""]
+
+
 def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str]]] | None = None) -> None:
     """report.md (score matrix, summary, caption metrics per stage, sample captions) and the two plots."""
     out_dir = Path(out_dir)
@@ -225,8 +240,7 @@ def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str
     lines = [f"# {metrics['model']} / {metrics['method']} (seed {metrics['seed']})", "",
              *verdict(metrics, ref), "",
              f"Tasks in order: {' → '.join(tasks)}. Run time {metrics['time_s']:.0f} s (as printed at the end of the "
-             "run).", "", "## Summary", "", "| OP | BWT | FWT | caption retention (CIDEr) |", "|---|---|---|---|",
-             f"| {s['OP']:.3f} | {s['BWT']:+.3f} | {s['FWT']:+.3f} | {s['caption_retention']:.3f} |", "",
+             "run).", "", "## Summary", "", *_summary_table(s),
              "Trainable weights: " + ", ".join(f"{k} {v:,}" for k, v in metrics["trainable"].items()), "",
              "## Score matrix", "", "Row = stage, column = task evaluated, by its metric (" +
              ", ".join(f"{t}: {m}" for t, m in zip(tasks, metrics.get("task_metrics", ["exact"] * len(tasks)))) +

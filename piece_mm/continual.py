@@ -70,10 +70,14 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
     return scores, general, samples
 
 
-def make_scheduler(opt, steps: int):
-    """Cosine schedule with 10 % warmup."""
+WARMUP = 0.1  # the share of a task's steps the cosine schedule warms up over, unless the sequence's train.warmup says
+
+
+def make_scheduler(opt, steps: int, warmup: float = WARMUP):
+    """Cosine schedule with `warmup` of the steps warming up (10 %: at least one step; 0: none, as the PIECE
+    authors' recipe)."""
     from transformers import get_cosine_schedule_with_warmup
-    return get_cosine_schedule_with_warmup(opt, max(1, steps // 10), steps)
+    return get_cosine_schedule_with_warmup(opt, max(1, int(steps * warmup)) if warmup > 0 else 0, steps)
 
 
 def _fit_length(processor, seq: Sequence, max_length: int, log) -> Sequence:
@@ -250,12 +254,13 @@ class RunState:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
-def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int, steps: int,
+def run(model, processor, seq: Sequence, *, model_name: str, method: str, output: Path, seed: int,
+        steps: int | list[int],
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
         retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
-        gradient_checkpointing: bool = False, settings: dict | None = None) -> dict:
-    """The continual run. Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
+        gradient_checkpointing: bool = False, settings: dict | None = None, warmup: float = WARMUP) -> dict:
+    """The continual run. `steps` per task: one number for every task, or one per task (derived from epochs). Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
     never stopped (the caller checks it with check_resume first).
@@ -275,7 +280,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         seq = _fit_length(processor, seq, max_length, log if dist.is_main() else (lambda _: None))
     config = run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, [t.name for t in seq.tasks],
                         budget, clip.name if clip is not None else None, dtype=str(next(model.parameters()).dtype),
-                        generation=seq.generation)
+                        generation=seq.generation, warmup=warmup)
     if settings:  # a method's constants change its numbers: a resumed run keeps them
         config["settings"] = settings
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
@@ -286,7 +291,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                  batch_size=batch_size,
                  lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
                  spice=spice, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
-                 gradient_checkpointing=gradient_checkpointing, settings=settings)
+                 gradient_checkpointing=gradient_checkpointing, settings=settings, warmup=warmup)
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if m.prepare is not None:  # adapters: the checkpoints hold the adapted model
         m.prepare(model, settings)
@@ -310,7 +315,8 @@ class _Loop:
 
     def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, about, log, seed, steps,
                  batch_size, lr, budget, eval_limit, eval_batch_size, clip, spice, checkpoint_every, grad_accum,
-                 gradient_checkpointing, settings):
+                 gradient_checkpointing, settings, warmup=WARMUP):
+        self.warmup = warmup
         self.model, self.processor, self.seq, self.method, self.output = model, processor, seq, method, output
         self.log, self.seed, self.steps, self.batch_size, self.budget = log, seed, steps, batch_size, budget
         self.eval_limit, self.eval_batch_size, self.checkpoint_every = eval_limit, eval_batch_size, checkpoint_every
@@ -371,15 +377,18 @@ class _Loop:
         self.elapsed = st.time_s - t0
         return st
 
+    def steps_of(self, i: int) -> int:
+        return self.steps[i] if isinstance(self.steps, (list, tuple)) else self.steps
+
     def tune(self, st: RunState, i: int) -> None:
         """Task i: build (or rebuild, resumed) what the method trains, train, evaluate, checkpoint."""
-        task, steps, model = self.seq.tasks[i], self.steps, self.model
+        task, steps, model = self.seq.tasks[i], self.steps_of(i), self.model
         mask_file = self.output / "masks" / f"{i + 1}-{task.name}.safetensors"
-        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task}
+        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task, "steps": steps}
         if st.in_task:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
             tuning = self.method.for_task(model, self.processor, task, cfg,
                                           masks=load_masks(mask_file) if self.method.sparse else None)
-            sched = make_scheduler(tuning.optimizer, steps)
+            sched = make_scheduler(tuning.optimizer, steps, self.warmup)
             if self.train_state["optimizer"] is not None:
                 tuning.optimizer.load_state_dict(self.train_state["optimizer"])
                 sched.load_state_dict(self.train_state["scheduler"])
@@ -388,7 +397,7 @@ class _Loop:
         else:
             torch.manual_seed(self.seed * 1000 + i)
             tuning = self.method.for_task(model, self.processor, task, cfg)
-            sched = make_scheduler(tuning.optimizer, steps)
+            sched = make_scheduler(tuning.optimizer, steps, self.warmup)
             start = 0
             self._chosen(st, task, tuning, mask_file)
             st.task, st.step, st.in_task = i, 0, True
@@ -456,9 +465,11 @@ class _Loop:
         metrics = {"model": model_name, "method": self.method.name, "seed": self.seed, "tasks": names,
                    "task_metrics": [t.metric for t in self.seq.tasks], "scores": st.R,
                    "general": {"before": st.before, "after": st.after},
-                   "summary": summary(st.R, st.before, st.after), "trainable": st.trainable,
+                   "summary": summary(st.R, st.before, st.after, self.seq.lead_metrics), "trainable": st.trainable,
                    "time_s": self.elapsed + time.time(), "parameters": parameters,
                    "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
+        if self.seq.lead_metrics:
+            metrics["lead_metrics"] = list(self.seq.lead_metrics)
         if st.optimizer_bytes:  # per process, the most any task needed (sparse methods)
             metrics["optimizer_state_bytes"] = {"per_process": st.optimizer_bytes, "processes": dist.world(),
                                                 "sharded": self.sharded}
@@ -473,13 +484,15 @@ class _Loop:
 
 
 def run_config(model_name, method, seed, steps, batch_size, lr, eval_limit, task_names, budget, clip=None,
-               dtype=None, generation=None) -> dict:
+               dtype=None, generation=None, warmup=WARMUP) -> dict:
     """What a resumed run must share with the run it continues (as JSON would hold it). dtype (the weights', e.g.
     "torch.bfloat16") is checked once the model is loaded; None leaves it out of the comparison."""
     config = {"model": model_name, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
               "lr": lr, "eval_limit": eval_limit, "tasks": task_names, "budget": budget, "clip": clip}
     if dtype is not None:
         config["dtype"] = dtype
+    if warmup != WARMUP:  # a recipe's own schedule (older runs had none of this key)
+        config["warmup"] = warmup
     if generation is not None:
         config["generation"] = generation
     return json.loads(json.dumps(config))

@@ -30,7 +30,9 @@ from piece_mm.errors import InputError
 from piece_mm.select import budget_arg, component_k, load_budget
 
 SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1}  # fp32 score tensors kept
-PLANNED = tuple(SPARSE) + ("seqft",)
+# methods that tune whole weights with AdamW (optim.py: fp32 masters for bf16 / fp16 weights); ln only the norms
+DENSE = ("seqft", "replay", "multitask", "migu", "lwf", "ewc", "ln")
+PLANNED = tuple(SPARSE) + DENSE
 GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")
 # per selected element: fp32 master (the compact copy), its fp32 gradient, Adam's two fp32 moments, an int64 index
 SPARSE_STATE_BYTES = 4 + 4 + 4 + 4 + 8
@@ -243,7 +245,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
                     ("--num-processes", num_processes)):
         if v is not None and v <= 0:
             raise InputError(f"{flag} {v}: expected a positive integer")
-    if fsdp and method == "seqft":
+    if fsdp and method in DENSE:
         raise InputError("--fsdp: planned for the sparse methods (piece_mm runs only those on FSDP2 shards)")
     if fsdp and num_processes < 2:
         raise InputError(f"--num-processes {num_processes}: FSDP2 shards over 2 or more")
@@ -289,14 +291,8 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
            "processes": n_proc, "fsdp": fsdp, "batch_per_process": batch_size,
            "image": {k: v for k, v in img.items() if k != "family"}, "gradient_checkpointing": gradient_checkpointing,
            "components": components, "total": {"parameters": total, "eligible": eligible, "selected": selected}}
-    if method == "seqft":  # full fine-tuning: every weight, its gradient and AdamW's two moments in the weights' dtype
-        trainable = set(named)
-        act = _trace(m, config, img, batch_size, seq, trainable, False, gradient_checkpointing, dt)
-        state = 2 * total * width
-        out["bytes"] = {"weights": weights, "gradients": total * width, "score_sums": 0, "optimizer_state": state,
-                        "activations_train": act}
-        out["peak_bytes"] = {"score": 0, "train": weights + state + act}  # act holds the gradients as they appear
-        return out
+    if method in DENSE:
+        return _dense(out, m, config, img, batch_size, seq, gradient_checkpointing, dt, method, b)
     budgeted = [c for c in COMPONENTS if b["pool"] != "component" or float(arg.get(c, 0.0)) > 0]
     scored = {n for c in (budgeted if method in GRADIENT_SCORES else COMPONENTS) for n in parts[c]}
     score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
@@ -332,6 +328,35 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     out["held_rows"] = held_rows
     out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
     out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
+    return out
+
+
+def _dense(out: dict, m, config, img, batch_size, seq, checkpointing, dt, method, b) -> dict:
+    """The plan of a method that tunes whole weights: the weights, their gradients (kept until the step), AdamW's
+    two fp32 moments and, for bf16 / fp16 weights, the fp32 masters and the step's fp32 copy of the gradients
+    (piece_mm/optim.py); EWC adds its fp32 Fisher and anchor, LwF a frozen copy of the model (its teacher) and the
+    teacher's forward with the fp32 KL. ln tunes the normalisation layers only; replay, multitask and MIGU tune like
+    SeqFT (MIGU's row masks are one bool per output row)."""
+    from piece_mm.methods.ln import norm_params
+    named = dict(m.named_parameters())
+    trainable = set(norm_params(m)) if method == "ln" else set(named)
+    n = sum(named[k].numel() for k in trainable)
+    width = torch.empty((), dtype=dt).element_size()
+    low = dt in (torch.bfloat16, torch.float16)
+    weights = sum(p.numel() for p in m.parameters()) * width
+    distill = None
+    if method == "lwf":
+        from piece_mm.methods import load_settings
+        distill = load_settings("lwf")["temperature"]
+    act = _trace(m, config, img, batch_size, seq, trainable, False, checkpointing, dt, distill)
+    state = n * (8 + (4 if low else 0))  # two fp32 moments (+ the fp32 master)
+    extra = {"ewc": 8 * n, "lwf": weights}.get(method, 0)  # EWC: Fisher + anchor; LwF: the teacher's weights
+    transient = 4 * n if low else 0  # the step's fp32 gradients, beside the weights' own
+    out["bytes"] = {"weights": weights, "gradients": n * width, "score_sums": 0, "optimizer_state": state,
+                    "method_state": extra, "activations_train": act}
+    out["total"]["selected"] = n
+    out["peak_bytes"] = {"score": 0, "train": weights + state + extra + act + transient}  # act holds the gradients
+    out["distill"] = bool(distill)
     return out
 
 
@@ -372,7 +397,15 @@ def render(p: dict) -> str:
               f"{'activations and live gradients':<34} {_gb(by.get('activations_score', 0)):>10} "
               f"{_gb(by['activations_train']):>10}",
               f"{'estimated peak':<34} {_gb(p['peak_bytes']['score']):>10} {_gb(p['peak_bytes']['train']):>10}"]
-    if p["method"] != "seqft":
+    if p["method"] in DENSE:
+        low = p["dtype"] in ("bfloat16", "float16")
+        lines.append(f"tuned whole: {p['total']['selected']:,} weights; optimizer state = AdamW's two fp32 moments"
+                     + (", the fp32 masters (piece_mm/optim.py) and, during the step, an fp32 copy of the gradients"
+                        if low else ""))
+        if by.get("method_state"):
+            lines.append(f"{'EWC Fisher + anchor (fp32)' if p['method'] == 'ewc' else 'LwF teacher (a model copy)'}: "
+                         f"{_gb(by['method_state'])} GB, in the training peak")
+    else:
         where = "in host memory (score_memory: host), not in the peak" if p["score_memory"] == "host" else \
             f"counted on the GPU; in host memory (score_memory: host) the scoring peak is " \
             f"{_size(p['peak_bytes_sums_on_host']['score'])}"

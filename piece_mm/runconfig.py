@@ -16,13 +16,16 @@ from piece_mm.errors import InputError
 class RunConfig:
     model: str = "llava"  # an alias, a local checkpoint dir, or a cached HF id
     method: str = "piece-f"
-    budget: str = "default"  # budget YAML, or a name in configs/budgets (sparse methods)
+    budget: str | None = None  # budget YAML, or a name in configs/budgets (sparse methods); None: the sequence's
+    # train.budget, else "default"
     tasks: str = "world"  # sequence YAML, or a name in configs/sequences
     output: Path | None = None  # default: runs/<model>-<method>-<time>
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None  # auto, float32, bfloat16, float16; None: bfloat16 on CUDA, float32 elsewhere
-    steps: int | None = None  # default: the budget's (sparse methods), else the sequence's train.steps
+    data_root: str | None = None  # what a `paths: data-root` sequence's paths are relative to; None: the env's
+    steps: int | None = None  # default: from epochs, else the budget's (sparse methods), else the sequence's
+    epochs: float | None = None  # passes over each task's examples (steps derived); default: the sequence's
     lr: float | None = None  # default: the budget's (sparse methods), else the sequence's train.lr
     batch_size: int | None = None  # default: the sequence's train.batch_size
     grad_accum: int = 1
@@ -53,6 +56,7 @@ class RunConfig:
                      "caption_max_new_tokens", "answer_max_new_tokens"):
             _positive(name, getattr(self, name), int)
         _positive("lr", self.lr, float)
+        _positive("epochs", self.epochs, float)
         _positive("retention_threshold", self.retention_threshold, float)
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every: {self.checkpoint_every!r}; expected 0 or a positive int")

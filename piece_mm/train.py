@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -30,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="llava",
                     help=f"an alias ({', '.join(ALIASES)}), a local checkpoint dir, or a cached HF id (default: llava)")
     ap.add_argument("--method", default="piece-f", help=f"one of: {', '.join(sorted(METHODS))} (default: piece-f)")
-    ap.add_argument("--budget", default="default",
+    ap.add_argument("--budget",
                     help=f"budget YAML for the sparse methods, or a name in configs/budgets: {_names('budgets')} "
-                         "(default: default)")
+                         "(default: the sequence's train.budget, else default)")
     ap.add_argument("--tasks", default="world",
                     help=f"sequence YAML, or a name in configs/sequences: {_names('sequences')} (default: world)")
     ap.add_argument("--output", type=Path, help="run directory (default: runs/<model>-<method>-<time>)")
@@ -44,11 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                     help="weights' dtype: auto = the checkpoint's own (default: bfloat16 on CUDA, float32 on CPU); "
                          "the sparse optimizer keeps float32 master copies of the tuned weights either way")
-    ap.add_argument("--steps", type=int, help="optimizer steps per task (default: the budget's steps for sparse "
-                                               "methods, else the sequence's train.steps)")
+    ap.add_argument("--data-root", help="the directory a recipe's paths are relative to (configs/sequences with "
+                                        "'paths: data-root', e.g. paper-vqav2; docs/paper.md); default: "
+                                        "$PIECE_MM_DATA_ROOT")
+    ap.add_argument("--steps", type=int, help="optimizer steps per task (default: from --epochs or the sequence's "
+                                               "train.epochs, else the budget's steps for sparse methods, else the "
+                                               "sequence's train.steps)")
+    ap.add_argument("--epochs", type=float, help="passes over each task's training examples: its steps are "
+                                                 "ceil(examples x epochs / batch size), the batch size being the "
+                                                 "effective one (--grad-accum splits it) (default: the sequence's "
+                                                 "train.epochs)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the budget's lr for sparse methods, else the "
                                              "sequence's train.lr)")
-    ap.add_argument("--batch-size", type=int, help="training batch size (default: the sequence's train.batch_size)")
+    ap.add_argument("--batch-size", type=int, help="effective training batch size: the examples of one optimizer "
+                                                    "step, over every process and micro-batch (default: the "
+                                                    "sequence's train.batch_size)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="micro-batches per optimizer step: each step's batch is split into N, with the same examples "
                          "and (up to rounding) the same gradient, in about 1/N of the activation memory (default: 1)")
@@ -271,18 +282,29 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
         if device.startswith("cuda"):
             device = str(group.device)  # one GPU per process
     with from_data():  # tasks/ says what is wrong with a file as a ValueError
-        seq = with_generation(load_sequence(cfg.tasks, seed=cfg.seed), caption_prompt=cfg.caption_prompt,
+        seq = with_generation(load_sequence(cfg.tasks, seed=cfg.seed, data_root=cfg.data_root),
+                              caption_prompt=cfg.caption_prompt,
                               caption_max_new_tokens=cfg.caption_max_new_tokens,
                               answer_max_new_tokens=cfg.answer_max_new_tokens)
-    budget = load_budget(cfg.budget) if cfg.method in SPARSE_METHODS else None
+    budget_name = cfg.budget or seq.train.get("budget", "default")  # a recipe names its own (paper-vqav2.yaml)
+    budget = load_budget(budget_name) if cfg.method in SPARSE_METHODS else None
     settings = load_settings(cfg.method, cfg.method_config)
     if sharding == "fsdp2" and budget["score_batch_size"] == 1:
         raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
                          "parameters; on FSDP2 shards use 2 or more")
-    steps = cfg.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
     batch_size = cfg.batch_size or int(seq.train.get("batch_size", 16))
+    epochs = None if cfg.steps else (cfg.epochs or seq.train.get("epochs"))
+    if epochs:  # the recipe's way: passes over each task's examples at the effective batch
+        steps = [max(1, math.ceil(len(t.train) * epochs / batch_size)) for t in seq.tasks]
+        if cfg.max_steps:
+            steps = [min(n, cfg.max_steps) for n in steps]
+        if len(set(steps)) == 1:
+            steps = steps[0]
+    else:
+        steps = cfg.steps or (budget or {}).get("steps") or int(seq.train.get("steps", 150))
+        if cfg.max_steps:
+            steps = min(steps, cfg.max_steps)
+    warmup = float(seq.train.get("warmup", 0.1))
     if batch_size < dist.world() * cfg.grad_accum:
         raise InputError(f"--batch-size {batch_size}: split into --grad-accum {cfg.grad_accum} micro-batches on "
                          f"{dist.world()} process(es); expected at least {dist.world() * cfg.grad_accum}")
@@ -308,7 +330,7 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
     found = checkpoint.load(output) if cfg.resume else None
     if found is not None:
         now = run_config(cfg.model, cfg.method, cfg.seed, steps, batch_size, lr, cfg.eval_limit,
-                         [t.name for t in seq.tasks], budget, clip.name if clip else None)
+                         [t.name for t in seq.tasks], budget, clip.name if clip else None, warmup=warmup)
         check_resume(found[0], now | ({"settings": settings} if settings else {}), output)
     torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
     torch.manual_seed(cfg.seed)
@@ -331,14 +353,21 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
         (output / RUN_ARGS).write_text(json.dumps(record, indent=1))
     via = f" (budget {budget['path']})" if budget else ""
     if main_process:
+        each = f"{steps} steps" if isinstance(steps, int) else f"{'/'.join(map(str, steps))} steps"
         print(f"{cfg.model} / {cfg.method}{via}: {len(seq.tasks)} tasks "
-              f"({', '.join(t.name for t in seq.tasks)}), {steps} steps x batch {batch_size} at lr {lr:g}"
+              f"({', '.join(t.name for t in seq.tasks)}), {each} x batch {batch_size} at lr {lr:g}"
               + (f" over {dist.world()} processes" if dist.world() > 1 else "") + f" -> {output}", flush=True)
+        if epochs:
+            sizes = sorted({len(t.train) for t in seq.tasks})
+            print(f"  {epochs:g} epochs of {'/'.join(map(str, sizes))} examples per task at effective batch "
+                  f"{batch_size} ({batch_size // (cfg.grad_accum * dist.world())} per micro-batch x {cfg.grad_accum} "
+                  f"accumulated x {dist.world()} process(es)); lr schedule cosine, warmup {warmup:g} of the steps",
+                  flush=True)
     # a bad checkpoint or a resume with other flags raises InputError here: nothing is overwritten
     metrics = run(model, processor, seq, model_name=cfg.model, method=cfg.method, output=output,
                   seed=cfg.seed, steps=steps, batch_size=batch_size, lr=lr, eval_limit=cfg.eval_limit,
                   budget=budget, log=lambda s: print(s, flush=True) if main_process else None,
-                  checkpoint_every=cfg.checkpoint_every,
+                  checkpoint_every=cfg.checkpoint_every, warmup=warmup,
                   resume_from=found, clip=clip, spice=cfg.corenlp or seq.corenlp or True,
                   retention_threshold=cfg.retention_threshold, grad_accum=cfg.grad_accum,
                   max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing, settings=settings)

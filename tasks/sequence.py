@@ -17,13 +17,25 @@ GENERATION_DEFAULTS = {"caption_prompt": "describe the image", "caption_max_new_
                        "answer_max_new_tokens": 8}
 # each format's split keys (required, optional); paths are relative to the sequence YAML
 SPLIT_KEYS = {"llava-json": (("data",), ("images", "limit")),
-              "vqa-v2": (("questions", "annotations", "images"), ("limit",)),
+              "vqa-v2": (("questions", "annotations", "images"), ("limit", "sample")),
               "hf-dataset": (("path",), ("split", "limit"))}
 GENERAL_KEYS = {"world": ("captions", "vqa"), "coco-captions": ("data", "images", "limit"),
                 "karpathy": ("data", "images", "split", "limit")}
 # every general format may name caption prompts that no method is given (the world's are world.UNSEEN_CAPTION_PROMPTS)
 UNSEEN_KEY = "unseen_prompts"
 TASK_KEYS = {"name", "format", "train", "test", "metric", "question_types", "columns"}
+TOP_KEYS = {"tasks", "world", "general", "train", "paths"}
+# `paths: data-root`: the file's paths are relative to --data-root DIR (or $PIECE_MM_DATA_ROOT), not to the file, so
+# that a recipe (configs/sequences/paper-vqav2.yaml) names the official downloads' own layout
+DATA_ROOT_ENV = "PIECE_MM_DATA_ROOT"
+# the sequence's train: section, the CLI's defaults: {key: (kind, check, what it must be)}
+TRAIN_KEYS = {"steps": (int, lambda v: v > 0, "a positive integer"),
+              "batch_size": (int, lambda v: v > 0, "a positive integer"),
+              "lr": (float, lambda v: v > 0, "a positive number"),
+              "epochs": (float, lambda v: v > 0, "a positive number"),
+              "warmup": (float, lambda v: 0 <= v < 1, "a number >= 0 and < 1 (the share of a task's steps)"),
+              "budget": (str, lambda v: bool(v.strip()), "a budget name or YAML")}
+LEAD_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")  # eval.captioning's
 
 
 @dataclass
@@ -47,6 +59,8 @@ class Sequence:
     # the general captions are also asked under these prompts, which no method is given (world.py says why)
     unseen_prompts: tuple = ()
     vqa_unseen: tuple = ()  # per general-VQA example: asked in a phrasing no method is given
+    lead_metrics: tuple = ()  # caption metrics whose retention report.md leads with (general.lead_metrics)
+    data_root: Path | None = None  # what the paths are relative to, for a `paths: data-root` file
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -60,7 +74,33 @@ def resolve_path(name: str | Path) -> Path:
     raise ValueError(f"--tasks {str(name)!r}: sequence file not found")
 
 
-def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
+def resolve_root(path: Path, cfg: dict, data_root) -> tuple[Path, Path | None]:
+    """(what the file's paths are relative to, the data root if it uses one). A `paths: data-root` file needs
+    `data_root` (the --data-root flag) or $PIECE_MM_DATA_ROOT; any other file's paths are relative to itself, and a
+    data root given for it is refused rather than ignored."""
+    import os
+    mode = cfg.get("paths", "file")
+    if mode not in ("file", "data-root"):
+        raise ValueError(f"{path}: field 'paths' is {mode!r}; expected data-root (paths relative to --data-root) or "
+                         "file (relative to this file, the default)")
+    if mode == "file":
+        if data_root is not None:
+            raise ValueError(f"--data-root {str(data_root)!r}: {path} has its paths relative to itself (it has no "
+                             "'paths: data-root')")
+        return path.parent, None
+    given = "--data-root"
+    if data_root is None and os.environ.get(DATA_ROOT_ENV):
+        data_root, given = os.environ[DATA_ROOT_ENV], f"${DATA_ROOT_ENV}"
+    if data_root is None:
+        raise ValueError(f"{path}: its paths are relative to a data root; give --data-root DIR (or set "
+                         f"{DATA_ROOT_ENV}), the directory that holds vqav2/, coco/ and flickr30k/ (docs/paper.md)")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{given} {str(data_root)!r}: directory not found")
+    return root, root
+
+
+def load_sequence(name: str | Path, seed: int = 0, data_root: str | Path | None = None) -> Sequence:
     path = resolve_path(name)
     try:
         with open(path) as f:
@@ -74,10 +114,13 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), list) or not cfg["tasks"]:
         raise ValueError(f"{path}: field 'tasks' must be a non-empty list")
+    unknown = sorted(set(cfg) - TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TOP_KEYS))}")
+    root, data_root = resolve_root(path, cfg, data_root)
     w = cfg.get("world") or {}
     n_train, n_test = _positive(path, "world.train_examples", w.get("train_examples", 1000)), \
         _positive(path, "world.test_examples", w.get("test_examples", 200))
-    root = path.parent
     tasks, names = [], set()
     for i, t in enumerate(cfg["tasks"]):
         at = f"{path}: tasks[{i}]"
@@ -106,7 +149,7 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     if not isinstance(g, dict):
         raise ValueError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")
     gfmt = g.get("format", "world")
-    common = ("format", "corenlp", UNSEEN_KEY, *GENERATION_DEFAULTS)
+    common = ("format", "corenlp", UNSEEN_KEY, "lead_metrics", *GENERATION_DEFAULTS)
     unknown = sorted(set(g) - set(common) - set(GENERAL_KEYS.get(gfmt, ())))
     if gfmt in GENERAL_KEYS and unknown:
         raise ValueError(f"{path}: general: unknown field {unknown[0]!r} for format {gfmt}; known: "
@@ -140,6 +183,17 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
         raise ValueError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
+    for key, value in train.items():
+        if key not in TRAIN_KEYS:
+            raise ValueError(f"{path}: train: unknown field {key!r}; known: {', '.join(TRAIN_KEYS)}")
+        kind, ok, what = TRAIN_KEYS[key]
+        good = isinstance(value, str) if kind is str else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)))
+        if not good or not ok(value):
+            raise ValueError(f"{path}: train.{key} is {value!r}; expected {what}")
+    lead = g.get("lead_metrics", [])
+    if not isinstance(lead, list) or not all(k in LEAD_KEYS for k in lead):
+        raise ValueError(f"{path}: general.lead_metrics is {lead!r:.80}; expected a list of {', '.join(LEAD_KEYS)}")
     if UNSEEN_KEY in g:
         unseen = g[UNSEEN_KEY]
         if not isinstance(unseen, list) or not all(isinstance(p, str) and p.strip() for p in unseen):
@@ -151,7 +205,7 @@ def load_sequence(name: str | Path, seed: int = 0) -> Sequence:
         raise ValueError(f"{path}: general.{UNSEEN_KEY}: {seen[0]!r} is a task's prompt, so a method is given it")
     vqa_unseen = tuple(world.unseen_question(ex.prompt) for ex in vqa)
     return Sequence(path, tasks, captions, vqa, train, gfmt, corenlp, generation,
-                    _unseen(unseen, generation["caption_prompt"]), vqa_unseen)
+                    _unseen(unseen, generation["caption_prompt"]), vqa_unseen, tuple(dict.fromkeys(lead)), data_root)
 
 
 def _unseen(prompts, caption_prompt: str) -> tuple:
@@ -218,12 +272,18 @@ def _load_split(fmt: str, t: dict, split: str, root: Path, at: str) -> list[Exam
         raise ValueError(f"{at}: unknown field {unknown[0]!r}; known: {', '.join(required + optional)}")
     p = {k: _file(root, _required(at, spec, k), f"{at}.{k}") for k in required}
     limit = _limit(at, spec)
+    sample = spec.get("sample")
+    if sample is not None:
+        if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
+            raise ValueError(f"{at}.sample is {sample!r}; expected a positive integer")
+        if limit is not None:
+            raise ValueError(f"{at}: give limit (the first N) or sample (N drawn at random), not both")
     if fmt == "llava-json":
         images = _file(root, spec["images"], f"{at}.images") if "images" in spec else None
         out = llava_json.load(p["data"], images, limit)
     elif fmt == "vqa-v2":
         types = vqa_v2.resolve_types(t.get("question_types"), at.rsplit(".", 1)[0])
-        out = vqa_v2.load(p["questions"], p["annotations"], p["images"], types, at, limit)
+        out = vqa_v2.load(p["questions"], p["annotations"], p["images"], types, at, limit, sample)
     else:
         columns = t.get("columns") or {}
         if not isinstance(columns, dict) or set(columns) - set(hf_dataset.COLUMNS):

@@ -2,7 +2,7 @@
 {"annotations": [{question_id, image_id, question_type, answers: [{answer}], ...}]}, with the COCO images.
 
 A task keeps the questions of some question types: VQACL group names (configs/vqacl_groups.yaml) or raw
-`question_type` strings. The training target is the most common of the ten answers; the `vqa` metric scores a
+`question_type` strings; all of them, the first `limit`, or a fixed random `sample`. The training target is the most common of the ten answers; the `vqa` metric scores a
 prediction against all of them."""
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ def resolve_types(wanted, where: str) -> set[str] | None:
     return {t for w in wanted for t in groups().get(w, [w])}
 
 
-def _image_index(images: Path, where: str) -> dict[int, Path]:
-    """COCO image id -> file, from the trailing digits of each file name (COCO_val2014_000000000042.jpg -> 42)."""
-    if not images.is_dir():
-        raise ValueError(f"{where}.images: directory {str(images)!r} not found")
+@lru_cache(maxsize=8)
+def _image_index_cached(images: Path, stamp: int) -> dict[int, Path]:
     out = {}
     for f in images.iterdir():
         m = re.search(r"(\d+)$", f.stem)
@@ -46,39 +44,76 @@ def _image_index(images: Path, where: str) -> dict[int, Path]:
     return out
 
 
-def load(questions: Path, annotations: Path, images: Path, types: set[str] | None, where: str,
-         limit: int | None = None) -> list[Example]:
-    qs = records(questions, ("questions",), "questions file")["questions"]
-    anns = records(annotations, ("annotations",), "annotations file")["annotations"]
-    by_id = {}
-    for a in anns:
-        by_id[field(annotations, a, "question_id", (int, str))] = a
-    index = _image_index(images, where)
-    known_types, checked = set(), set()
+def _image_index(images: Path, where: str) -> dict[int, Path]:
+    """COCO image id -> file, from the trailing digits of each file name (COCO_val2014_000000000042.jpg -> 42); read
+    once per directory (COCO's train2014 holds 82,783 files, which every task of a sequence shares)."""
+    if not images.is_dir():
+        raise ValueError(f"{where}.images: directory {str(images)!r} not found")
+    return _image_index_cached(images.resolve(), images.stat().st_mtime_ns)
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat() if path.is_file() else None
+    return (str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0)
+
+
+@lru_cache(maxsize=4)
+def _questions(key: tuple) -> list[tuple]:
+    """[(where, question_id, image_id, question)] of a questions file, each record checked; read once per file (the
+    official train file is 300k questions, shared by every task of a sequence)."""
+    path = Path(key[0])
     out = []
-    for q in qs:
-        qid = field(questions, q, "question_id", (int, str))
+    for q in records(path, ("questions",), "questions file")["questions"]:
+        out.append((q.where, field(path, q, "question_id", (int, str)), field(path, q, "image_id", int),
+                    field(path, q, "question", str)))
+    return out
+
+
+@lru_cache(maxsize=4)
+def _annotations(key: tuple) -> dict:
+    """{question_id: (where, question_type, answers)} of an annotations file, each record checked; read once per
+    file."""
+    path = Path(key[0])
+    out = {}
+    for a in records(path, ("annotations",), "annotations file")["annotations"]:
+        qid = field(path, a, "question_id", (int, str))
+        qtype = field(path, a, "question_type", str)
+        answers = field(path, a, "answers", list, "a list of {answer}")
+        if not answers or not all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in answers):
+            raise ValueError(f"{path}: {a.where}: field 'answers' is {answers!r:.60}; expected a non-empty "
+                             "list of {answer: string}")
+        out[qid] = (a.where, qtype, tuple(x["answer"] for x in answers))
+    return out
+
+
+def load(questions: Path, annotations: Path, images: Path, types: set[str] | None, where: str,
+         limit: int | None = None, sample: int | None = None) -> list[Example]:
+    """The questions of the chosen types, with their answers and images: the first `limit` in file order, or
+    `sample` of them drawn at random with a fixed seed (the same draw for every run, method and seed, as the PIECE
+    authors' fixed 1,000-example files), kept in file order."""
+    qs, by_id = _questions(_stamp(questions)), _annotations(_stamp(annotations))
+    known_types = {a[1] for a in by_id.values()}
+    kept = []
+    for q_where, qid, image_id, text in qs:
         a = by_id.get(qid)
         if a is None:
-            raise ValueError(f"{questions}: {q.where}: question_id {qid!r} has no annotation in {annotations}")
-        qtype = field(annotations, a, "question_type", str)
-        known_types.add(qtype)
-        if types is not None and qtype not in types:
-            continue
-        if limit is not None and len(out) >= limit:
-            continue  # keep reading: every question must still have its annotation
-        text = field(questions, q, "question", str)
-        answers = field(annotations, a, "answers", list, "a list of {answer}")
-        if not answers or not all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in answers):
-            raise ValueError(f"{annotations}: {a.where}: field 'answers' is {answers!r:.60}; expected a non-empty "
-                             "list of {answer: string}")
-        image_id = field(questions, q, "image_id", int)
+            raise ValueError(f"{questions}: {q_where}: question_id {qid!r} has no annotation in {annotations}")
+        if types is None or a[1] in types:
+            kept.append((q_where, image_id, text, a[2]))
+    if sample is not None and len(kept) > sample:
+        import random
+        chosen = sorted(random.Random(0).sample(range(len(kept)), sample))
+        kept = [kept[i] for i in chosen]
+    elif limit is not None:
+        kept = kept[:limit]
+    index = _image_index(images, where)
+    checked, out = set(), []
+    for q_where, image_id, text, words in kept:
         if image_id not in index:
-            raise ValueError(f"{questions}: {q.where}: image {image_id} not found in {images}")
+            raise ValueError(f"{questions}: {q_where}: image {image_id} not found in {images}")
         if image_id not in checked:  # an image serves several questions: check it once
-            check_image(index[image_id], f"{questions}: {q.where}")
+            check_image(index[image_id], f"{questions}: {q_where}")
             checked.add(image_id)
-        words = tuple(x["answer"] for x in answers)
         out.append(Example(index[image_id], text, most_common_answer(words), answers=words))
     if types is not None:
         unknown = sorted(t for t in types - known_types if t not in {x for v in groups().values() for x in v})

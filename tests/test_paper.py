@@ -1,0 +1,98 @@
+"""The paper's recipes (configs/sequences/paper-vqav2.yaml, vqacl-10.yaml) on a data root in the official formats
+(tests/paperdata.py): what they load, the steps they derive, the errors a wrong root gives, and (slow) each recipe end
+to end on the tiny model."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from piece_mm.tasks.sequence import load_sequence
+from tests import paperdata
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return paperdata.make(tmp_path_factory.mktemp("paper"))
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", "llava", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("recipe, n_tasks", [("paper-vqav2", 3), ("vqacl-10", 10)])
+def test_recipe_loads_the_official_layout(root, recipe, n_tasks):
+    seq = load_sequence(recipe, data_root=root)
+    assert len(seq.tasks) == n_tasks and seq.data_root == root
+    groups = yaml.safe_load(open("configs/vqacl_groups.yaml"))
+    for t in seq.tasks:
+        qtype = paperdata.QUESTIONS[t.name][0]
+        assert qtype in groups[t.name]  # the fixture asks each group one of its own question types
+        assert len(t.train) == paperdata.SIZES["train"] and len(t.test) == paperdata.SIZES["val"]
+        assert all("train2014" in str(ex.image) for ex in t.train) and all("val2014" in str(ex.image) for ex in t.test)
+        assert all(len(ex.answers) == 10 for ex in t.test) and t.metric == "vqa"
+    assert len(seq.captions) == paperdata.FLICKR and seq.captions[0].prompt == "Give a short description of the image."
+    assert seq.lead_metrics == ("BLEU_1", "BLEU_4", "ROUGE_L")
+    assert seq.train == {"budget": "paper-global", "epochs": 5, "batch_size": 128, "warmup": 0.0}
+
+
+def test_sample_is_a_fixed_draw_in_file_order(root, tmp_path):
+    """`sample: N` draws N of the kept questions at random, the same N every time, kept in file order."""
+    recipe = yaml.safe_load(open("configs/sequences/paper-vqav2.yaml"))
+    recipe["tasks"] = recipe["tasks"][:1]
+    recipe["tasks"][0]["train"]["sample"] = 5
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    every = load_sequence("paper-vqav2", data_root=root).tasks[0].train
+    a, b = (load_sequence(path, data_root=root, seed=s).tasks[0].train for s in (0, 1))
+    assert len(a) == 5 and [e.image for e in a] == [e.image for e in b]
+    where = [next(i for i, e in enumerate(every) if e.image == x.image) for x in a]
+    assert where == sorted(where) and where != list(range(5))  # a draw, not the first five
+    recipe["tasks"][0]["train"]["limit"] = 3
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="not both"):
+        load_sequence(path, data_root=root)
+
+
+def test_bad_data_root_is_one_line_before_the_model_loads(root, tmp_path):
+    out = tmp_path / "run"
+    cases = [((), "give --data-root DIR"), (("--data-root", tmp_path / "nope"), "directory not found")]
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    (broken / "vqav2" / "v2_mscoco_val2014_annotations.json").unlink()
+    cases.append((("--data-root", broken), "v2_mscoco_val2014_annotations.json' not found"))
+    gone = tmp_path / "gone"
+    shutil.copytree(root, gone)
+    next((gone / "coco" / "train2014").iterdir()).unlink()
+    cases.append((("--data-root", gone), "not found in"))
+    for extra, message in cases:
+        r = _cli("--tasks", "paper-vqav2", "--output", out, *extra)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], r.stderr
+        assert not out.exists()  # nothing written
+    r = _cli("--tasks", "world", "--data-root", root, "--output", out)
+    assert r.returncode == 2 and "has its paths relative to itself" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["paper-vqav2", "vqacl-10"])
+def test_recipe_runs_end_to_end(root, recipe, tmp_path):
+    """The one command on the fixture: steps from epochs and the effective batch (logged), the recipe's budget, and
+    report.md leading with BLEU-1, BLEU-4 and ROUGE-L retention beside CIDEr's."""
+    out = tmp_path / "run"
+    r = _cli("--tasks", recipe, "--data-root", root, "--output", out, "--grad-accum", "4", "--eval-limit", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = math.ceil(paperdata.SIZES["train"] * 5 / 128)
+    assert f"{steps} steps x batch 128 at lr 1e-05" in r.stdout and "paper-global.yaml" in r.stdout
+    assert "5 epochs of 24 examples per task at effective batch 128 (32 per micro-batch x 4 accumulated" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["summary"]["caption_retention_by_metric"]) == ["BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr"]
+    assert m["lead_metrics"] == ["BLEU_1", "BLEU_4", "ROUGE_L"]
+    report = (out / "report.md").read_text().splitlines()
+    assert report[2].startswith("- **Caption retention by the sequence's lead metrics**")
+    assert all(k in report[2] for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"))
