@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,19 @@ def test_gpu_check_logic_on_cpu():
     assert [r["phase"] for r in res["peaks"]] == ["score", "train"]
     assert all(r["planned"] > 0 and r["measured"] > 0 for r in res["peaks"])
     assert "frozen weights bit-identical" in report(res)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_method_on_cpu(tmp_path):
+    """`bash benchmarks/gpu_check.sh --device cpu`: the sparse check, then every method of --method through the loop
+    in bf16, each finishing with bf16 weights; exit 0."""
+    from piece_mm.continual import METHODS
+    out = tmp_path / "res.json"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--preset", "quick",
+                        "--steps", "3", "--output", str(out)], capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "PYTHON": sys.executable}, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    rows = json.loads(out.read_text())["methods"]
+    assert [row["method"] for row in rows] == sorted(METHODS)
+    assert all(row["ok"] and row["weights_bf16"] for row in rows), rows
+    assert all(row["planned"] for row in rows if row["method"] not in ("seqlora", "olora", "trace"))

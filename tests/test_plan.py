@@ -152,3 +152,22 @@ def test_auto_pool_plans_as_the_global_pool(tmp_path):
     assert all(v["selected"] is None for v in a["components"].values())
     assert a["bytes"] == g["bytes"] and a["peak_bytes"] == g["peak_bytes"]
 
+
+
+def test_dense_methods_plan_their_masters_and_state():
+    """bf16 full fine-tuning keeps an fp32 master and two fp32 moments per weight (piece_mm/optim.py); EWC adds an
+    fp32 Fisher and anchor per weight, LwF a copy of the weights; ln tunes only the norms."""
+    seqft = plan("llava", method="seqft", dtype="bfloat16")
+    n = seqft["total"]["parameters"]
+    assert seqft["bytes"]["weights"] == 2 * n and seqft["bytes"]["optimizer_state"] == 12 * n
+    ewc, lwf = plan("llava", method="ewc", dtype="bfloat16"), plan("llava", method="lwf", dtype="bfloat16")
+    assert ewc["bytes"]["method_state"] == 8 * n and lwf["bytes"]["method_state"] == 2 * n
+    assert ewc["peak_bytes"]["train"] - seqft["peak_bytes"]["train"] == 8 * n
+    assert lwf["bytes"]["activations_train"] > seqft["bytes"]["activations_train"]  # the teacher's forward and KL
+    ln = plan("llava", method="ln", dtype="bfloat16")
+    from piece_mm.methods.ln import norm_params
+    from piece_mm.plan import load_config, meta_model
+    import torch
+    m = meta_model(load_config("llava"), torch.bfloat16)
+    named = dict(m.named_parameters())
+    assert ln["total"]["selected"] == sum(named[k].numel() for k in norm_params(m)) < n // 50
