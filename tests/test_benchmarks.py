@@ -62,11 +62,12 @@ def test_gpu_check_logic_on_cpu():
 @pytest.mark.slow
 def test_gpu_check_script_runs_every_method_on_cpu(tmp_path):
     """`bash benchmarks/gpu_check.sh --device cpu`: the sparse check, then every method of --method through the loop
-    in bf16, each finishing with bf16 weights; exit 0."""
+    in bf16, each finishing with bf16 weights; exit 0 (the small preset's peaks within 15 % of the plan's, as on a
+    GPU; the quick preset is a toy whose fixed overheads the plan overestimates by ~17 % in training)."""
     from piece_mm.continual import METHODS
     out = tmp_path / "res.json"
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--preset", "quick",
-                        "--steps", "3", "--output", str(out)], capture_output=True, text=True, timeout=1200,
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--steps", "3",
+                        "--output", str(out)], capture_output=True, text=True, timeout=1200,
                        env={**os.environ, "PYTHON": sys.executable}, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     rows = json.loads(out.read_text())["methods"]

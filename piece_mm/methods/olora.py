@@ -47,9 +47,10 @@ def olora(model, processor, task, cfg, masks=None):
     i = cfg["index"]
     if i > 0 and not cfg["resumed"]:
         start_task(layers)
-    old = {}
+    old = {}  # the earlier tasks' A matrices, on the adapters' device (the term multiplies them every step)
+    device = next(iter(layers.values())).lora_A[ADAPTER].weight.device if layers else None
     for j in range(i):
-        for n, a in load_tensors(state_file(cfg, "olora", j)).items():
+        for n, a in load_tensors(state_file(cfg, "olora", j), device).items():
             old[n] = torch.cat([old[n], a]) if n in old else a
     tuning = Tuning(lora_optimizer(model, cfg["lr"]))
     if old or l2_weight:
