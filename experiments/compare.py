@@ -53,6 +53,10 @@ def run_all(args, methods: list[str], seeds: list[int], sweep: dict, threads: in
                   "eval_limit": args.eval_limit}
         if args.budget:
             config["budget"] = args.budget
+        if args.data_root:
+            config["data_root"] = args.data_root
+        if args.grad_accum > 1 or args.gradient_checkpointing:  # memory only: the same numbers up to rounding
+            config.update(grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
         return Job((m, seed, lr), config)
 
     def report(o) -> None:
@@ -206,6 +210,9 @@ def main(argv=None) -> int:
                     "with no sweep")
     ap.add_argument("--output", type=Path, help="default: results/world-<model>")
     ap.add_argument("--tasks", default="world")
+    ap.add_argument("--data-root", help="what a recipe's paths are relative to (--tasks paper-vqav2; docs/paper.md)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="every run's micro-batches per step (memory)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="every run's activations recomputed")
     ap.add_argument("--max-steps", type=int, help="cap on steps per task, the same for every method")
     ap.add_argument("--eval-limit", type=int)
     ap.add_argument("--budget", help="a budget YAML (or a name in configs/budgets) for every run of a sparse method")
@@ -223,9 +230,13 @@ def main(argv=None) -> int:
             raise InputError(f"--jobs: {args.jobs}; expected a positive integer")
         for m in methods:  # the numbers every run gets, checked once here (file, field and value)
             RunConfig(model=args.model, method=m, tasks=args.tasks, max_steps=args.max_steps,
-                      eval_limit=args.eval_limit)
+                      eval_limit=args.eval_limit, grad_accum=args.grad_accum)
         if args.budget:
             load_budget(args.budget)
+        from piece_mm.errors import from_data
+        from piece_mm.tasks.sequence import load_sequence
+        with from_data():  # a wrong data root or a missing file: one line, before any run starts
+            load_sequence(args.tasks, data_root=args.data_root)
         fixed = _chosen_lrs(args.lr_from, methods) if args.lr_from else None
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ def test_recipe_loads_the_official_layout(root, recipe, n_tasks):
         assert all(len(ex.answers) == 10 for ex in t.test) and t.metric == "vqa"
     assert len(seq.captions) == paperdata.FLICKR and seq.captions[0].prompt == "Give a short description of the image."
     assert seq.lead_metrics == ("BLEU_1", "BLEU_4", "ROUGE_L")
-    assert seq.train == {"budget": "paper-global", "epochs": 5, "batch_size": 128, "warmup": 0.0}
+    assert seq.train == {"budget": "paper-global", "epochs": 5, "batch_size": 128, "warmup": 0.0, "lr": 1e-5}
 
 
 def test_sample_is_a_fixed_draw_in_file_order(root, tmp_path):
@@ -96,3 +96,21 @@ def test_recipe_runs_end_to_end(root, recipe, tmp_path):
     report = (out / "report.md").read_text().splitlines()
     assert report[2].startswith("- **Caption retention by the sequence's lead metrics**")
     assert all(k in report[2] for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"))
+
+
+@pytest.mark.slow
+def test_compare_runs_the_recipe(root, tmp_path):
+    """experiments.compare passes --data-root, --grad-accum and the recipe's budget to every run."""
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "piece_mm.experiments.compare", "--model", "llava", "--tasks",
+                        "paper-vqav2", "--data-root", str(root), "--methods", "piece-f,seqft", "--lrs", "1e-5",
+                        "--seeds", "0", "--eval-limit", "2", "--grad-accum", "2", "--jobs", "1", "--output", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary
+    for m in ("piece-f", "seqft"):
+        args = json.loads((out / "runs" / f"{m}-lr1e-05-seed0" / "run_args.json").read_text())["flags"]
+        assert args["data_root"] == str(root) and args["grad_accum"] == 2
+        metrics = json.loads((out / "runs" / f"{m}-lr1e-05-seed0" / "metrics.json").read_text())
+        assert "caption_retention_by_metric" in metrics["summary"]
