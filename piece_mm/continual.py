@@ -260,7 +260,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
         retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
         gradient_checkpointing: bool = False, settings: dict | None = None, warmup: float = WARMUP) -> dict:
-    """The continual run. `steps` per task: one number for every task, or one per task (derived from epochs). Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
+    """The continual run. `steps` per task: one number for every task, or one per task (derived from epochs).
+    Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
     resume_from = checkpoint.load(output) continues from that checkpoint, with the same result as a run that was
     never stopped (the caller checks it with check_resume first).

@@ -187,8 +187,8 @@ def load_sequence(name: str | Path, seed: int = 0, data_root: str | Path | None 
         if key not in TRAIN_KEYS:
             raise ValueError(f"{path}: train: unknown field {key!r}; known: {', '.join(TRAIN_KEYS)}")
         kind, ok, what = TRAIN_KEYS[key]
-        good = isinstance(value, str) if kind is str else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        good = isinstance(value, str) if kind is str else number and (kind is float or isinstance(value, int))
         if not good or not ok(value):
             raise ValueError(f"{path}: train.{key} is {value!r}; expected {what}")
     lead = g.get("lead_metrics", [])

@@ -2,8 +2,8 @@
 {"annotations": [{question_id, image_id, question_type, answers: [{answer}], ...}]}, with the COCO images.
 
 A task keeps the questions of some question types: VQACL group names (configs/vqacl_groups.yaml) or raw
-`question_type` strings; all of them, the first `limit`, or a fixed random `sample`. The training target is the most common of the ten answers; the `vqa` metric scores a
-prediction against all of them."""
+`question_type` strings; all of them, the first `limit`, or a fixed random `sample`. The training target is the most
+common of the ten answers; the `vqa` metric scores a prediction against all of them."""
 from __future__ import annotations
 
 import re

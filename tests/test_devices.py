@@ -172,7 +172,8 @@ def test_every_method_keeps_bf16_updates_and_its_state_on_the_weights_device(met
         kept += [m_ for _, m_ in second.optimizer._pairs]
     if isinstance(second.optimizer, SparseOptimizer):
         kept += [c for _, _, c in second.optimizer._targets]
-    wrong = [tuple(t_.shape) for t_ in kept if t_.device != dev and t_.dim() > 0]  # Adam keeps its step count on the CPU
+    # Adam keeps its step count (a 0-dim tensor) on the CPU
+    wrong = [tuple(t_.shape) for t_ in kept if t_.device != dev and t_.dim() > 0]
     assert not wrong, f"{method}: {len(wrong)} tensors off {dev}, e.g. {wrong[:3]}"
     if second.close is not None:
         second.close()

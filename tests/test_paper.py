@@ -6,12 +6,15 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import paperdata  # tests/paperdata.py, beside this file (as realdata.py)
 import pytest
 import yaml
 
 from piece_mm.tasks.sequence import load_sequence
-from tests import paperdata
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def _cli(*args, env=None):
 def test_recipe_loads_the_official_layout(root, recipe, n_tasks):
     seq = load_sequence(recipe, data_root=root)
     assert len(seq.tasks) == n_tasks and seq.data_root == root
-    groups = yaml.safe_load(open("configs/vqacl_groups.yaml"))
+    groups = yaml.safe_load((ROOT / "configs" / "vqacl_groups.yaml").read_text())
     for t in seq.tasks:
         qtype = paperdata.QUESTIONS[t.name][0]
         assert qtype in groups[t.name]  # the fixture asks each group one of its own question types
@@ -42,7 +45,7 @@ def test_recipe_loads_the_official_layout(root, recipe, n_tasks):
 
 def test_sample_is_a_fixed_draw_in_file_order(root, tmp_path):
     """`sample: N` draws N of the kept questions at random, the same N every time, kept in file order."""
-    recipe = yaml.safe_load(open("configs/sequences/paper-vqav2.yaml"))
+    recipe = yaml.safe_load((ROOT / "configs" / "sequences" / "paper-vqav2.yaml").read_text())
     recipe["tasks"] = recipe["tasks"][:1]
     recipe["tasks"][0]["train"]["sample"] = 5
     path = tmp_path / "s.yaml"

@@ -165,9 +165,10 @@ def test_dense_methods_plan_their_masters_and_state():
     assert ewc["peak_bytes"]["train"] - seqft["peak_bytes"]["train"] == 8 * n
     assert lwf["bytes"]["activations_train"] > seqft["bytes"]["activations_train"]  # the teacher's forward and KL
     ln = plan("llava", method="ln", dtype="bfloat16")
+    import torch
+
     from piece_mm.methods.ln import norm_params
     from piece_mm.plan import load_config, meta_model
-    import torch
     m = meta_model(load_config("llava"), torch.bfloat16)
     named = dict(m.named_parameters())
     assert ln["total"]["selected"] == sum(named[k].numel() for k in norm_params(m)) < n // 50
