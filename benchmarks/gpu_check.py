@@ -132,7 +132,7 @@ def run_methods(device: str, steps: int, methods: list[str]) -> list[dict]:
     """Every method of `--method` through the real loop (piece_mm.train.execute): the tiny LLaVA in bf16 on `device`,
     two world tasks of `steps` steps, batch 8. Per method: whether it finished, whether the weights stayed bf16, its
     measured peak (CUDA's counter; none on the CPU) and the plan's training peak for the same model, method and batch
-    (piece_mm.plan; the LoRA family and TRACE are not planned)."""
+    (piece_mm.plan, which plans every method)."""
     from piece_mm.plan import PLANNED, plan
     from piece_mm.runconfig import RunConfig
     from piece_mm.train import execute

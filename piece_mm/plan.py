@@ -29,10 +29,12 @@ from piece_mm.components import COMPONENTS, split_components
 from piece_mm.errors import InputError
 from piece_mm.select import budget_arg, component_k, load_budget
 
-SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1}  # fp32 score tensors kept
+SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1,  # fp32 score tensors kept
+          "trace": 1}
 # methods that tune whole weights with AdamW (optim.py: fp32 masters for bf16 / fp16 weights); ln only the norms
 DENSE = ("seqft", "replay", "multitask", "migu", "lwf", "ewc", "ln")
-PLANNED = tuple(SPARSE) + DENSE
+LORA = ("seqlora", "olora")  # a PEFT adapter on the LLM's linear layers, its weights in fp32
+PLANNED = tuple(SPARSE) + DENSE + LORA
 GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")
 # per selected element: fp32 master (the compact copy), its fp32 gradient, Adam's two fp32 moments, an int64 index
 SPARSE_STATE_BYTES = 4 + 4 + 4 + 4 + 8
@@ -245,7 +247,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
                     ("--num-processes", num_processes)):
         if v is not None and v <= 0:
             raise InputError(f"{flag} {v}: expected a positive integer")
-    if fsdp and method in DENSE:
+    if fsdp and method in DENSE + LORA + ("trace", "random"):
         raise InputError("--fsdp: planned for the sparse methods (piece_mm runs only those on FSDP2 shards)")
     if fsdp and num_processes < 2:
         raise InputError(f"--num-processes {num_processes}: FSDP2 shards over 2 or more")
@@ -293,6 +295,8 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
            "components": components, "total": {"parameters": total, "eligible": eligible, "selected": selected}}
     if method in DENSE:
         return _dense(out, m, config, img, batch_size, seq, gradient_checkpointing, dt, method, b)
+    if method in LORA:
+        return _lora(out, m, config, img, batch_size, seq, gradient_checkpointing, dt, method)
     budgeted = [c for c in COMPONENTS if b["pool"] != "component" or float(arg.get(c, 0.0)) > 0]
     scored = {n for c in (budgeted if method in GRADIENT_SCORES else COMPONENTS) for n in parts[c]}
     score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
@@ -301,7 +305,15 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     if fsdp:  # each scoring batch is split over the shards; under data parallelism each process scores whole ones
         score_batch = -(-score_batch // n_proc)
     act_score = _trace(m, config, img, score_batch, seq, scored, True, gradient_checkpointing, dt) \
-        if method in GRADIENT_SCORES else 0
+        if method in GRADIENT_SCORES + ("trace",) else 0
+    if method == "trace":  # the probe: a short dense AdamW on every scored weight, then one pass of Σ g² on it
+        n_scored = sum(named[n].numel() for n in scored)
+        low = dt in (torch.bfloat16, torch.float16)
+        w0 = n_scored * width  # the weights as the probe begins, restored after it
+        probe_state = n_scored * (8 + (8 if low else 0))  # two fp32 moments (+ fp32 master and step gradient)
+        act_probe = _trace(m, config, img, score_batch, seq, scored, False, gradient_checkpointing, dt)
+        sums_pass = w0 + n_scored * width + score_sums + act_score  # W_0, the update ΔW, the Σ g² sums
+        act_score = max(w0 + probe_state + act_probe, sums_pass) - score_sums
     d = distill_of(b)
     distill = d["temperature"] if d else None  # the teacher's forward and the KL, in the trace
     held = held_of(b)  # the held prompts' rows join each step's batch (split over the processes like the rest)
@@ -360,6 +372,28 @@ def _dense(out: dict, m, config, img, batch_size, seq, checkpointing, dt, method
     return out
 
 
+def _lora(out: dict, m, config, img, batch_size, seq, checkpointing, dt, method) -> dict:
+    """The plan of SeqLoRA / O-LoRA: the adapter's A and B on every LLM linear layer (methods/seqlora.py), kept in fp32
+    by PEFT, with their gradients and AdamW's two moments (16 bytes per adapter weight); the activations are those of
+    a backward through the LLM's linear layers, whose own weights get no gradient. O-LoRA also keeps the earlier
+    tasks' A matrices (fp32), one more adapter's A per task learned: not counted here (the first task's plan)."""
+    from piece_mm.methods import load_settings
+    from piece_mm.methods.seqlora import lora_targets
+    rank = load_settings(method)["rank"]
+    modules = dict(m.named_modules())
+    targets = lora_targets(m)
+    n = sum(rank * (modules[t].in_features + modules[t].out_features) for t in targets)
+    width = torch.empty((), dtype=dt).element_size()
+    weights = sum(p.numel() for p in m.parameters()) * width
+    act = _trace(m, config, img, batch_size, seq, {f"{t}.weight" for t in targets}, True, checkpointing, dt)
+    out["bytes"] = {"weights": weights + 4 * n, "gradients": 4 * n, "score_sums": 0, "optimizer_state": 8 * n,
+                    "method_state": 0, "activations_train": act}
+    out["total"]["selected"] = n
+    out["peak_bytes"] = {"score": 0, "train": weights + 16 * n + act}
+    out["distill"] = False
+    return out
+
+
 def _gathered(model) -> int:
     """Elements FSDP2 holds whole at once: the root's own parameters (embeddings, head, final norms; gathered for the
     whole forward and backward) and two blocks of `_no_split_modules` (the one running and the one prefetched)."""
@@ -397,7 +431,10 @@ def render(p: dict) -> str:
               f"{'activations and live gradients':<34} {_gb(by.get('activations_score', 0)):>10} "
               f"{_gb(by['activations_train']):>10}",
               f"{'estimated peak':<34} {_gb(p['peak_bytes']['score']):>10} {_gb(p['peak_bytes']['train']):>10}"]
-    if p["method"] in DENSE:
+    if p["method"] in LORA:
+        lines.append(f"LoRA adapter: {p['total']['selected']:,} weights (fp32, in the weights' row), their fp32 "
+                     "gradients and AdamW's two moments")
+    elif p["method"] in DENSE:
         low = p["dtype"] in ("bfloat16", "float16")
         lines.append(f"tuned whole: {p['total']['selected']:,} weights; optimizer state = AdamW's two fp32 moments"
                      + (", the fp32 masters (piece_mm/optim.py) and, during the step, an fp32 copy of the gradients"

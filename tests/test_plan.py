@@ -172,3 +172,23 @@ def test_dense_methods_plan_their_masters_and_state():
     m = meta_model(load_config("llava"), torch.bfloat16)
     named = dict(m.named_parameters())
     assert ln["total"]["selected"] == sum(named[k].numel() for k in norm_params(m)) < n // 50
+
+
+def test_lora_and_trace_plans():
+    """SeqLoRA / O-LoRA: rank x (in + out) fp32 adapter weights per LLM linear layer (lm_head left out), 16 bytes each
+    with gradient and moments. TRACE: its probe fine-tunes every scored weight densely before the Σ g² pass, so its
+    scoring peak is above PIECE-F's, and it trains the same sparse step."""
+    import torch
+
+    from piece_mm.methods import load_settings
+    from piece_mm.plan import load_config, meta_model
+    lora = plan("llava", method="seqlora", dtype="bfloat16")
+    m = meta_model(load_config("llava"), torch.bfloat16)
+    r = load_settings("seqlora")["rank"]
+    by_hand = sum(r * (mod.in_features + mod.out_features) for n, mod in m.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and "language_model" in n and not n.endswith("lm_head"))
+    assert lora["total"]["selected"] == by_hand > 0
+    assert lora["bytes"]["optimizer_state"] == 8 * by_hand and lora["bytes"]["gradients"] == 4 * by_hand
+    trace, piece = plan("llava", method="trace", dtype="bfloat16"), plan("llava", method="piece-f", dtype="bfloat16")
+    assert trace["peak_bytes"]["score"] > piece["peak_bytes"]["score"]
+    assert trace["peak_bytes"]["train"] == piece["peak_bytes"]["train"]
