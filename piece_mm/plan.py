@@ -458,7 +458,33 @@ def render(p: dict) -> str:
                      f"({_size(by['gathered_block'])}); optimizer state: the chosen weights assumed spread evenly "
                      "over the shards")
     lines.append("not counted: the CUDA context and allocator slack (often 0.5-2 GB), and evaluation")
+    c = p.get("compute")
+    if c:
+        procs = f", split over {p['processes']} GPUs" if p["processes"] > 1 else ""
+        lines += ["", f"time per task (an estimate from FLOPs{procs}, at {c['tflops']:g} sustained TFLOP/s; "
+                  f"{c['examples']:,} examples x {c['epochs']:g} epochs x {p['max_length']} tokens):",
+                  f"  training {c['train_flops'] / 1e15:,.0f} PFLOP = {c['train_minutes']:.0f} min"
+                  + (f"; scoring {c['score_flops'] / 1e15:,.0f} PFLOP = {c['score_minutes']:.1f} min"
+                     if c["score_flops"] else "") + "; evaluation (generation) not estimated"]
     return "\n".join(lines)
+
+
+def compute(p: dict, examples: int, epochs: float, tflops: float, score_examples: int | None = None) -> dict:
+    """Time per task from FLOPs, an estimate (not a measurement): a forward costs 2 FLOPs per weight per token, a
+    backward 4, gradient checkpointing one more forward; the distillation term adds the teacher's forward, and held
+    rows widen each step's batch. Scoring is one forward and backward over the budget's score_examples. At `tflops`
+    sustained TFLOP/s per GPU, one GPU per process. Evaluation (generation, bound by memory bandwidth) is not
+    estimated."""
+    weights, tokens = p["total"]["parameters"], p["max_length"]
+    per_token = 6 + (2 if p["gradient_checkpointing"] else 0)
+    train_tokens = examples * epochs * tokens
+    step = per_token + (2 if p.get("distill") else 0)
+    held = 1 + p.get("held_rows", 0) / max(1, p["batch_per_process"])
+    train = train_tokens * weights * step * held
+    scoring = (score_examples or 0) * tokens * weights * per_token
+    rate = tflops * 1e12 * p["processes"]  # the work is split over the processes (one GPU each)
+    return {"examples": examples, "epochs": epochs, "tflops": tflops, "train_flops": train, "score_flops": scoring,
+            "train_minutes": train / rate / 60, "score_minutes": scoring / rate / 60}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 1)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 shards over --num-processes "
                     "(configs/accelerate/fsdp2.yaml): memory per process")
+    ap.add_argument("--examples", type=int, default=1000, help="training examples per task, for the time estimate "
+                    "(default 1000)")
+    ap.add_argument("--epochs", type=float, default=5, help="passes over them, for the time estimate (default 5)")
+    ap.add_argument("--tflops", type=float, default=150, help="sustained bf16 TFLOP/s of the GPU, for the time "
+                    "estimate (default 150: about half an A100's peak, a third of an H100's)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
@@ -491,6 +522,11 @@ def main(argv=None) -> int:
     try:
         p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
                  args.gradient_checkpointing, args.image_size, args.num_processes, args.fsdp)
+        for flag, v in (("--examples", args.examples), ("--epochs", args.epochs), ("--tflops", args.tflops)):
+            if v <= 0:
+                raise InputError(f"{flag} {v:g}: expected a positive number")
+        scored = load_budget(args.budget)["score_examples"] if args.method in SPARSE else 0
+        p["compute"] = compute(p, args.examples, args.epochs, args.tflops, min(scored, args.examples))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -192,3 +192,21 @@ def test_lora_and_trace_plans():
     trace, piece = plan("llava", method="trace", dtype="bfloat16"), plan("llava", method="piece-f", dtype="bfloat16")
     assert trace["peak_bytes"]["score"] > piece["peak_bytes"]["score"]
     assert trace["peak_bytes"]["train"] == piece["peak_bytes"]["train"]
+
+
+def test_time_estimate_is_flops_over_rate():
+    """The plan's time per task: 6 FLOPs per weight per token (8 with checkpointing) over examples x epochs x tokens,
+    plus the teacher's forward and the held rows with distillation, at the given sustained rate."""
+    from piece_mm.plan import compute
+    p = plan("llava", budget="llm-only", dtype="bfloat16", batch_size=8, max_length=100)
+    c = compute(p, 1000, 5, 100, 1000)
+    n = p["total"]["parameters"]
+    assert c["train_flops"] == 1000 * 5 * 100 * n * 6
+    assert c["train_minutes"] == pytest.approx(c["train_flops"] / 100e12 / 60)
+    assert c["score_flops"] == 1000 * 100 * n * 6
+    d = plan("llava", dtype="bfloat16", batch_size=8, max_length=100, gradient_checkpointing=True)  # distill + held
+    cd = compute(d, 1000, 5, 100)
+    assert cd["train_flops"] == pytest.approx(1000 * 5 * 100 * n * (8 + 2) * (1 + d["held_rows"] / 8))
+    two = compute(plan("llava", budget="llm-only", dtype="bfloat16", batch_size=8, max_length=100,
+                       num_processes=2), 1000, 5, 100)
+    assert two["train_minutes"] == pytest.approx(c["train_minutes"] / 2)
