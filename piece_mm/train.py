@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: auto)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                     help="weights' dtype: auto = the checkpoint's own (default: bfloat16 on CUDA, float32 on CPU); "
-                         "the sparse optimizer keeps float32 master copies of the tuned weights either way")
+                         "every method keeps float32 master copies of the weights it tunes either way")
     ap.add_argument("--data-root", help="the directory a recipe's paths are relative to (configs/sequences with "
                                         "'paths: data-root', e.g. paper-vqav2; docs/paper.md); default: "
                                         "$PIECE_MM_DATA_ROOT")
