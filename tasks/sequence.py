@@ -183,10 +183,16 @@ def load_sequence(name: str | Path, seed: int = 0, data_root: str | Path | None 
     train = cfg.get("train") or {}
     if not isinstance(train, dict):
         raise ValueError(f"{path}: field 'train' is {train!r:.60}; expected a mapping")
+    train = dict(train)
     for key, value in train.items():
         if key not in TRAIN_KEYS:
             raise ValueError(f"{path}: train: unknown field {key!r}; known: {', '.join(TRAIN_KEYS)}")
         kind, ok, what = TRAIN_KEYS[key]
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = train[key] = float(value)
+            except ValueError:
+                pass
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         good = isinstance(value, str) if kind is str else number and (kind is float or isinstance(value, int))
         if not good or not ok(value):

@@ -117,3 +117,22 @@ def test_compare_runs_the_recipe(root, tmp_path):
         assert args["data_root"] == str(root) and args["grad_accum"] == 2
         metrics = json.loads((out / "runs" / f"{m}-lr1e-05-seed0" / "metrics.json").read_text())
         assert "caption_retention_by_metric" in metrics["summary"]
+
+
+@pytest.mark.parametrize("train, message", [
+    ("{lr: 1e-3, epochs: 2}", None),  # YAML 1.1 reads 1e-3 as a string: taken as the number it spells
+    ("{epochs: 0}", "train.epochs is 0; expected a positive number"),
+    ("{warmup: 1.5}", "train.warmup is 1.5; expected a number >= 0 and < 1"),
+    ("{lr: fast}", "train.lr is 'fast'"),
+    ("{epoch: 5}", "train: unknown field 'epoch'"),
+    ("{budget: 3}", "train.budget is 3; expected a budget name"),
+])
+def test_train_section_is_checked(tmp_path, train, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"tasks:\n  - {{name: color, format: world}}\nworld: {{train_examples: 4, test_examples: 2}}\n"
+                    f"general: {{captions: 2, vqa: 2}}\ntrain: {train}\n")
+    if message is None:
+        assert load_sequence(path).train == {"lr": 1e-3, "epochs": 2}
+    else:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            load_sequence(path)
