@@ -161,6 +161,8 @@ def run_methods(device: str, steps: int, methods: list[str]) -> list[dict]:
                 bf16 = all(f.get_slice(k).get_dtype() in ("BF16", "I64", "BOOL") for k in f.keys())
         rows.append({"method": m, "ok": metrics is not None, "error": error, "weights_bf16": bf16,
                      "seconds": round(time.time() - t0, 1), "measured": measured, "planned": planned})
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)  # the runs' directories (a model each): what is kept is the table
     return rows
 
 
