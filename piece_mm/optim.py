@@ -68,17 +68,10 @@ class MasterWeights(torch.optim.Optimizer):
                 p.grad.zero_()
 
     def state_dict(self):
-        sd = self.inner.state_dict()
-        if any(m is not p for p, m in self._pairs):
-            sd["masters"] = [m.detach().clone() for p, m in self._pairs if m is not p]
-        return sd
+        return save_state(self.inner, [m for p, m in self._pairs if m is not p])
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        masters = state_dict.pop("masters", None)
-        self.inner.load_state_dict(state_dict)
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
+        masters = load_state(self, state_dict)
         if masters is not None:
             with torch.no_grad():
                 for (p, m), saved in zip([pm for pm in self._pairs if pm[1] is not pm[0]], masters):
@@ -88,6 +81,27 @@ class MasterWeights(torch.optim.Optimizer):
     def master_bytes(self) -> int:
         """Bytes of the fp32 masters (0 when every parameter is fp32)."""
         return sum(m.numel() * m.element_size() for p, m in self._pairs if m is not p)
+
+
+def save_state(inner: torch.optim.Optimizer, masters: list) -> dict:
+    """An optimizer over fp32 masters, as a state dict: the inner optimizer's state and, when there are any, the
+    masters themselves, which the rounded weights alone cannot give back (so a resumed bf16 run continues from the
+    same ones). Shared by MasterWeights and sparse.SparseOptimizer."""
+    sd = inner.state_dict()
+    if masters:
+        sd["masters"] = [m.detach().clone() for m in masters]
+    return sd
+
+
+def load_state(opt, state_dict: dict) -> list | None:
+    """`save_state`'s dict back into `opt.inner`, whose groups and state `opt` shares again; returns the saved
+    masters (None when there were none), for `opt` to put back where it keeps them."""
+    state_dict = dict(state_dict)
+    masters = state_dict.pop("masters", None)
+    opt.inner.load_state_dict(state_dict)
+    opt.param_groups = opt.inner.param_groups
+    opt.state = opt.inner.state
+    return masters
 
 
 def adamw(params, lr: float, **kwargs) -> torch.optim.Optimizer:

@@ -520,11 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
-                 args.gradient_checkpointing, args.image_size, args.num_processes, args.fsdp)
         for flag, v in (("--examples", args.examples), ("--epochs", args.epochs), ("--tflops", args.tflops)):
             if v <= 0:
                 raise InputError(f"{flag} {v:g}: expected a positive number")
+        p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
+                 args.gradient_checkpointing, args.image_size, args.num_processes, args.fsdp)
         scored = load_budget(args.budget)["score_examples"] if args.method in SPARSE else 0
         p["compute"] = compute(p, args.examples, args.epochs, args.tflops, min(scored, args.examples))
     except InputError as e:

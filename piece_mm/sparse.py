@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from piece_mm import dist, shard
+from piece_mm.optim import load_state, save_state
 
 _paused = 0  # > 0 while importance scoring needs the dense gradients that the gather hooks would take away
 
@@ -87,17 +88,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         """The inner optimizer's state; with low-precision parameters also the fp32 master copies, which the
         rounded weights alone cannot give back (so a resumed bf16 run continues from the same masters)."""
-        sd = self.inner.state_dict()
-        if any(p.dtype != c.dtype for p, _, c in self._targets):
-            sd["masters"] = [c.detach().clone() for _, _, c in self._targets]
-        return sd
+        low = any(p.dtype != c.dtype for p, _, c in self._targets)
+        return save_state(self.inner, [c for _, _, c in self._targets] if low else [])
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        masters = state_dict.pop("masters", None)
-        self.inner.load_state_dict(state_dict)
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
+        masters = load_state(self, state_dict)
         if masters is not None:
             with torch.no_grad():
                 for (_, _, c), m in zip(self._targets, masters):
