@@ -144,12 +144,12 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
                     label=m, capsize=3)
     ax.set_xlabel(f"OP ({over})")
     ax.set_ylabel(f"caption retention ({over})")
-    ax.set_xlim(0, 1.02)  # both are shares: a fixed frame, so one method's point is not blown up to fill the plot
+    ax.set_xlim(0, 1.05)  # both are shares: a fixed frame, so one method's point is not blown up to fill the plot
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in summary["methods"].values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_title(f"{model}, {out_dir.name}: one point per method "
-                 f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))})")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{model}, {out_dir.name}\none point per method "
+                 f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))})", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")  # the corner no method wants: the best one (top right) stays in view
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
     plt.close(fig)
@@ -161,7 +161,7 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel(f"held-out CIDEr ({over})")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room above the curves, which start at the top, for the legend
-    ax.set_title(f"{model}, {out_dir.name}: held-out CIDEr after each task")
+    ax.set_title(f"{model}, {out_dir.name}\nheld-out CIDEr after each task", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out_dir / "cider.png", dpi=110)
