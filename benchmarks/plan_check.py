@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -56,21 +55,17 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool, s
     """{"score": bytes, "train": bytes}: weights plus the most bytes alive at once in scoring (on `scoring`, default
     the batch), and in one step (on the batch)."""
     scoring = batch if scoring is None else scoring
-    import copy
 
     import piece_mm as pm
-    from piece_mm.batching import model_inputs
-    from piece_mm.methods import METHODS
+    from piece_mm.batching import ROWS, model_inputs
     from piece_mm.methods.piece import GRADIENT_SCORES
     from piece_mm.models import activation_checkpointing
     from piece_mm.plan import PeakMemory
+    from piece_mm.regularise import Distillation
     from piece_mm.select import budget_arg, load_budget
 
-    b = whole = load_budget(budget)
+    b = load_budget(budget)
     arg = budget_arg(b)
-    if b["distill"]["held"]["weight"]:  # the held rows come in the batch: none are made here (no processor)
-        b = copy.deepcopy(b)
-        b["distill"]["held"]["weight"] = 0.0
     parts = pm.split_components(model, exclude=b["exclude"], rules=b["components"])
     budgeted = {c: names if float(arg.get(c, 0)) > 0 else [] for c, names in parts.items()}
     names = [n for c in budgeted.values() for n in c]
@@ -87,23 +82,23 @@ def measure(model, batch: dict, method: str, budget: str, checkpointing: bool, s
         masks = pm.select_masks(scores, budgeted, arg)
         del scores
         model.train()
-        with tempfile.TemporaryDirectory() as tmp, PeakMemory(existing) as mem:
-            cfg = {"lr": 1e-4, "budget": b, "tasks": [SimpleNamespace(name="color")], "index": 0, "output": Path(tmp),
-                   "main": True, "resumed": False}
-            tuning = METHODS[method].for_task(model, None, None, cfg, masks=masks)
-            extra = tuning.extra_loss
-            if whole is not b:  # the whole term, held part included, as the loop adds it
-                from piece_mm.methods.piece import _distillation
-                extra = _distillation(model, tuning.optimizer, {**cfg, "budget": whole})
+        reg = Distillation.from_budget(b)  # the budget's term, its teacher cached for the batch's rows (held too)
+        if reg is not None:
+            batch = {**batch, ROWS: torch.arange(len(batch["input_ids"]))}
+            reg.cache = reg.cache_batches(model, [batch], len(batch["input_ids"]))
+        model.train()
+        opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-4)
+        with PeakMemory(existing) as mem:
             got = model(**model_inputs(batch))
-            term = 0.0 if extra is None else extra(model, batch, got)
-            loss = got.loss + (sum(term) if isinstance(term, list) else term)
+            loss = got.loss
+            if reg is not None:
+                loss = loss + (reg(model, batch, got) / reg.counts(batch).clamp_min(1)).sum()
             del got
             loss.backward()
             del loss
-            tuning.optimizer.step()
-            tuning.optimizer.zero_grad(set_to_none=True)
-        tuning.close()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        opt.close()
         model.eval()
     out["train"] = weights + mem.peak
     return out

@@ -1,4 +1,7 @@
-"""PIECE in a transformers.Trainer script, on the tiny LLaVA and the world's `size` task.
+"""The default method (as `python -m piece_mm.train` runs it) in a transformers.Trainer script, on the tiny LLaVA and
+the world's `size` task: the default budget's 3 % of the LLM chosen by PIECE-F, tuned at its lr with its distillation
+term (pm.Distillation: the model as the task begins, cached once, held on the task's rows and on held rows of other
+prompts).
 
     python examples/trainer_piece.py [--steps 60] [--output runs/trainer-piece]
 
@@ -61,20 +64,13 @@ def main():
     say = print if rank == 0 else (lambda *a: None)
     say(f"size task before: accuracy {accuracy(model, processor, test):.2f}")
 
-    parts = pm.split_components(model)                                                   # PIECE
-    # each process scores its share of every batch of 16 (all of it in one process)     # shards
-    batches = [collate(processor, train[i:i + BATCH][rank::n]) for i in range(0, 128, BATCH)]  # PIECE
-    scores = pm.estimate_importance(model, batches, "piece-f",                           # PIECE
-                                    names=[k for c in parts.values() for k in c])
-    masks = pm.select_masks(scores, parts, {"vision": 0.0, "projector": 0.0, "llm": 0.03},   # PIECE
-                            shards=dict(model.named_parameters()) if n > 1 else None)    # shards
-    opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95))  # PIECE
+    masks, opt, reg = default_method(model, processor, train, rank, n)                     # PIECE
     sched = get_cosine_schedule_with_warmup(opt, max(1, args.steps // 10), args.steps)
 
     trainer = Trainer(model=model, args=targs, train_dataset=train,
-                      data_collator=lambda b: collate(processor, b),
+                      data_collator=reg.collator(processor, reg.held_options["per_step"], rank=rank, world=n),  # PIECE
                       optimizers=(opt, sched),                                            # PIECE
-                      callbacks=[pm.PieceCallback(max_grad_norm=1.0)])                    # PIECE
+                      callbacks=[pm.PieceCallback(max_grad_norm=1.0, regulariser=reg)])   # PIECE
     trainer.train()
 
     model.eval()
@@ -83,6 +79,34 @@ def main():
         f"{sum(m.numel() for m in masks.values()):,} weights; every other weight bit-identical: {frozen}")
     pm.save_delta(model, masks, f"{args.output}/size-delta.safetensors")                  # PIECE
     say(f"wrote {args.output}/size-delta.safetensors")
+
+
+def default_method(model, processor, train, rank=0, n=1, budget="default", seed=0):
+    """(masks, sparse optimizer, prepared regulariser) as the CLI's default method makes them for a task, before it
+    trains: the budget's held rows (the model's own replies), PIECE-F over the training examples in batches of 16 (each
+    process scoring its share of each), the top weights per component, and the teacher cached once."""
+    b = pm.Budget.from_yaml(budget)
+    reg = pm.Distillation.from_budget(b)                                                 # PIECE
+    held = reg.held_rows(model, processor, train, _greedy, seed=seed)                    # PIECE
+    parts = {c: names if b.fractions.get(c, 0) > 0 else []  # a component with no budget is not scored  # PIECE
+             for c, names in pm.split_components(model, exclude=b.exclude).items()}
+    batches = [collate(processor, train[i:i + BATCH][rank::n]) for i in range(0, len(train), BATCH)]  # PIECE
+    scores = pm.estimate_importance(model, batches, "piece-f",                           # PIECE
+                                    names=[k for names in parts.values() for k in names])
+    masks = pm.select_masks(scores, parts, b,                                            # PIECE
+                            shards=dict(model.named_parameters()) if n > 1 else None)    # shards
+    reg.prepare(model, processor, train, held)                                           # PIECE
+    if n > 1:                                                                            # shards
+        shard.reshard(model)
+    opt = pm.sparse_optimizer(model, masks, torch.optim.AdamW, lr=b.lr, betas=tuple(b.betas),  # PIECE
+                              weight_decay=b.weight_decay)
+    return masks, opt, reg
+
+
+def _greedy(model, processor, examples, max_new_tokens):
+    from piece_mm.eval.generate import generate
+    with shard.whole_root(model):
+        return generate(model, processor, examples, batch_size=64, max_new_tokens=max_new_tokens)
 
 
 def _frozen_elsewhere(model, base, masks) -> bool:

@@ -4,6 +4,7 @@ from piece_mm.components import split_components
 from piece_mm.delta import apply_delta, load_delta, save_delta
 from piece_mm.importance import estimate_importance
 from piece_mm.models import load_model
+from piece_mm.regularise import Distillation
 from piece_mm.select import select_masks
 from piece_mm.sparse import sparse_optimizer
 from piece_mm.transfer import transfer_masks
@@ -17,4 +18,4 @@ def __getattr__(name):  # PieceCallback imports transformers' Trainer machinery:
 
 
 __all__ = ["Budget", "load_model", "split_components", "estimate_importance", "select_masks", "sparse_optimizer",
-           "save_delta", "load_delta", "apply_delta", "transfer_masks", "PieceCallback"]
+           "save_delta", "load_delta", "apply_delta", "transfer_masks", "Distillation", "PieceCallback"]

@@ -53,11 +53,13 @@ def _pieces(processor, ex: Example) -> list[tuple[str, bool]]:
 
 
 HELD = "held"  # a batch's [B, L] mask of the held rows' answer predictions (collate's held=); not a model input
+ROWS = "rows"  # a batch's [B] long: each row's place among the task's examples, then its held ones (a regulariser's
+#                cache entry, regularise.py); not a model input
 
 
 def model_inputs(batch: dict) -> dict:
     """What the model is called with: the batch less the loop's own keys."""
-    return {k: v for k, v in batch.items() if k != HELD}
+    return {k: v for k, v in batch.items() if k not in (HELD, ROWS)}
 
 
 def collate(processor, examples: Sequence[Example], held: int = 0) -> dict:
@@ -140,15 +142,23 @@ def training_batches(processor, examples: Sequence[Example], batch_size: int, st
         idx = next(draws)
         kept = next(held_draws) if held_draws is not None else []
         if step >= start:
-            mine = [examples[i] for i in idx[rank::world]]
-            also = [held[i] for i in kept[rank::world]]
+            mine = idx[rank::world]
+            also = [len(examples) + i for i in kept[rank::world]]
             if micro == 1:
-                yield collate(processor, mine + also, held=len(also))
+                yield _rows_batch(processor, examples, held, mine, also)
             else:
                 size, hsize = -(-len(mine) // micro), -(-len(also) // micro)
-                yield [collate(processor, mine[j * size:(j + 1) * size] + also[j * hsize:(j + 1) * hsize],
-                               held=len(also[j * hsize:(j + 1) * hsize])) for j in range(micro)
+                yield [_rows_batch(processor, examples, held, mine[j * size:(j + 1) * size],
+                                   also[j * hsize:(j + 1) * hsize]) for j in range(micro)
                        if mine[j * size:(j + 1) * size]]
+
+
+def _rows_batch(processor, examples, held, mine: list[int], also: list[int]) -> dict:
+    """collate of examples[mine] and the held rows held[also - len(examples)], with batch["rows"] naming them."""
+    batch = collate(processor, [examples[i] for i in mine] + [held[i - len(examples)] for i in also],
+                    held=len(also))
+    batch[ROWS] = torch.tensor(mine + also, dtype=torch.long)
+    return batch
 
 
 def fit_length(processor, examples: Sequence[Example], max_length: int) -> tuple[list[Example], int]:

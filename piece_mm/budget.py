@@ -24,8 +24,12 @@ SCORE_MEMORY = ("auto", "device", "host")
 TRACE_DEFAULTS = {"probe_steps": None, "probe_lr": 1.0e-4, "level": "element", "mix": 0.5, "specificity": "weight",
                   "strength": 1.0, "threshold": 0.5}
 # the sparse methods' guard against forgetting: weight x T^2 x KL(teacher || student) at temperature T, where the
-# teacher is the model as the task began (piece_mm/methods/piece.py); weight 0 = off
-DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "held": {}}
+# teacher is the model as the task began (piece_mm/methods/piece.py); weight 0 = off. The teacher runs once per example
+# before the task's first step and its top_k log-probabilities per text position are cached (regularise.py; null = the
+# whole vocabulary, the exact term) in cache_dir (null: <output>/distill), where a resumed task reads them back;
+# image_positions: also hold the positions of the image placeholders.
+DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k": 32, "image_positions": False,
+                    "cache_dir": None, "held": {}}
 # distill.held: the same term on prompts the task does not show (piece_mm/methods/held.py): the task's images asked
 # the bank's prompts and the earlier tasks' prompts (strings only), answered by the model as the task began; weight 0
 # = off. pool: such examples made per task; per_step: of them beside each step's batch; earlier: prompts taken from
@@ -222,8 +226,17 @@ def _distill_options(where, d) -> dict:
         raise InputError(f"{where}: distill.held.earlier_share is {h['earlier_share']!r}; expected a number in [0, 1)")
     if not _number(h["protect"]) or h["protect"] < 0:
         raise InputError(f"{where}: distill.held.protect is {h['protect']!r}; expected a number >= 0 (0 = off)")
+    k = d["top_k"]
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise InputError(f"{where}: distill.top_k is {k!r}; expected an integer >= 1 (null = the whole vocabulary)")
+    if not isinstance(d["image_positions"], bool):
+        raise InputError(f"{where}: distill.image_positions is {d['image_positions']!r}; expected true or false")
+    if d["cache_dir"] is not None and (not isinstance(d["cache_dir"], str) or not d["cache_dir"]):
+        raise InputError(f"{where}: distill.cache_dir is {d['cache_dir']!r}; expected a directory (null = "
+                         "<output>/distill)")
     h["weight"], h["earlier_share"], h["protect"] = float(h["weight"]), float(h["earlier_share"]), float(h["protect"])
-    return {"weight": float(d["weight"]), "temperature": float(d["temperature"]), "answers": d["answers"], "held": h}
+    return {"weight": float(d["weight"]), "temperature": float(d["temperature"]), "answers": d["answers"],
+            "top_k": k, "image_positions": d["image_positions"], "cache_dir": d["cache_dir"], "held": h}
 
 
 def held_of(budget: dict) -> dict | None:

@@ -15,15 +15,13 @@ import torch
 from tqdm import tqdm
 
 from piece_mm import checkpoint, dist, shard
-from piece_mm.batching import global_answer_tokens, global_positions, model_inputs, training_batches
+from piece_mm.batching import global_answer_tokens, model_inputs, training_batches
 from piece_mm.components import split_components
 from piece_mm.delta import load_masks, save_delta, save_masks
 from piece_mm.errors import InputError
-from piece_mm.methods import METHODS, Method, Tuning, load_settings
-from piece_mm.methods.piece import SHARDED_METHODS, SPARSE_METHODS  # noqa: F401  (train.py reads them here)
+from piece_mm.methods import METHODS, Method, TaskContext, Tuning, load_settings
 from piece_mm.models import activation_checkpointing
 from piece_mm.select import jaccard, mask_summary
-from piece_mm.sparse import SparseOptimizer
 from piece_mm.tasks.base import METRICS
 from piece_mm.tasks.sequence import GENERATION_DEFAULTS, Sequence
 
@@ -100,18 +98,14 @@ def _fit_length(processor, seq: Sequence, max_length: int, log) -> Sequence:
 
 
 def _sum_gradients(opt) -> None:
-    """Sum the gradients the optimizer follows over the processes (for the sparse optimizer: only its compact ones).
-    On FSDP2 shards they are summed already: FSDP2's reduce-scatter did it in backward."""
-    sparse = isinstance(opt, SparseOptimizer)
-    if sparse and opt.sharded:
-        return
-    grads = []
-    if sparse:
-        params = opt.compact_params()
-    elif hasattr(opt, "grad_params"):  # fp32 masters (optim.py): the model's own gradients are the ones to sum
+    """Sum the gradients the optimizer follows over the processes: its `grad_params()` where it has them (the sparse
+    optimizer's compact ones, none on FSDP2 shards, whose reduce-scatter summed them in backward; the fp32 masters'
+    model weights), else every parameter it steps."""
+    if hasattr(opt, "grad_params"):
         params = opt.grad_params()
     else:
         params = [q for g in opt.param_groups for q in g["params"]]
+    grads = []
     for p in params:
         if p.grad is None:  # every process must send the same buffer
             p.grad = torch.zeros_like(p)
@@ -119,43 +113,23 @@ def _sum_gradients(opt) -> None:
     dist.sum_(grads)
 
 
-def _extra_shares(batches: list[dict], per_position: bool, world: int) -> list:
-    """What each of this process's (micro-)batches of a step takes of a method's extra term, so that the shares of
-    every process add up to the term of the whole step. A per-position term (a mean over the batch's non-padding
-    positions: distillation) is weighted by each batch's share of the step's positions, which gives the mean over
-    the whole step's positions, as one process computes it; any other term (EWC's pull) in equal shares."""
-    if not per_position:
-        return [1.0 / (len(batches) * world)] * len(batches)
-    if callable(per_position):  # a term of several parts, each a mean over positions of its own: a share per part
-        counts = [torch.stack([c.float().reshape(()) for c in per_position(b)]) for b in batches]  # [parts] each
-        total = torch.stack(counts).sum(0)
-        dist.sum_([total])  # a collective: every process calls it
-        return [c / total.clamp_min(1.0) for c in counts]
-    total = global_positions(batches)  # a collective: every process calls it
-    return [(b["attention_mask"].sum().float() / total.to(b["attention_mask"].device)).squeeze(0) for b in batches]
-
-
-def _weighted(term, share) -> torch.Tensor:
-    """A method's extra term times its share of the step: a term of parts (a list) takes each part's own share."""
-    if isinstance(term, (list, tuple)):
-        shares = share if torch.is_tensor(share) and share.dim() else [share] * len(term)  # one share: for every part
-        return sum(t * s for t, s in zip(term, shares))
-    return term * share
-
-
-def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per_position) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one step, each loss summed over its answer tokens and divided
-    by the step's token count (over every process), so the gradients add up to those of the whole batch. Returns
-    the step's loss (this process's share)."""
+def _step(model, micro_batches: list[dict], device, regulariser) -> torch.Tensor:
+    """Forward, regulariser, backward, once per micro-batch of one step: each task loss summed over its answer
+    tokens and divided by the step's count of them (over every process), and each part of the regulariser's sum
+    divided by that part's count over the whole step, so the gradients add up to those of the whole batch on one
+    process. Returns the step's loss (this process's share)."""
     micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro_batches]
-    count = global_answer_tokens(micro_batches)
-    shares = _extra_shares(micro_batches, per_position, world) if extra is not None else None
+    count = global_answer_tokens(micro_batches).to(device)  # a collective: every process calls it
+    if regulariser is not None:  # known before any forward: what each part is averaged over
+        counts = torch.stack([regulariser.counts(b).to(device).float() for b in micro_batches]).sum(0)
+        dist.sum_([counts])
+        counts = counts.clamp_min(1.0)
     total = torch.zeros((), device=device)
-    for i, b in enumerate(micro_batches):
-        out = model(**model_inputs(b), num_items_in_batch=count.to(device))
+    for b in micro_batches:
+        out = model(**model_inputs(b), num_items_in_batch=count)
         loss = out.loss
-        if extra is not None:  # its share on each micro-batch and process
-            loss = loss + _weighted(extra(model, b, out), shares[i])
+        if regulariser is not None:
+            loss = loss + (regulariser(model, b, out) / counts).sum()
         loss.backward()
         total = total + loss.detach()
     return total
@@ -163,17 +137,14 @@ def _accumulate(model, micro_batches: list[dict], device, extra, world: int, per
 
 def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, seed: int, desc: str,
                start: int = 0, on_step=None, grad_accum: int = 1, gradient_checkpointing: bool = False,
-               examples: list | None = None, extra_loss=None, extra_per_position=False,
-               held: list | None = None, held_per_step: int = 0) -> float:
+               examples: list | None = None, regulariser=None, held: list | None = None,
+               held_per_step: int = 0) -> float:
     """Optimizer steps `start`..`steps` on the task; on_step(step done, last loss) after each. Returns the last loss.
     grad_accum > 1 splits each step's batch into that many micro-batches (same examples, same gradient up to
     rounding); gradient_checkpointing recomputes activations in backward instead of keeping them. A method may
-    train on other `examples` than the task's and add an `extra_loss` (methods/__init__.py, Tuning; with
-    `extra_per_position` it is a mean over the batch's positions, weighted accordingly across processes and
-    micro-batches; a callable `extra_per_position(batch)` gives the position counts of a term of several parts, each
-    a mean of its own, and each part is weighted by its own share). `held` examples join each step's batch,
-    `held_per_step` of them, as rows that the extra term holds and the task loss does not learn
-    (batching.training_batches)."""
+    train on other `examples` than the task's and add a `regulariser` (regularise.py: its parts' sums, each divided
+    by its count over the step). `held` examples join each step's batch, `held_per_step` of them, as rows that the
+    regulariser holds and the task loss does not learn (batching.training_batches)."""
     device = next(model.parameters()).device
     model.train()
     world = dist.world()
@@ -182,53 +153,27 @@ def train_task(model, processor, task, opt, sched, steps: int, batch_size: int, 
                                 world=world, micro=grad_accum, held=held or (), held_size=held_per_step),
                initial=start, total=steps, desc=desc,
                file=sys.stderr, leave=False, mininterval=2, disable=None if dist.is_main() else True)  # terminal only
-    with activation_checkpointing(model, gradient_checkpointing):
-        loss_value = _train_steps(model, opt, sched, bar, start, device, world, on_step, extra_loss,
-                                  extra_per_position)
-    model.eval()
-    return loss_value
-
-
-def _train_steps(model, opt, sched, bar, start, device, world, on_step, extra, per_position) -> float:
+    # the sparse optimizer clips by the norm of the gradient it follows; others by the trainable weights'
+    clip = getattr(opt, "clip_grad_norm_", None) or (lambda norm: torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], norm))
     loss_value = float("nan")
-    for step, batch in enumerate(bar, start=start):  # extra: a regulariser of the method (EWC's pull)
-        if isinstance(batch, list):  # gradient accumulation
-            loss = _accumulate(model, batch, device, extra, world, per_position)
+    with activation_checkpointing(model, gradient_checkpointing):
+        for step, batch in enumerate(bar, start=start):
+            loss = _step(model, batch if isinstance(batch, list) else [batch], device, regulariser)
             if world > 1:
                 _sum_gradients(opt)
                 loss = loss.reshape(1)
                 dist.sum_([loss])
-        elif world == 1:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = model(**model_inputs(batch))
-            loss = out.loss
-            if extra is not None:
-                term = extra(model, batch, out)  # one batch, one process: each part at its full share
-                loss = loss + (sum(term) if isinstance(term, (list, tuple)) else term)
-            loss.backward()
-        else:  # each process: its tokens' loss summed, over the global token count; gradients summed below
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            count = global_answer_tokens([batch])
-            out = model(**model_inputs(batch), num_items_in_batch=count.to(device))
-            loss = out.loss
-            if extra is not None:  # the gradients are summed over the processes: each adds its share
-                loss = loss + _weighted(extra(model, batch, out), _extra_shares([batch], per_position, world)[0])
-            loss.backward()
-            _sum_gradients(opt)
-            loss = loss.detach().reshape(1)
-            dist.sum_([loss])
-        if isinstance(opt, SparseOptimizer):  # clip by the norm of the gradient it actually follows
-            opt.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        if on_step is not None:
-            on_step(step + 1, loss_value)
+            clip(1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_step is not None:
+                on_step(step + 1, loss_value)
+    model.eval()
     return loss_value
 
 
@@ -329,10 +274,10 @@ class _Loop:
         self.clip, self.spice = (None, False) if self.sharded and not self.main else (clip, spice)
         # every task's answers, learned yet or not, so that each stage (row 0 too) counts leaks against the same words
         self.task_answers = frozenset(ex.answer for t in seq.tasks for ex in t.train)
-        self.cfg = {"lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "budget": budget,
-                    "tasks": seq.tasks, "output": output, "main": self.main, "log": log if self.main else None,
-                    "gradient_checkpointing": gradient_checkpointing, "settings": settings,
-                    "generate": self.generate}
+        self.ctx = TaskContext(lr=lr, seed=seed, steps=0, batch_size=batch_size, tasks=list(seq.tasks), index=0,
+                               output=output, budget=budget, settings=settings or {}, main=self.main,
+                               log=log if self.main else None, gradient_checkpointing=gradient_checkpointing,
+                               generate=self.generate)
         self.elapsed = 0.0  # + time.time() = the run's time, over every process that worked on it
         self.train_state = None
 
@@ -385,9 +330,9 @@ class _Loop:
         """Task i: build (or rebuild, resumed) what the method trains, train, evaluate, checkpoint."""
         task, steps, model = self.seq.tasks[i], self.steps_of(i), self.model
         mask_file = self.output / "masks" / f"{i + 1}-{task.name}.safetensors"
-        cfg = self.cfg | {"seed": self.seed * 1000 + i, "index": i, "resumed": st.in_task, "steps": steps}
+        ctx = dataclasses.replace(self.ctx, seed=self.seed * 1000 + i, index=i, resumed=st.in_task, steps=steps)
         if st.in_task:  # resumed inside this task: same masks, optimizer, schedule, RNG and data position
-            tuning = self.method.for_task(model, self.processor, task, cfg,
+            tuning = self.method.for_task(model, self.processor, task, ctx,
                                           masks=load_masks(mask_file) if self.method.sparse else None)
             sched = make_scheduler(tuning.optimizer, steps, self.warmup)
             if self.train_state["optimizer"] is not None:
@@ -397,7 +342,7 @@ class _Loop:
             start = st.step
         else:
             torch.manual_seed(self.seed * 1000 + i)
-            tuning = self.method.for_task(model, self.processor, task, cfg)
+            tuning = self.method.for_task(model, self.processor, task, ctx)
             sched = make_scheduler(tuning.optimizer, steps, self.warmup)
             start = 0
             self._chosen(st, task, tuning, mask_file)
@@ -414,10 +359,9 @@ class _Loop:
                                  self.seed * 1000 + i, desc=f"task {i + 1}/{len(self.seq.tasks)} {task.name}",
                                  start=start, on_step=on_step, grad_accum=self.grad_accum,
                                  gradient_checkpointing=self.gradient_checkpointing,
-                                 examples=tuning.train_examples, extra_loss=tuning.extra_loss,
-                                 extra_per_position=tuning.extra_per_position, held=tuning.held_examples,
-                                 held_per_step=tuning.held_per_step)
-            if isinstance(tuning.optimizer, SparseOptimizer):  # what each process held for the chosen elements
+                                 examples=tuning.train_examples, regulariser=tuning.regulariser,
+                                 held=tuning.held_examples, held_per_step=tuning.held_per_step)
+            if self.method.sparse:  # what each process held for the chosen elements
                 held = dist.gather_all(torch.tensor([tuning.optimizer.state_bytes()], dtype=torch.int64))
                 st.optimizer_bytes = [max(a, int(b)) for a, b in
                                       zip(st.optimizer_bytes or [0] * len(held), held.view(-1))]
@@ -480,7 +424,7 @@ class _Loop:
             metrics["selection"] = st.selection
             metrics["mask_jaccard"] = [[jaccard(a, b) for b in all_masks] for a in all_masks]
         if self.method.metrics is not None:  # TRACE: the cosines of the tasks' update sketches
-            metrics.update(self.method.metrics(self.cfg))
+            metrics.update(self.method.metrics(self.ctx))
         return metrics
 
 

@@ -27,15 +27,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from piece_mm.budget import distill_of, held_of
 from piece_mm.components import COMPONENTS, split_components
 from piece_mm.errors import InputError
+from piece_mm.methods import METHODS, of_kind
+from piece_mm.methods.piece import GRADIENT_SCORES
 from piece_mm.select import budget_arg, component_k, load_budget
 
-SPARSE = {"piece-f": 1, "piece-s": 2, "grad-magnitude": 2, "magnitude": 1, "random": 1,  # fp32 score tensors kept
-          "trace": 1}
-# methods that tune whole weights with AdamW (optim.py: fp32 masters for bf16 / fp16 weights); ln only the norms
-DENSE = ("seqft", "replay", "multitask", "migu", "lwf", "ewc", "ln")
-LORA = ("seqlora", "olora")  # a PEFT adapter on the LLM's linear layers, its weights in fp32
-PLANNED = tuple(SPARSE) + DENSE + LORA
-GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")
+# fp32 score tensors a sparse method's estimator keeps per weight (PIECE-S: Σ g and Σ g²)
+SCORE_TENSORS = {"piece-s": 2, "grad-magnitude": 2}
+# what kind each method is, as it registered (methods/__init__.py): "sparse", "dense" (AdamW on whole weights, with
+# fp32 masters for bf16 / fp16; ln only the norms) or "lora" (a PEFT adapter on the LLM's linear layers, in fp32)
+DENSE, LORA = of_kind("dense"), of_kind("lora")
+PLANNED = of_kind("sparse") + DENSE + LORA
 # per selected element: fp32 master (the compact copy), its fp32 gradient, Adam's two fp32 moments, an int64 index
 SPARSE_STATE_BYTES = 4 + 4 + 4 + 4 + 8
 TEXT_TOKENS = 64  # text tokens per example when --max-length is not given (prompt + answer)
@@ -189,10 +190,12 @@ def _logits(model, config, img: dict, batch: int, text_len: int, dtype: torch.dt
 
 
 def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_grads: bool, checkpointing: bool,
-           dtype: torch.dtype, distill: float | None = None) -> int:
+           dtype: torch.dtype, distill: float | None = None, cached: dict | None = None) -> int:
     """Peak bytes of one forward + backward on the meta device, weights excluded: activations, the gradients that
-    are alive, the logits and the loss's fp32 copy of them; with `distill` (a temperature), also the teacher's
-    forward and the distillation term's fp32 softmaxes."""
+    are alive, the logits and the loss's fp32 copy of them; with `distill` (a temperature), also a teacher copy's
+    forward and the exact KL's fp32 softmaxes (LwF); with `cached` (the budget's distill options), the cached term
+    as regularise.Distillation computes it: the student's fp32 logits at the held positions (the text ones unless
+    image_positions) and the top-k gathers, no teacher forward."""
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
         p.grad = None
@@ -219,6 +222,17 @@ def _trace(model, config, img: dict, batch: int, seq: int, trainable: set, drop_
                 loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
                                                          log_target=True, reduction="batchmean")
                 del teacher, s, t
+            if cached:  # regularise.Distillation's own computation, on meta tensors of the cache's shape
+                from piece_mm.regularise import Distillation
+                n = logits.shape[0] * (logits.shape[1] if cached.get("image_positions") else text_len)
+                k = vocab if cached.get("top_k") is None else min(cached["top_k"], vocab)
+                at = torch.empty(n, dtype=torch.long, device="meta")
+                values = torch.empty(n, k, device="meta")
+                indices = torch.empty(n, k, dtype=torch.int32, device="meta")
+                reg = Distillation(temperature=cached["temperature"])
+                loss = loss + reg._kl(logits.reshape(-1, vocab), at, values, indices,
+                                      torch.empty(n, device="meta"))
+                del at, values, indices
             del logits
             if any(p.requires_grad for p in model.parameters()):
                 loss.backward()
@@ -247,7 +261,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
                     ("--num-processes", num_processes)):
         if v is not None and v <= 0:
             raise InputError(f"{flag} {v}: expected a positive integer")
-    if fsdp and method in DENSE + LORA + ("trace", "random"):
+    if fsdp and not METHODS[method].sharded:
         raise InputError("--fsdp: planned for the sparse methods (piece_mm runs only those on FSDP2 shards)")
     if fsdp and num_processes < 2:
         raise InputError(f"--num-processes {num_processes}: FSDP2 shards over 2 or more")
@@ -299,7 +313,7 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
         return _lora(out, m, config, img, batch_size, seq, gradient_checkpointing, dt, method)
     budgeted = [c for c in COMPONENTS if b["pool"] != "component" or float(arg.get(c, 0.0)) > 0]
     scored = {n for c in (budgeted if method in GRADIENT_SCORES else COMPONENTS) for n in parts[c]}
-    score_sums = SPARSE[method] * 4 * sum(named[n].numel() for n in scored)
+    score_sums = SCORE_TENSORS.get(method, 1) * 4 * sum(named[n].numel() for n in scored)
     trainable = {n for c in budgeted for n in parts[c]}  # any of them may hold a chosen element
     score_batch = 16 if b["score_batch_size"] == 1 else b["score_batch_size"]  # per-sample: chunks of 16
     if fsdp:  # each scoring batch is split over the shards; under data parallelism each process scores whole ones
@@ -314,14 +328,12 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
         act_probe = _trace(m, config, img, score_batch, seq, scored, False, gradient_checkpointing, dt)
         sums_pass = w0 + n_scored * width + score_sums + act_score  # W_0, the update ΔW, the Σ g² sums
         act_score = max(w0 + probe_state + act_probe, sums_pass) - score_sums
-    d = distill_of(b)
-    distill = d["temperature"] if d else None  # the teacher's forward and the KL, in the trace
+    d = distill_of(b)  # the cached term (regularise.Distillation): its KL in the trace, its cache in host memory
     held = held_of(b)  # the held prompts' rows join each step's batch (split over the processes like the rest)
     held_rows = -(-held["per_step"] // n_proc) if held else 0
     act_train = _trace(m, config, img, batch_size + held_rows, seq, trainable, True, gradient_checkpointing, dt,
-                       distill)
-    # the chosen elements' start values (the teacher) and, during its forward, their current values
-    state = selected * (SPARSE_STATE_BYTES + (2 * width if distill else 0))
+                       cached=d)
+    state = selected * SPARSE_STATE_BYTES
     largest = max((named[n].numel() for n in trainable), default=0) * width
     out["bytes"] = {"weights": weights, "gradients": largest, "score_sums": score_sums, "optimizer_state": state,
                     "activations_score": act_score, "activations_train": act_train}
@@ -336,9 +348,15 @@ def plan(model: str, method: str = "piece-f", budget: str = "default", dtype: st
     out["peak_bytes"] = {"score": weights + act_score + (0 if on_host else score_sums),
                          "train": weights + state + act_train}
     out["score_memory"] = b["score_memory"]
-    out["distill"] = bool(distill)
+    out["distill"] = bool(d)
     out["held_rows"] = held_rows
     out["host_bytes"] = {"score_sums": score_sums if on_host else 0}
+    if d:  # per example: its kept positions' k log-probabilities (fp32) and indices (int32), and the bucket (fp32)
+        vocab = config.text_config.vocab_size
+        k = vocab if d["top_k"] is None else min(d["top_k"], vocab)
+        positions = seq if d["image_positions"] else seq - img["tokens"]
+        out["teacher_cache"] = {"top_k": k, "positions_per_example": positions, "bytes_per_example":
+                                positions * (8 * k + 4) + 8, "held_pool": held["pool"] if held else 0}
     out["peak_bytes_sums_on_host"] = {"score": weights + act_score}
     return out
 
@@ -449,8 +467,13 @@ def render(p: dict) -> str:
         lines.append(f"score sums: {where}")
         lines.append(f"gradients: one weight's at a time (at most {_size(by['gradients'])}), inside the activations")
         if p.get("distill"):
-            lines.append("distillation (budget's distill): the teacher is the chosen weights' start values (in the "
-                         "optimizer state); its forward and the KL's fp32 softmaxes are in the activations")
+            c = p.get("teacher_cache") or {}
+            lines.append("distillation (budget's distill): the teacher ran once per example before the task; the KL "
+                         "over its cached top-k log-probabilities is in the activations (no teacher forward)")
+            if "bytes" in c:
+                lines.append(f"teacher cache: {c['top_k']} log-probabilities at each of {c['positions_per_example']} "
+                             f"positions per example, {_size(c['bytes'])} for {c['examples']:,} examples and "
+                             f"{c['held_pool']} held rows, in host memory and <output>/distill/ (not in the peak)")
         if p.get("held_rows"):
             lines.append(f"held prompts (distill.held): {p['held_rows']} more rows per forward, in the activations")
     if p["fsdp"]:
@@ -471,18 +494,22 @@ def render(p: dict) -> str:
 
 def compute(p: dict, examples: int, epochs: float, tflops: float, score_examples: int | None = None) -> dict:
     """Time per task from FLOPs, an estimate (not a measurement): a forward costs 2 FLOPs per weight per token, a
-    backward 4, gradient checkpointing one more forward; the distillation term adds the teacher's forward, and held
-    rows widen each step's batch. Scoring is one forward and backward over the budget's score_examples. At `tflops`
-    sustained TFLOP/s per GPU, one GPU per process. Evaluation (generation, bound by memory bandwidth) is not
-    estimated."""
+    backward 4, gradient checkpointing one more forward; held rows widen each step's batch; LwF's teacher copy adds
+    a forward per step, the budget's cached term one forward per example and held row before the task (counted with
+    scoring, every process running all of them). Scoring is one forward and backward over the budget's
+    score_examples. At `tflops` sustained TFLOP/s per GPU, one GPU per process. Evaluation (generation, bound by
+    memory bandwidth) is not estimated."""
     weights, tokens = p["total"]["parameters"], p["max_length"]
     per_token = 6 + (2 if p["gradient_checkpointing"] else 0)
     train_tokens = examples * epochs * tokens
-    step = per_token + (2 if p.get("distill") else 0)
+    cache = p.get("teacher_cache")
+    step = per_token + (2 if p.get("distill") and not cache else 0)
     held = 1 + p.get("held_rows", 0) / max(1, p["batch_per_process"])
     train = train_tokens * weights * step * held
     scoring = (score_examples or 0) * tokens * weights * per_token
     rate = tflops * 1e12 * p["processes"]  # the work is split over the processes (one GPU each)
+    if cache:  # every process runs the teacher over every example: not split
+        scoring += (examples + cache["held_pool"]) * tokens * weights * 2 * p["processes"]
     return {"examples": examples, "epochs": epochs, "tflops": tflops, "train_flops": train, "score_flops": scoring,
             "train_minutes": train / rate / 60, "score_minutes": scoring / rate / 60}
 
@@ -525,7 +552,12 @@ def main(argv=None) -> int:
                 raise InputError(f"{flag} {v:g}: expected a positive number")
         p = plan(args.model, args.method, args.budget, args.dtype, args.batch_size, args.max_length,
                  args.gradient_checkpointing, args.image_size, args.num_processes, args.fsdp)
-        scored = load_budget(args.budget)["score_examples"] if args.method in SPARSE else 0
+        if "teacher_cache" in p:  # its size at --examples, in host memory and on disk (an upper bound: every
+            c = p["teacher_cache"]  # example at --max-length; held rows keep only their answers, counted whole)
+            c["examples"] = args.examples
+            c["bytes"] = (args.examples + c["held_pool"]) * c["bytes_per_example"]
+            p["host_bytes"]["teacher_cache"] = c["bytes"]
+        scored = load_budget(args.budget)["score_examples"] if METHODS[args.method].sparse else 0
         p["compute"] = compute(p, args.examples, args.epochs, args.tflops, min(scored, args.examples))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

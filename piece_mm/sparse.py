@@ -142,6 +142,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     def compact_params(self) -> list[torch.Tensor]:
         return [c for _, _, c in self._targets]
 
+    def grad_params(self) -> list[torch.Tensor]:
+        """What holds the gradients this optimizer follows, for summing them over data-parallel processes: the
+        compact ones; none on FSDP2 shards, whose reduce-scatter summed them in backward."""
+        return [] if self.sharded else self.compact_params()
+
     def state_bytes(self) -> int:
         """Bytes this process holds for the chosen elements: fp32 masters, the inner optimizer's state tensors and
         the indices."""

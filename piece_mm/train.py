@@ -258,9 +258,9 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
 
     from piece_mm import checkpoint, dist, shard
     from piece_mm.components import split_components
-    from piece_mm.continual import SHARDED_METHODS, SPARSE_METHODS, check_resume, run, run_config
+    from piece_mm.continual import check_resume, run, run_config
     from piece_mm.errors import InputError, from_data
-    from piece_mm.methods import load_settings
+    from piece_mm.methods import METHODS, load_settings
     from piece_mm.models import ALIASES, load_model, resolve
     from piece_mm.select import load_budget
     from piece_mm.tasks.sequence import load_sequence, with_generation
@@ -274,9 +274,9 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
     if sharding in ("fsdp1", "deepspeed"):
         raise InputError(f"accelerate config: {'FSDP1' if sharding == 'fsdp1' else 'DeepSpeed'} is not supported "
                          "by sparse tuning; launch with configs/accelerate/fsdp2.yaml (FSDP2) or ddp.yaml")
-    if sharding == "fsdp2" and cfg.method not in SHARDED_METHODS:
+    if sharding == "fsdp2" and not METHODS[cfg.method].sharded:
         raise InputError(f"--method {cfg.method!r}: not supported on FSDP2 shards; supported: "
-                         f"{', '.join(SHARDED_METHODS)}")
+                         f"{', '.join(n for n, m in METHODS.items() if m.sharded)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         group = dist.init()  # the process group `accelerate launch` describes
         if device.startswith("cuda"):
@@ -287,7 +287,7 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
                               caption_max_new_tokens=cfg.caption_max_new_tokens,
                               answer_max_new_tokens=cfg.answer_max_new_tokens)
     budget_name = cfg.budget or seq.train.get("budget", "default")  # a recipe names its own (paper-vqav2.yaml)
-    budget = load_budget(budget_name) if cfg.method in SPARSE_METHODS else None
+    budget = load_budget(budget_name) if METHODS[cfg.method].sparse else None
     settings = load_settings(cfg.method, cfg.method_config)
     if sharding == "fsdp2" and budget["score_batch_size"] == 1:
         raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "

@@ -16,9 +16,9 @@ def _seq(n=20):
 
 
 def _cfg(tasks, index, method, lr=1e-3, output=Path("unused")):
-    from piece_mm.methods import load_settings
-    return {"lr": lr, "seed": 7, "steps": 2, "batch_size": 4, "budget": None, "tasks": tasks, "index": index,
-            "output": output, "main": True, "resumed": False, "settings": load_settings(method)}
+    from piece_mm.methods import TaskContext, load_settings
+    return TaskContext(lr=lr, seed=7, steps=2, batch_size=4, tasks=tasks, index=index, output=output,
+                       settings=load_settings(method))
 
 
 def test_ln_trains_only_normalisation_layers(tiny):
@@ -67,7 +67,7 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     model = copy.deepcopy(base)
     tasks = _seq(16)
     first = METHODS["ewc"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="ewc", output=tmp_path))
-    assert first.extra_loss is None
+    assert first.regulariser is None
     state = first.after_task(model)
     f = state["fisher"]
     mean = sum(float(t.sum()) for t in f.values()) / sum(t.numel() for t in f.values())
@@ -76,12 +76,14 @@ def test_ewc_pull_and_fisher(tiny, tmp_path):
     assert all(torch.equal(state["anchor"][n], params[n].detach()) for n in f)
     assert (tmp_path / "ewc" / "1-color.safetensors").is_file()  # the next task reads it from there
     second = METHODS["ewc"].for_task(model, processor, tasks[1], _cfg(tasks, 1, method="ewc", output=tmp_path))
-    assert float(second.extra_loss(model).detach()) == 0.0
+    pull = second.regulariser  # one part, counted once per batch: the loop adds it whole to a one-batch step
+    assert pull.counts({}).tolist() == [1.0]
+    assert float(pull(model, {}, None).detach()) == 0.0
     name = next(n for n in f if f[n].abs().sum() > 0 and params[n].dim() == 2)
     with torch.no_grad():
         params[name].add_(0.01)
     model.zero_grad()
-    second.extra_loss(model).backward()
+    pull(model, {}, None).sum().backward()
     assert torch.allclose(params[name].grad, EWC_LAMBDA * f[name] * 0.01, rtol=1e-4, atol=1e-9)
     later = second.after_task(model)
     assert all(bool((later["fisher"][n] >= f[n]).all()) for n in f)  # summed over the tasks
@@ -133,12 +135,17 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
     assert (tmp_path / "lwf" / "2-size.safetensors").is_file()  # a task resumed midway distils from the same
     batch = collate(processor, tasks[1].train[:4])
     model.eval()
-    assert float(opt.extra_loss(model, batch, model(**batch))) == pytest.approx(0.0, abs=1e-5)
+    reg = opt.regulariser  # a sum over the batch's non-padding positions, and their count
+
+    def term(out):
+        return float(reg(model, batch, out) / reg.counts(batch))
+    assert reg.counts(batch).tolist() == [float(batch["attention_mask"].sum())]
+    assert term(model(**batch)) == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = model(**batch)
-    got = float(opt.extra_loss(model, batch, out))
+    got = term(out)
     with torch.no_grad():
         t_logits = teacher(**batch).logits
     ref, n = 0.0, 0
@@ -150,7 +157,7 @@ def test_lwf_distils_from_the_task_start_model(tiny, tmp_path):
                 ref += float((pt * (pt.log() - ps.log())).sum())
                 n += 1
     assert got > 0 and got == pytest.approx(T * T * ref / n, rel=1e-3)
-    assert METHODS["lwf"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="lwf")).extra_loss is None
+    assert METHODS["lwf"].for_task(model, processor, tasks[0], _cfg(tasks, 0, method="lwf")).regulariser is None
 
 
 def test_every_method_constant_is_in_its_yaml_and_checked(tmp_path):

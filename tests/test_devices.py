@@ -10,6 +10,7 @@ import torch
 
 from piece_mm.continual import METHODS, make_scheduler, train_task
 from piece_mm.optim import MasterWeights, adamw
+from piece_mm.regularise import Regulariser
 from piece_mm.sparse import SparseOptimizer
 from piece_mm.tasks import world
 from piece_mm.tasks.sequence import Task
@@ -75,11 +76,10 @@ def _tasks():
 
 def _cfg(method, tasks, index, out, budget):
     from piece_mm.eval.generate import generate
-    from piece_mm.methods import load_settings
-    return {"lr": 1e-5, "seed": 7, "steps": 4, "batch_size": 4, "budget": budget, "tasks": tasks, "index": index,
-            "output": out, "main": True, "resumed": False, "settings": load_settings(method), "log": None,
-            "gradient_checkpointing": False,
-            "generate": lambda m, p, ex, n: generate(m, p, ex, batch_size=16, max_new_tokens=n)}
+    from piece_mm.methods import TaskContext, load_settings
+    return TaskContext(lr=1e-5, seed=7, steps=4, batch_size=4, budget=budget, tasks=tasks, index=index, output=out,
+                       settings=load_settings(method),
+                       generate=lambda m, p, ex, n: generate(m, p, ex, batch_size=16, max_new_tokens=n))
 
 
 def _optimizer_values(model, opt, before) -> tuple[int, int]:
@@ -113,6 +113,8 @@ def _tensors(obj, seen=None):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v, seen)
+    elif isinstance(obj, Regulariser):  # its own fields; the teacher's cache lives in host memory by design
+        yield from _tensors([v for k, v in vars(obj).items() if k != "cache"], seen)
     elif callable(obj) and getattr(obj, "__closure__", None):
         for cell in obj.__closure__:
             try:
@@ -127,8 +129,8 @@ def _one_task(method, model, processor, tasks, index, out, budget):
     t = m.for_task(model, processor, tasks[index], cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_task(model, processor, tasks[index], t.optimizer, make_scheduler(t.optimizer, 4), 4, 4, 0, "t",
-               examples=t.train_examples, extra_loss=t.extra_loss, extra_per_position=t.extra_per_position,
-               held=t.held_examples, held_per_step=t.held_per_step)
+               examples=t.train_examples, regulariser=t.regulariser, held=t.held_examples,
+               held_per_step=t.held_per_step)
     return t, before
 
 
@@ -152,7 +154,7 @@ def test_every_method_keeps_bf16_updates_and_its_state_on_the_weights_device(met
         torch.manual_seed(0)
         model = copy.deepcopy(base).to(device=device, dtype=dt)
         if m.prepare is not None:
-            m.prepare(model, _cfg(method, tasks, 0, None, budget)["settings"])
+            m.prepare(model, _cfg(method, tasks, 0, None, budget).settings)
         out = Path(tempfile.mkdtemp())
         t, before = _one_task(method, model, processor, tasks, 0, out, budget)
         total, moved = _optimizer_values(model, t.optimizer, before)
@@ -167,7 +169,7 @@ def test_every_method_keeps_bf16_updates_and_its_state_on_the_weights_device(met
     # the second task, bf16: what the method keeps is on the weights' device
     second = m.for_task(model, processor, tasks[1], _cfg(method, tasks, 1, out, budget))
     dev = next(model.parameters()).device
-    kept = list(_tensors([second.extra_loss, second.after_task, state]))
+    kept = list(_tensors([second.regulariser, second.after_task, state]))
     if isinstance(second.optimizer, MasterWeights):
         kept += [m_ for _, m_ in second.optimizer._pairs]
     if isinstance(second.optimizer, SparseOptimizer):

@@ -1,26 +1,28 @@
-"""The budget's distill term for the sparse methods: the teacher is the model as the task began, made for one forward
-pass by putting the chosen elements back to their task-start values (piece_mm/methods/piece.py)."""
+"""The budget's distill term (regularise.Distillation): the teacher is the model as the task began, run once per
+example before the first step, its top-k log-probabilities cached; checked against the exact term computed here from a
+copy of the task-start model."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from piece_mm.batching import collate
+from piece_mm.batching import HELD, ROWS, collate, model_inputs
 from piece_mm.budget import HELD_DEFAULTS, Budget, distill_of, held_of
 from piece_mm.continual import METHODS, make_scheduler, train_task
 from piece_mm.errors import InputError
-from piece_mm.methods import load_tensors
+from piece_mm.methods import TaskContext
+from piece_mm.regularise import Distillation, TeacherCache
 from piece_mm.tasks import world
 from piece_mm.tasks.sequence import Task
 
 W, T = 0.5, 2.0
 
 
-def _cfg(task, output, resumed=False):
-    budget = Budget(fractions={"llm": 0.01}, distill={"weight": W, "temperature": T}).to_dict()
-    return {"lr": 1e-2, "seed": 7, "steps": 3, "batch_size": 4, "budget": budget, "tasks": [task], "index": 0,
-            "output": output, "main": True, "resumed": resumed, "settings": {}, "log": lambda s: None,
-            "gradient_checkpointing": False}
+def _ctx(task, output, resumed=False, **distill):
+    budget = Budget(fractions={"llm": 0.01}, distill={"weight": W, "temperature": T, **distill}).to_dict()
+    return TaskContext(lr=1e-2, seed=7, steps=3, batch_size=4, budget=budget, tasks=[task], output=output,
+                       resumed=resumed, log=lambda s: None)
 
 
 def _masks(model, seed=0):
@@ -30,73 +32,167 @@ def _masks(model, seed=0):
     return {n: torch.randperm(p.numel(), generator=gen)[:40].sort().values for n, p in named}
 
 
-def _reference(teacher_logits, student_logits, keep):
-    """W · T² · KL(teacher ‖ student), summed over the vocabulary and averaged over the kept positions, by hand."""
+def _exact(teacher_logits, student_logits, keep):
+    """T² · KL(teacher ‖ student), summed over the vocabulary and over the kept positions, in float64, by hand."""
     pt = torch.softmax(teacher_logits[keep].double() / T, -1)
     log_ps = torch.log_softmax(student_logits[keep].double() / T, -1)
-    return W * T * T * (pt * (pt.log() - log_ps)).sum(-1).mean()
+    return T * T * (pt * (pt.log() - log_ps)).sum()
 
 
-def test_the_teacher_is_the_task_start_model_and_the_weights_come_back_bit_for_bit(tiny, tmp_path):
-    """After three steps the term equals the formula against a copy of the model kept from the task's start; the
-    forward inside it leaves every weight bit-identical; its gradient on the chosen elements is the formula's; a
-    resumed task reads the same teacher from <output>/distill/."""
+def _top_k(teacher_logits, student_logits, keep, k):
+    """T² · KL of the (k + 1)-outcome distributions: the teacher's k likeliest tokens, and all the others as one."""
+    pt = torch.softmax(teacher_logits[keep].double() / T, -1)
+    ps = torch.softmax(student_logits[keep].double() / T, -1)
+    idx = pt.topk(k, -1).indices
+    p = torch.cat([pt.gather(-1, idx), 1 - pt.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    q = torch.cat([ps.gather(-1, idx), 1 - ps.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    return T * T * (p * (p.log() - q.log())).sum()
+
+
+def _rows(processor, exs, held, own, kept=()):
+    batch = collate(processor, [exs[i] for i in own] + [held[j] for j in kept], held=len(kept))
+    batch[ROWS] = torch.tensor(list(own) + [len(exs) + j for j in kept], dtype=torch.long)
+    return batch
+
+
+def _moved(model, scale=0.02, seed=0):
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return m
+
+
+@pytest.mark.parametrize("image_positions", [True, False])
+def test_with_k_the_vocabulary_the_cached_term_is_the_exact_term(tiny, image_positions):
+    """top_k None (the whole vocabulary): each part's sum over its count equals the exact term within 1e-5 per batch,
+    on the task's rows (held at every non-padding position with image_positions, else at the text positions; averaged
+    over every non-padding position either way) and on the held rows' answers; so does the gradient. The teacher is
+    the model when prepare ran, not the one it is asked about."""
+    _, base, processor = tiny
+    exs, held = world.task_set("size", "train", 8, seed=3), world.caption_set(3, 3)
+    reg = Distillation(weight=1.0, temperature=T, top_k=None, held_weight=3.0,
+                       image_positions=image_positions).prepare(base, processor, exs, held, batch_size=3)
+    student = _moved(base).eval()
+    batch = _rows(processor, exs, held, [2, 5, 3, 7], [1, 0])
+    image = batch["input_ids"] == base.config.image_token_id
+    with torch.no_grad():
+        teacher = base(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+    rows = torch.zeros_like(image)
+    rows[:4] = True
+    every = batch["attention_mask"].bool() & rows  # what the task's part is averaged over, either way
+    task_keep = every & (~image if not image_positions else True)  # where it is held
+    assert image.any() and reg.counts(batch).tolist() == [int(every.sum()), int(batch[HELD].sum())]
+    assert int(batch[HELD].sum()) > 0
+    student.zero_grad()
+    out = student(**model_inputs(batch))
+    got = reg(student, batch, out) / reg.counts(batch)
+    want = torch.stack([_exact(teacher, out.logits.detach(), task_keep) / every.sum(),
+                        3.0 * _exact(teacher, out.logits.detach(), batch[HELD]) / batch[HELD].sum()])
+    assert float(want.min()) > 1e-3
+    assert (got.double().detach() - want).abs().max() <= 1e-5, (got, want)
+    got.sum().backward()
+    g = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    ref = copy.deepcopy(student)
+    ref.zero_grad()
+    logits = ref(**model_inputs(batch)).logits
+    (_exact(teacher, logits, task_keep) / every.sum() + 3.0 * _exact(teacher, logits, batch[HELD])
+     / batch[HELD].sum()).backward()
+    a = torch.cat([g[n].double().reshape(-1) for n, p in ref.named_parameters() if n in g])
+    b = torch.cat([p.grad.double().reshape(-1) for n, p in ref.named_parameters() if n in g])
+    assert b.norm() > 0 and (a - b).norm() <= 1e-4 * b.norm()  # float32 against float64, as one vector
+
+
+def test_top_k_keeps_the_kl_of_the_teachers_k_likeliest_and_the_rest_as_one(tiny):
+    """At k < vocabulary the term is the KL of k + 1 outcomes (the teacher's k likeliest tokens and the rest of the
+    mass), computed here from whole distributions; at the default k it is within a few % of the exact term."""
+    _, base, processor = tiny
+    exs = world.task_set("color", "train", 6, seed=2)
+    student = _moved(base, seed=1).eval()
+    batch = _rows(processor, exs, [], range(6))
+    with torch.no_grad():
+        teacher = base(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+        out = student(**model_inputs(batch))
+    for k in (4, 32):
+        reg = Distillation(weight=1.0, temperature=T, top_k=k).prepare(base, processor, exs)
+        assert reg.cache.values.shape[-1] == k
+        keep = reg.positions(batch)[0]
+        got = float(reg(student, batch, out)[0])
+        assert got == pytest.approx(float(_top_k(teacher, out.logits, keep, k)), rel=1e-5)
+        assert got <= float(_exact(teacher, out.logits, keep)) * (1 + 1e-6)  # merging outcomes never adds KL
+    assert got == pytest.approx(float(_exact(teacher, out.logits, keep)), rel=0.05)
+
+
+def test_the_teacher_is_the_task_start_model_and_a_resumed_task_reads_its_cache(tiny, tmp_path):
+    """PIECE-F with distill: the cache is written before the first step; after three steps the term equals the exact
+    formula against a copy of the task-start model (k = vocabulary); a resumed task reads the cache back without
+    running the model; a damaged cache, or one made with another k, is one line that names the file."""
     _, base, processor = tiny
     model = copy.deepcopy(base)
     task = Task("color", world.task_set("color", "train", 16), world.task_set("color", "test", 4))
     start = copy.deepcopy(model).eval()
     masks = _masks(model)
-    tuning = METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path), masks=masks)
-    saved = load_tensors(tmp_path / "distill" / "1-color.safetensors")
-    params = dict(start.named_parameters())
-    assert saved.keys() == masks.keys()
-    assert all(torch.equal(saved[n], params[n].detach().reshape(-1)[masks[n]]) for n in masks)
-
-    batch = collate(processor, task.train[:4])
-    keep = batch["attention_mask"].bool()
+    ctx = _ctx(task, tmp_path, top_k=None, image_positions=True)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=masks)
+    path = tmp_path / "distill" / "1-color.teacher.safetensors"
+    assert path.is_file() and isinstance(tuning.regulariser, Distillation)
+    batch = _rows(processor, task.train, [], range(4))
     model.train()
-    assert float(tuning.extra_loss(model, batch, model(**batch)).detach()) == pytest.approx(0.0, abs=1e-6)
-    opt = tuning.optimizer
-    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", extra_loss=tuning.extra_loss)
-    now = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert any(not torch.equal(now[n], params[n]) for n in masks)  # it learned something
-
-    model.train()
-    out = model(**batch)
-    got = tuning.extra_loss(model, batch, out)
-    assert all(torch.equal(p, now[n]) for n, p in model.named_parameters())  # the teacher's values are gone again
     with torch.no_grad():
-        teacher = start(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    want = _reference(teacher, out.logits.detach(), keep)
-    assert float(got.detach()) > 1e-6 and float(got.detach()) == pytest.approx(float(want), rel=1e-3)
-
-    got.backward()  # through the student's forward, which ran before the teacher's values came and went
-    grads = dict(zip(masks, [c.grad for c in opt.compact_params()]))
-    ref = copy.deepcopy(model).train()
-    for p in ref.parameters():
-        p.requires_grad_(True)
-    _reference(teacher, ref(**batch).logits, keep).backward()
-    for n, p in ref.named_parameters():
-        if n in masks:
-            a, b = grads[n].double(), p.grad.reshape(-1)[masks[n]].double()  # float32 against float64: as vectors
-            assert (a - b).norm() <= 1e-3 * b.norm() and b.norm() > 0, n
+        assert float(tuning.regulariser(model, batch, model(**model_inputs(batch)))[0]) == pytest.approx(0.0, abs=1e-5)
+    opt = tuning.optimizer
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", regulariser=tuning.regulariser)
+    params = dict(start.named_parameters())
+    assert any(not torch.equal(p, params[n]) for n, p in model.named_parameters() if n in masks)  # it learned
+    model.eval()
+    out = model(**model_inputs(batch))
+    got = tuning.regulariser(model, batch, out) / tuning.regulariser.counts(batch)
+    with torch.no_grad():
+        teacher = start(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+    keep = batch["attention_mask"].bool()
+    want = W * _exact(teacher, out.logits.detach(), keep) / keep.sum()
+    assert float(want) > 1e-6 and float(got[0]) == pytest.approx(float(want), abs=1e-6)
     tuning.close()
 
-    again = METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=masks)
-    model.train()
-    same = again.extra_loss(model, batch, model(**batch))
-    assert float(same.detach()) == pytest.approx(float(got.detach()), rel=1e-6)
+    def refuse(*a, **k):
+        raise AssertionError("a resumed task must read the teacher's cache, not run the teacher")
+    forward, model.forward = model.forward, refuse
+    again = METHODS["piece-f"].for_task(model, processor, task, dataclasses.replace(ctx, resumed=True), masks=masks)
+    model.forward = forward
+    assert torch.equal(again.regulariser.cache.values, tuning.regulariser.cache.values)
+    same = again.regulariser(model, batch, out) / again.regulariser.counts(batch)
+    assert float(same[0]) == pytest.approx(float(got[0]), rel=1e-6)
     again.close()
 
-    # a resumed task whose saved start values are damaged, or are another mask's: one line naming the file
-    saved_file = tmp_path / "distill" / "1-color.safetensors"
-    other = {n: idx[:30] for n, idx in masks.items()}
-    with pytest.raises(InputError, match=r"1-color\.safetensors: not the start values") as e:
-        METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=other)
+    other = dataclasses.replace(_ctx(task, tmp_path, top_k=8, image_positions=True), resumed=True)
+    with pytest.raises(InputError, match=r"1-color\.teacher\.safetensors: a teacher cache made with top_k") as e:
+        METHODS["piece-f"].for_task(model, processor, task, other, masks=masks)
     assert "\n" not in str(e.value)
-    saved_file.write_bytes(saved_file.read_bytes()[:50])
-    with pytest.raises(InputError, match=r"1-color\.safetensors: a method's saved state cannot be read"):
-        METHODS["piece-f"].for_task(model, processor, task, _cfg(task, tmp_path, resumed=True), masks=masks)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(InputError, match=r"1-color\.teacher\.safetensors: the teacher's cache cannot be read"):
+        METHODS["piece-f"].for_task(model, processor, task, dataclasses.replace(ctx, resumed=True), masks=masks)
+
+
+def test_a_cache_holds_a_few_values_per_text_position_and_its_rows_are_checked(tiny, tmp_path):
+    """The default keeps 32 log-probabilities per text position (no image placeholder), saved as safetensors; a batch
+    whose rows are not the prepared ones is refused."""
+    _, base, processor = tiny
+    exs = world.task_set("size", "train", 5, seed=3)
+    reg = Distillation().prepare(base, processor, exs, path=tmp_path / "c.safetensors")
+    n_text = sum(int(((b["attention_mask"] == 1) & (b["input_ids"] != base.config.image_token_id)).sum())
+                 for b in (collate(processor, [ex]) for ex in exs))
+    assert reg.cache.values.shape == (n_text, 32) and reg.cache.offsets.tolist()[-1] == n_text
+    again = TeacherCache.load(tmp_path / "c.safetensors", reg.meta())
+    assert torch.equal(again.values, reg.cache.values) and torch.equal(again.indices, reg.cache.indices)
+    batch = collate(processor, exs[:2])
+    with pytest.raises(InputError, match="which prepared rows"):
+        reg(base, batch, base(**batch))
+    batch[ROWS] = torch.tensor([3, 0])  # the rows of other examples, whose lengths differ
+    lengths = [int(reg.cache.offsets[i + 1] - reg.cache.offsets[i]) for i in (0, 3)]
+    if lengths[0] != lengths[1]:
+        with pytest.raises(InputError, match="not made from the prepared examples"):
+            reg(base, batch, base(**batch))
 
 
 def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
@@ -104,12 +200,14 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
     and the command exits with 2 before anything is written."""
     from piece_mm.train import main
 
-    assert Budget().distill == {"weight": 0.0, "temperature": 2.0, "answers": True, "held": HELD_DEFAULTS}
+    assert Budget().distill == {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k": 32,
+                                "image_positions": False, "cache_dir": None, "held": HELD_DEFAULTS}
     assert Budget.from_yaml("default").distill["weight"] > 0  # the shipped default distils
     # a budget dict made by hand (the library API) may lack the field, or switch it off: no term either way
     assert distill_of({"fractions": {"llm": 0.01}}) is None and distill_of(Budget().to_dict()) is None
-    assert distill_of(Budget(distill={"weight": 0.5}).to_dict()) == {"weight": 0.5, "temperature": 2.0, "answers": True,
-                                                                      "held": HELD_DEFAULTS}
+    assert distill_of(Budget(distill={"weight": 0.5}).to_dict()) == {
+        "weight": 0.5, "temperature": 2.0, "answers": True, "top_k": 32, "image_positions": False, "cache_dir": None,
+        "held": HELD_DEFAULTS}
     assert held_of(Budget(distill={"weight": 0.5}).to_dict()) is None  # held prompts: off unless given a weight
     for value, says in [({"weight": -1}, r"distill\.weight is -1"), ({"temperature": 0}, r"distill\.temperature is 0"),
                         ({"temp": 1.0}, r"distill\.temp is not a distill option"), (3, "distill is 3"),
@@ -122,6 +220,10 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
                         ({"weight": 1, "held": {"earlier_share": 1.0}}, r"distill\.held\.earlier_share is 1\.0"),
                         ({"weight": 1, "held": {"protect": -0.5}}, r"distill\.held\.protect is -0\.5"),
                         ({"weight": 1, "answers": "no"}, r"distill\.answers is 'no'"),
+                        ({"weight": 1, "top_k": 0}, r"distill\.top_k is 0"),
+                        ({"weight": 1, "top_k": 2.5}, r"distill\.top_k is 2\.5"),
+                        ({"weight": 1, "image_positions": "yes"}, r"distill\.image_positions is 'yes'"),
+                        ({"weight": 1, "cache_dir": ""}, r"distill\.cache_dir is ''"),
                         ({"weight": 1, "held": {"weight": 1, "bank": "nope"}},
                          r"distill\.held\.bank 'nope': prompt bank not found"),
                         ({"weight": 1, "held": {"prompts": 1}}, r"distill\.held\.prompts is not a distill\.held")]:
@@ -137,10 +239,9 @@ def test_weight_zero_gives_no_extra_loss(tiny, tmp_path):
     _, base, processor = tiny
     model = copy.deepcopy(base)
     task = Task("color", world.task_set("color", "train", 8), world.task_set("color", "test", 4))
-    cfg = _cfg(task, tmp_path)
-    cfg["budget"]["distill"] = {"weight": 0.0, "temperature": 2.0}
-    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=_masks(model))
-    assert tuning.extra_loss is None and not (tmp_path / "distill").exists()
+    ctx = _ctx(task, tmp_path, weight=0.0)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=_masks(model))
+    assert tuning.regulariser is None and not (tmp_path / "distill").exists()
     tuning.close()
 
 
@@ -149,7 +250,6 @@ def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_pa
     model as the task begins (its greedy replies, written for resume); in a batch they are rows the task loss does not
     learn, and the term is W·KL on the task's rows plus W_held·KL on the held rows' answer predictions, against the
     task-start model, by hand."""
-    from piece_mm.batching import HELD, model_inputs
     from piece_mm.eval.generate import generate
 
     _, base, processor = tiny
@@ -157,13 +257,14 @@ def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_pa
     start = copy.deepcopy(model).eval()
     first = Task("big", world.task_set("big", "train", 8), [])
     task = Task("many", world.task_set("many", "train", 16), world.task_set("many", "test", 4))
-    cfg = _cfg(task, tmp_path) | {"tasks": [first, task], "index": 1, "lr": 0.1}  # a move the term sees in float32
     WH = 3.0
-    cfg["budget"] = Budget(fractions={"llm": 0.01}, distill={"weight": W, "temperature": T, "held": {
-        "weight": WH, "pool": 12, "per_step": 3, "earlier": 1, "max_new_tokens": 6}}).to_dict()
-    cfg["generate"] = lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n)
+    ctx = dataclasses.replace(  # lr 0.1: a move the term sees in float32
+        _ctx(task, tmp_path, top_k=None, image_positions=True, held={
+            "weight": WH, "pool": 12, "per_step": 3, "earlier": 1, "max_new_tokens": 6}),
+        tasks=[first, task], index=1, lr=0.1,
+        generate=lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n))
     masks = _masks(model)
-    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=masks)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=masks)
     held = tuning.held_examples
     assert len(held) == 12 and tuning.held_per_step == 3
     assert first.train[0].prompt in {ex.prompt for ex in held}  # an earlier task's prompt, as a string
@@ -172,7 +273,7 @@ def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_pa
     assert all(any(ex.image is im for im in train_images) for ex in held)  # the task's own images only
     assert [ex.answer for ex in held] == generate(start, processor, held, batch_size=8, max_new_tokens=6)
 
-    batch = collate(processor, task.train[:4] + held[:3], held=3)
+    batch = _rows(processor, task.train, held, range(4), range(3))
     plain = collate(processor, task.train[:4] + held[:3])
     assert (batch["labels"][4:] == -100).all() and torch.equal(batch["labels"][:4], plain["labels"][:4])
     assert torch.equal(batch[HELD][4:, :-1], plain["labels"][4:, 1:] != -100) and not batch[HELD][:4].any()
@@ -183,29 +284,30 @@ def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_pa
         assert float(model(**model_inputs(batch)).loss) == pytest.approx(float(alone), rel=1e-5)  # not learned
 
     opt = tuning.optimizer
-    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", extra_loss=tuning.extra_loss,
+    train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 4, 0, "t", regulariser=tuning.regulariser,
                held=held, held_per_step=3)
     model.train()
     out = model(**model_inputs(batch))
-    got = tuning.extra_loss(model, batch, out)  # two parts, each a mean over its own positions
+    reg = tuning.regulariser
+    got = reg(model, batch, out) / reg.counts(batch)  # two parts, each a mean over its own positions
     with torch.no_grad():
         teacher = start(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
     rows = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
     rows[:4] = True
-    want = [_reference(teacher, out.logits.detach(), batch["attention_mask"].bool() & rows),
-            WH / W * _reference(teacher, out.logits.detach(), batch[HELD])]
+    own = batch["attention_mask"].bool() & rows
+    want = [W * _exact(teacher, out.logits.detach(), own) / own.sum(),
+            WH * _exact(teacher, out.logits.detach(), batch[HELD]) / batch[HELD].sum()]
     assert len(got) == 2 and all(float(g.detach()) > 1e-6 for g in got)
-    assert [float(g.detach()) for g in got] == pytest.approx([float(w) for w in want], rel=3e-3)  # fp32 vs fp64
-    # each part's positions, for the loop's shares under several processes or micro-batches
-    counts = tuning.extra_per_position(batch)
-    assert [int(c) for c in counts] == [int((batch["attention_mask"].bool() & rows).sum()), int(batch[HELD].sum())]
+    assert [float(g.detach()) for g in got] == pytest.approx([float(w) for w in want], abs=1e-5)  # per batch
+    # each part's positions, for the loop to divide by over several processes or micro-batches
+    assert reg.counts(batch).tolist() == [int(own.sum()), int(batch[HELD].sum())]
     tuning.close()
 
     # resumed: the same held examples, read back (nothing is generated)
     def refuse(*a):
         raise AssertionError("a resumed task must not generate its held examples again")
-    again = METHODS["piece-f"].for_task(model, processor, task, cfg | {"resumed": True, "generate": refuse},
-                                        masks=masks)
+    again = METHODS["piece-f"].for_task(model, processor, task,
+                                        dataclasses.replace(ctx, resumed=True, generate=refuse), masks=masks)
     assert [(ex.prompt, ex.answer) for ex in again.held_examples] == [(ex.prompt, ex.answer) for ex in held]
     assert all(a.image is b.image for a, b in zip(again.held_examples, held))
     again.close()

@@ -1,5 +1,6 @@
 """SeqLoRA and O-LoRA (PEFT adapters) and MIGU, checked against formulas and invariants computed here."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def test_olora_merges_the_last_task_and_keeps_the_new_one_orthogonal(tiny, tmp_p
     METHODS["olora"].prepare(model, load_settings("olora"))
     first = METHODS["olora"].for_task(model, processor, tasks[0],
                                       _cfg(tasks, 0, method="olora", lr=1e-2, output=tmp_path))
-    assert first.extra_loss is None  # nothing to be orthogonal to yet (and λ2 = 0)
+    assert first.regulariser is None  # nothing to be orthogonal to yet (and λ2 = 0)
     train_task(model, processor, tasks[0], first.optimizer, make_scheduler(first.optimizer, 2), 2, 4, 0, "t")
     first.after_task(model)
     layers = lora_layers(model)
@@ -80,15 +81,15 @@ def test_olora_merges_the_last_task_and_keeps_the_new_one_orthogonal(tiny, tmp_p
     assert not torch.equal(layer.lora_A["default"].weight, a0[name])  # a new adapter
     assert torch.allclose(_logits(model, batch), ref, rtol=1e-4, atol=1e-4)  # merging keeps the function
     by_hand = sum(float((a0[n] @ lay.lora_A["default"].weight.detach().T).abs().sum()) for n, lay in layers.items())
-    assert float(second.extra_loss(model)) == pytest.approx(orth * by_hand, rel=1e-5)
-    second.extra_loss(model).backward()
+    assert float(second.regulariser(model, {}, None)) == pytest.approx(orth * by_hand, rel=1e-5)
+    second.regulariser(model, {}, None).sum().backward()
     assert layer.lora_A["default"].weight.grad.abs().sum() > 0
 
     norms = sum(float(m["default"].weight.norm()) for lay in layers.values() for m in (lay.lora_A, lay.lora_B))
     cfg = _cfg(tasks, 1, method="olora", output=tmp_path)  # a --method-config with lambda_l2: 0.1
-    cfg |= {"resumed": True, "settings": cfg["settings"] | {"lambda_l2": 0.1}}
+    cfg = dataclasses.replace(cfg, resumed=True, settings=cfg.settings | {"lambda_l2": 0.1})
     third = METHODS["olora"].for_task(model, processor, tasks[1], cfg)
-    assert float(third.extra_loss(model)) == pytest.approx(orth * by_hand + 0.1 * norms, rel=1e-5)
+    assert float(third.regulariser(model, {}, None)) == pytest.approx(orth * by_hand + 0.1 * norms, rel=1e-5)
 
 
 def test_migu_masks_each_linear_layers_rows_by_output_magnitude(tiny):

@@ -61,9 +61,13 @@ def runs(tmp_path_factory, uninterrupted_run):
 @pytest.mark.slow
 def test_resume_after_kill_9_gives_the_uninterrupted_result(runs):
     seq, whole, killed, _, env = runs
+    cache = killed / "distill" / "2-shape.teacher.safetensors"  # the task-2 teacher's cache, written before step 1
+    written = cache.stat().st_mtime_ns
     r = subprocess.run(_args(seq, killed, "--resume"), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stdout
+    assert "teacher cache:" not in r.stdout and cache.stat().st_mtime_ns == written  # read back, not recomputed
+    assert cache.read_bytes() == (whole / "distill" / "2-shape.teacher.safetensors").read_bytes()
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     for key in ("scores", "general", "summary", "trainable", "selection", "mask_jaccard"):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import piece_mm as pm
-from piece_mm.batching import collate, fit_length
+from piece_mm.batching import ROWS, collate, fit_length
 from piece_mm.continual import make_scheduler, train_task
+from piece_mm.regularise import Distillation, Regulariser
 from piece_mm.tasks import world
 from piece_mm.tasks.sequence import Task
 
@@ -99,47 +100,66 @@ def test_scoring_under_checkpointing_recomputes_and_gives_the_same_scores(llava_
 
 
 def _distilled(model, processor, masks, tmp_path, **kw):
-    """Three steps of PIECE-F's own tuning with the budget's distillation term (the teacher: the start values)."""
-    from piece_mm.methods import METHODS
+    """Three steps of PIECE-F's own tuning with the budget's distillation term (its teacher cached at the start)."""
+    from piece_mm.methods import METHODS, TaskContext
     mixed = world.task_set("size", "train", 16, seed=3) + world.knowledge_set(16, 6)  # text-only ones are shorter
     task = Task("size", mixed, [], "exact")
     model = copy.deepcopy(model)
     budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0}).to_dict()
-    cfg = {"lr": 1e-2, "budget": budget, "tasks": [task], "index": 0, "output": tmp_path, "main": True,
-           "resumed": False}
-    tuning = METHODS["piece-f"].for_task(model, processor, task, cfg, masks=masks)
+    ctx = TaskContext(lr=1e-2, budget=budget, tasks=[task], output=tmp_path)
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=masks)
     opt = tuning.optimizer
     train_task(model, processor, task, opt, make_scheduler(opt, 3), 3, 8, seed=0, desc="t",
-               extra_loss=tuning.extra_loss, extra_per_position=tuning.extra_per_position, **kw)
+               regulariser=tuning.regulariser, **kw)
     tuning.close()
     return {n: p.detach().reshape(-1)[masks[n]].clone() for n, p in model.named_parameters() if n in masks}
 
 
+class _EqualShares(Regulariser):
+    """A regulariser's term averaged within each batch and counted once per batch: an equal share per micro-batch,
+    as a term like EWC's takes (what the loop must not do with a per-position term)."""
+
+    def __init__(self, reg):
+        self.reg = reg
+
+    def counts(self, batch):
+        return torch.ones(len(self.reg.counts(batch)))
+
+    def __call__(self, model, batch, out):
+        return self.reg(model, batch, out) / self.reg.counts(batch).clamp_min(1)
+
+
+def _rows(processor, exs, held, own: range, kept: range = range(0)) -> dict:
+    """A batch of exs[own] and held[kept], saying which prepared rows it holds (as the loop's batches do)."""
+    batch = collate(processor, [exs[i] for i in own] + [held[j] for j in kept], held=len(kept))
+    batch[ROWS] = torch.tensor(list(own) + [len(exs) + j for j in kept], dtype=torch.long)
+    return batch
+
 
 def test_micro_batches_take_the_distillation_term_by_their_share_of_positions(llava_and_masks, tmp_path):
     """One step's gradient on the chosen elements, whole batch against two micro-batches of different lengths: the
-    same, because each micro-batch takes the term in proportion to its positions (an equal share each, as a term
-    like EWC's takes, would not give it)."""
-    from piece_mm.continual import _accumulate
-    from piece_mm.methods import METHODS
+    same, because the loop divides the term's sums by the step's count of positions (an equal share per micro-batch,
+    as a term like EWC's takes, would not give it)."""
+    from piece_mm.continual import _step
+    from piece_mm.methods import METHODS, TaskContext
     model, processor, masks = llava_and_masks
     exs = world.task_set("size", "train", 4, seed=3) + world.knowledge_set(4, 6)  # text-only ones are shorter
     budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0}).to_dict()
     grads = {}
-    for per_position in (True, False):
-        for parts in ([exs], [exs[:4], exs[4:]]):
+    for by_position in (True, False):
+        for parts in ([range(8)], [range(4), range(4, 8)]):
             m = copy.deepcopy(model)
-            cfg = {"lr": 1e-2, "budget": budget, "tasks": [Task("size", exs, [], "exact")], "index": 0,
-                   "output": tmp_path, "main": True, "resumed": False}
-            tuning = METHODS["piece-f"].for_task(m, processor, None, cfg, masks=masks)
+            ctx = TaskContext(lr=1e-2, budget=budget, tasks=[Task("size", exs, [], "exact")], output=tmp_path)
+            tuning = METHODS["piece-f"].for_task(m, processor, ctx.task, ctx, masks=masks)
             gen = torch.Generator().manual_seed(0)
             with torch.no_grad():  # the chosen weights away from the teacher's, so that the term has a gradient
                 for n, idx in masks.items():
                     w = m.get_parameter(n).view(-1)
                     w[idx] += 0.05 * torch.randn(idx.numel(), generator=gen)
             m.train()
-            _accumulate(m, [collate(processor, p) for p in parts], "cpu", tuning.extra_loss, 1, per_position)
-            grads[per_position, len(parts)] = torch.cat([c.grad for c in tuning.optimizer.compact_params()])
+            reg = tuning.regulariser if by_position else _EqualShares(tuning.regulariser)
+            _step(m, [_rows(processor, exs, [], p) for p in parts], "cpu", reg)
+            grads[by_position, len(parts)] = torch.cat([c.grad for c in tuning.optimizer.compact_params()])
             tuning.close()
     whole, split = grads[True, 1], grads[True, 2]
     assert (whole - split).norm() <= 1e-4 * whole.norm()
@@ -161,34 +181,27 @@ def test_the_distillation_term_takes_the_same_steps_with_checkpointing(llava_and
 def test_micro_batches_take_each_part_of_the_held_term_by_its_own_share(llava_and_masks, tmp_path):
     """With held prompts the term has two parts, each a mean over its own positions (the task's rows, the held rows'
     answers). One step's gradient, whole batch against two micro-batches that split both kinds of rows unevenly: the
-    same, because each part takes its own share; one share for both (the attention mask's) gives another."""
-    from piece_mm.budget import distill_of
-    from piece_mm.continual import _accumulate
-    from piece_mm.methods.piece import _distillation, distill_parts
+    same, because each part is divided by its own count over the step; each micro-batch's own mean of each part, in
+    equal shares, gives another."""
+    from piece_mm.continual import _step
     model, processor, masks = llava_and_masks
     task = world.task_set("size", "train", 5, seed=3)
     held = world.caption_set(3, 3)  # answered with captions: held rows longer than the task's
-    budget = pm.Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "temperature": 2.0,
-                                                         "held": {"weight": 3.0}}).to_dict()
-    d = distill_of(budget)
-    own = lambda b: [k.sum() for k in distill_parts(b, d)]  # noqa: E731
     grads = {}
-    for per_position in (own, True):
-        for split in ([(task, held)], [(task[:4], held[:1]), (task[4:], held[1:])]):
+    for own in (True, False):
+        for split in ([(range(5), range(3))], [(range(4), range(1)), (range(4, 5), range(1, 3))]):
             m = copy.deepcopy(model)
+            reg = Distillation(weight=1.0, temperature=2.0, held_weight=3.0).prepare(m, processor, task, held)
             opt = pm.sparse_optimizer(m, masks, torch.optim.AdamW, lr=1e-2)
-            cfg = {"budget": budget, "tasks": [Task("size", task, [], "exact")], "index": 0, "output": tmp_path,
-                   "main": True, "resumed": False}
-            extra = _distillation(m, opt, cfg)
             gen = torch.Generator().manual_seed(0)
             with torch.no_grad():  # the chosen weights away from the teacher's, so that the term has a gradient
                 for n, idx in masks.items():
                     m.get_parameter(n).view(-1)[idx] += 0.05 * torch.randn(idx.numel(), generator=gen)
             m.train()
-            batches = [collate(processor, t + h, held=len(h)) for t, h in split]
-            _accumulate(m, batches, "cpu", extra, 1, per_position)
-            grads[per_position is own, len(split)] = torch.cat([c.grad for c in opt.compact_params()])
+            batches = [_rows(processor, task, held, t, h) for t, h in split]
+            _step(m, batches, "cpu", reg if own else _EqualShares(reg))
+            grads[own, len(split)] = torch.cat([c.grad for c in opt.compact_params()])
             opt.close()
     whole, parts = grads[True, 1], grads[True, 2]
     assert (whole - parts).norm() <= 1e-4 * whole.norm()
-    assert (grads[False, 1] - grads[False, 2]).norm() > 1e-3 * whole.norm()  # one share for both parts: another
+    assert (grads[False, 1] - grads[False, 2]).norm() > 1e-3 * whole.norm()  # equal shares: another

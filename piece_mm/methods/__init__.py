@@ -3,35 +3,36 @@
 - `Method`: what the run asks of a method once: `for_task`, and optionally `prepare(model, settings)` (called once
   when the run starts, before the first evaluation and before a checkpoint is restored: adapters that change the
   model's structure, so that the checkpoints hold the adapted model), `finish(model, settings)` (when the run ends,
-  before the final model is saved: merge adapters into the weights) and `metrics(cfg)` (entries it adds to
-  metrics.json: TRACE's sketch cosines). `sparse` methods choose masks, which a resumed task reads back; `sharded`
-  ones also run on FSDP2 shards; `settings` are the fields of its configs/methods YAML.
-- `for_task(model, processor, task, cfg, masks=None) -> Tuning`: what the method trains for this task.
+  before the final model is saved: merge adapters into the weights) and `metrics(ctx)` (entries it adds to
+  metrics.json: TRACE's sketch cosines). What kind of method it is is said here once, for the loop, the CLI and
+  the plan alike:
+  - `kind`: "sparse" (chooses masks, which a resumed task reads back; the sparse optimizer), "dense" (whole
+    weights, AdamW on fp32 masters) or "lora" (a PEFT adapter);
+  - `sharded`: it also runs on FSDP2 shards;
+  - `regulariser`: the term it adds to the loss, if any: "distill" (the budget's cached distillation,
+    regularise.Distillation), "teacher" (LwF: a copy of the model), "ewc" (Fisher and anchor), "olora";
+  - `settings`: the fields of its configs/methods YAML.
+- `for_task(model, processor, task, ctx: TaskContext, masks=None) -> Tuning`: what the method trains for this task.
 - `Tuning`: the optimizer over the weights it tunes, and what else the loop must do with it:
   - `masks`, `parts`: the chosen elements and the components they were chosen in (sparse methods; saved as masks
     and deltas);
   - `train_examples`: what the task trains on instead of its own examples (replay, multitask);
-  - `extra_loss(model, batch, out)`: a term added to the task loss (EWC, LwF, O-LoRA, the budget's distill);
-    `extra_per_position`: it is a mean over the batch's non-padding positions (LwF, distill), so that under several
-    processes or micro-batches the loop weights each part by its share of the step's positions; or, for a term of
-    several parts each averaged over positions of its own (distill with held prompts), a callable `(batch) -> [count
-    per part]`: extra_loss then returns the list of parts, and the loop weights each by its share of its positions;
+  - `regulariser`: a term added to the task loss (regularise.Regulariser: each part a sum and a count, which the
+    loop normalises over the whole step);
   - `held_examples`, `held_per_step`: examples that join each step's batch, that many of them, as rows the task
-    loss does not learn and `extra_loss` holds (batch["held"] marks their answer positions: the budget's held
+    loss does not learn and the regulariser holds (batch["held"] marks their answer positions: the budget's held
     prompts, methods/held.py);
   - `after_task(model)`: once the task's training ends, before the evaluation; it must not change the weights;
   - `close()`: when the task's training ends (hooks to remove).
 
-cfg holds lr, seed, steps, batch_size, budget, tasks (the whole sequence), index (this task's place in it), output
-(the run directory), settings (the method's constants), main (whether this process writes files) and resumed (the
-task is resumed midway: the weights, optimizer and RNG come back from the checkpoint, so the method must not change
-the weights). Everything a method
-needs must follow from cfg and from the files it keeps under `<output>/<method>/`, so that a resumed task rebuilds
-it exactly.
+`TaskContext` is all a method is told about the task's run (frozen). Everything a method needs must follow from it
+and from the files it keeps under `<output>/<method>/`, so that a resumed task rebuilds it exactly: `resumed` says
+the task is resumed midway (the weights, optimizer and RNG come back from the checkpoint, so the method must not
+change the weights).
 
 A method's constants (EWC's λ, LoRA's rank, …) live in configs/methods/<name>.yaml: `register(..., settings=)` says
 which fields the file must hold and of what kind, `load_settings` reads and checks them, and the loop hands them to
-the method as cfg["settings"] (and to prepare/finish as their second argument). `--method-config FILE` replaces the
+the method as ctx.settings (and to prepare/finish as their second argument). `--method-config FILE` replaces the
 shipped file for a run.
 
 The sparse methods (piece-f, piece-s, trace, …) are in piece.py (their settings are the budget YAML's); the baselines
@@ -45,6 +46,32 @@ from typing import Callable
 import torch
 
 
+@dataclass(frozen=True)
+class TaskContext:
+    """What a method is told about one task of the run (module docstring). `tasks` is the whole sequence and `index`
+    this task's place in it; `output` the run directory; `budget` the sparse methods' budget dict; `settings` the
+    method's constants; `main` whether this process writes files; `generate(model, processor, examples,
+    max_new_tokens)` greedy replies as evaluation makes them."""
+    tasks: list
+    output: Path
+    index: int = 0
+    lr: float = 1e-4
+    seed: int = 0
+    steps: int = 1
+    batch_size: int = 16
+    budget: dict | None = None
+    settings: dict = field(default_factory=dict)
+    main: bool = True
+    resumed: bool = False
+    log: Callable | None = None
+    gradient_checkpointing: bool = False
+    generate: Callable | None = None
+
+    @property
+    def task(self):
+        return self.tasks[self.index]
+
+
 @dataclass
 class Tuning:
     """What a method trains for one task (module docstring)."""
@@ -52,8 +79,7 @@ class Tuning:
     masks: dict | None = None
     parts: dict | None = None
     train_examples: list | None = None
-    extra_loss: Callable | None = None
-    extra_per_position: bool | Callable = False
+    regulariser: Callable | None = None
     held_examples: list | None = None
     held_per_step: int = 0
     after_task: Callable | None = None
@@ -67,10 +93,15 @@ class Method:
     for_task: Callable[..., Tuning]
     prepare: Callable | None = None
     finish: Callable | None = None
-    sparse: bool = False
+    kind: str = "dense"  # "sparse", "dense" or "lora"
     sharded: bool = False
+    regulariser: str | None = None  # "distill", "teacher", "ewc", "olora" or None
     settings: dict = field(default_factory=dict)  # {field: Setting} that configs/methods/<name>.yaml must hold
-    metrics: Callable | None = None  # metrics(cfg) -> {key: value} the method adds to metrics.json at the end
+    metrics: Callable | None = None  # metrics(ctx) -> {key: value} the method adds to metrics.json at the end
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind == "sparse"
 
 
 @dataclass(frozen=True)
@@ -93,14 +124,25 @@ class Setting:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, prepare: Callable | None = None, finish: Callable | None = None, sparse: bool = False,
-             sharded: bool = False, settings: dict | None = None, metrics: Callable | None = None):
+KINDS = ("sparse", "dense", "lora")
+
+
+def register(name: str, *, kind: str = "dense", prepare: Callable | None = None, finish: Callable | None = None,
+             sharded: bool = False, regulariser: str | None = None, settings: dict | None = None,
+             metrics: Callable | None = None):
     """Decorator: `fn` is the method's for_task."""
+    assert kind in KINDS, kind
+
     def deco(fn):
-        METHODS[name] = Method(name, fn, prepare=prepare, finish=finish, sparse=sparse, sharded=sharded,
-                               settings=settings or {}, metrics=metrics)
+        METHODS[name] = Method(name, fn, prepare=prepare, finish=finish, kind=kind, sharded=sharded,
+                               regulariser=regulariser, settings=settings or {}, metrics=metrics)
         return fn
     return deco
+
+
+def of_kind(kind: str) -> tuple[str, ...]:
+    """The registered methods of one kind, in registration order."""
+    return tuple(n for n, m in METHODS.items() if m.kind == kind)
 
 
 def settings_file(name: str) -> Path:
@@ -143,19 +185,20 @@ def load_settings(name: str, path=None) -> dict:
     return {k: setting.kind(data[k]) for k, setting in spec.items()}
 
 
-def state_file(cfg: dict, name: str, index: int):
+def state_file(ctx: TaskContext, name: str, index: int):
     """`<output>/<name>/<task number>-<task name>.safetensors`: a method's saved state for task `index`."""
-    return cfg["output"] / name / f"{index + 1}-{cfg['tasks'][index].name}.safetensors"
+    return Path(ctx.output) / name / f"{index + 1}-{ctx.tasks[index].name}.safetensors"
 
 
-def save_tensors(tensors: dict, path) -> None:
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write a safetensors file atomically (a kill leaves the old file or the new one)."""
     import os
 
     from safetensors.torch import save_file
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(tmp))
+    save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(tmp), metadata)
     os.replace(tmp, path)
 
 

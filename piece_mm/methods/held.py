@@ -77,40 +77,57 @@ def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, 
     return [(j % n_images, p) for j, p in enumerate(prompts)]
 
 
-def held_examples(model, processor, task, cfg, options: dict) -> list[Example]:
-    """This task's held examples (module docstring): made with the model as the task begins, or read back when the
-    task is resumed."""
-    from piece_mm.methods import state_file
-    path = state_file(cfg, "distill", cfg["index"]).with_suffix(".held.json")
-    pictured = [ex for ex in task.train if ex.image is not None] or task.train
-    rng = random.Random(cfg["seed"])
-    images = rng.sample(pictured, min(len(pictured), options["pool"]))
-    if cfg["resumed"]:
+def make_held(model, processor, examples: list, options: dict, generate, earlier: list[str] = (), seed: int = 0,
+              log=None) -> tuple[list[Example], list[tuple[int, str]]]:
+    """(held examples, their (image index, prompt) pairs): `options["pool"]` of the examples' images (a seeded draw)
+    asked the bank's prompts and the `earlier` prompts (strings), none of the examples' own, answered greedily by
+    the model as it is now through `generate(model, processor, examples, max_new_tokens)`."""
+    images = _images(examples, options, seed)
+    own = {ex.prompt for ex in examples}  # the task's own prompts are learned, not held
+    bank = [p for p in spellable(processor.tokenizer, load_bank(options["bank"])) if p not in own]
+    earlier = [p for p in earlier if p not in own]
+    if not bank + earlier:
+        raise InputError(f"distill.held.bank {options['bank']!r}: no prompt left to hold (the tokenizer cannot spell "
+                         "the bank's, and the task asks the rest itself)")
+    pairs = held_pairs(len(images), [(bank, 1.0), (earlier, options["earlier_share"] if bank else 1.0)],
+                       options["pool"], seed)
+    asked = [Example(images[i].image, p, "") for i, p in pairs]
+    replies = generate(model, processor, asked, options["max_new_tokens"])
+    if log:
+        log(f"holding {len(bank)} prompts of the bank and {len(earlier)} of earlier tasks on {len(pairs)} of its "
+            "images")
+    return [Example(ex.image, ex.prompt, a) for ex, a in zip(asked, replies)], pairs
+
+
+def _images(examples: list, options: dict, seed: int) -> list:
+    pictured = [ex for ex in examples if ex.image is not None] or list(examples)
+    return random.Random(seed).sample(pictured, min(len(pictured), options["pool"]))
+
+
+def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
+    """This task's held examples (module docstring, make_held): made with the model as the task begins, or read
+    back when the task is resumed (<output>/distill/<task>.held.json)."""
+    path = Path(ctx.output) / "distill" / f"{ctx.index + 1}-{task.name}.held.json"
+    if ctx.resumed:
+        images = _images(task.train, options, ctx.seed)
         try:
             saved = json.loads(path.read_text())
             return [Example(images[r["image"]].image, r["prompt"], r["answer"]) for r in saved]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise InputError(f"{path}: not this task's held examples ({e})") from None
-    own = {ex.prompt for ex in task.train}  # the task's own prompts are learned, not held
-    bank = [p for p in spellable(processor.tokenizer, load_bank(options["bank"])) if p not in own]
-    earlier = [p for p in earlier_prompts(cfg["tasks"][:cfg["index"]], options["earlier"]) if p not in own]
-    if not bank + earlier:
-        raise InputError(f"distill.held.bank {options['bank']!r}: no prompt left to hold for task {task.name!r} (the "
-                         "tokenizer cannot spell the bank's, and the task asks the rest itself)")
-    pairs = held_pairs(len(images), [(bank, 1.0), (earlier, options["earlier_share"] if bank else 1.0)],
-                       options["pool"], cfg["seed"])
-    asked = [Example(images[i].image, p, "") for i, p in pairs]
-    replies = cfg["generate"](model, processor, asked, options["max_new_tokens"])
-    if cfg["main"]:
+    log = (lambda s: ctx.log(f"{task.name}: {s}")) if ctx.log else None
+    try:
+        held, pairs = make_held(model, processor, task.train, options, ctx.generate,
+                                earlier_prompts(ctx.tasks[:ctx.index], options["earlier"]), ctx.seed, log)
+    except InputError as e:
+        raise InputError(f"{e} (task {task.name!r})") from None
+    if ctx.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"image": i, "prompt": p, "answer": a} for (i, p), a in zip(pairs, replies)],
+        tmp.write_text(json.dumps([{"image": i, "prompt": p, "answer": ex.answer} for (i, p), ex in zip(pairs, held)],
                                   indent=0))
         tmp.replace(path)
-    if cfg["log"]:
-        cfg["log"](f"{task.name}: holding {len(bank)} prompts of the bank and {len(earlier)} of earlier tasks "
-                   f"on {len(pairs)} of its images")
-    return [Example(ex.image, ex.prompt, a) for ex, a in zip(asked, replies)]
+    return held
 
 
 def protect_scores(scores: dict, held_scores: dict, strength: float, sharded: bool = False) -> dict:

@@ -13,9 +13,9 @@ def norm_params(model) -> list[str]:
 
 
 @register("ln")
-def ln(model, processor, task, cfg, masks=None):
+def ln(model, processor, task, ctx, masks=None):
     """Only the normalisation layers are trained (AdamW, recreated per task); every other weight is frozen."""
     norms = set(norm_params(model))
     for n, p in model.named_parameters():
         p.requires_grad_(n in norms)
-    return Tuning(optim.adamw([p for n, p in model.named_parameters() if n in norms], cfg["lr"]))
+    return Tuning(optim.adamw([p for n, p in model.named_parameters() if n in norms], ctx.lr))

@@ -5,49 +5,51 @@ import copy
 
 import torch
 
+from piece_mm.batching import model_inputs
 from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.seqft import adamw
+from piece_mm.regularise import Regulariser, kl_sums
 
 
-def distillation_loss(student_logits, teacher_logits, keep, temperature: float) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) of the next-token distributions at temperature T, summed over the vocabulary and
-    averaged over the positions where `keep` ([B, L] bool) is True. The logits are [B, L, V]; the teacher's carry no
-    gradient. LwF's term, and the sparse methods' (the budget's distill)."""
-    s = student_logits[keep].float()  # [N, V]
-    t = teacher_logits[keep].float()  # [N, V]
-    T = temperature
-    kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1), log_target=True,
-                                    reduction="batchmean")
-    return T * T * kl
-
-
-def teacher_for(model, cfg):
+def teacher_for(model, ctx):
     """A frozen copy of the model as the task begins. Its weights are saved (<output>/lwf/<task>.safetensors), so a
     task resumed midway distils from the same teacher."""
-    path = state_file(cfg, "lwf", cfg["index"])
+    path = state_file(ctx, "lwf", ctx.index)
     teacher = copy.deepcopy(model).eval()
-    if cfg["resumed"]:
+    if ctx.resumed:
         teacher.load_state_dict(load_tensors(path), strict=False)
-    elif cfg["main"]:
+    elif ctx.main:
         save_tensors({n: p for n, p in teacher.named_parameters()}, path)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-@register("lwf", settings={"temperature": Setting(float, 1e-6), "weight": Setting(float, 0.0)})
-def lwf(model, processor, task, cfg, masks=None):
+@register("lwf", regulariser="teacher", settings={"temperature": Setting(float, 1e-6), "weight": Setting(float, 0.0)})
+def lwf(model, processor, task, ctx, masks=None):
     """Full fine-tuning plus T² · KL(teacher ‖ student) of the next-token distributions at temperature T, averaged
     over the current task's non-padding positions, from the second task on."""
-    tuning = Tuning(adamw(model, cfg["lr"]))
-    if cfg["index"] == 0:
+    tuning = Tuning(adamw(model, ctx.lr))
+    if ctx.index == 0:
         return tuning
-    teacher = teacher_for(model, cfg)
+    teacher = teacher_for(model, ctx)
 
-    def extra_loss(model, batch, out):
-        with torch.no_grad():
-            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        s = cfg["settings"]  # configs/methods/lwf.yaml
-        return s["weight"] * distillation_loss(out.logits, t, batch["attention_mask"].bool(), s["temperature"])
-    tuning.extra_loss, tuning.extra_per_position = extra_loss, True
+    tuning.regulariser = TeacherCopy(teacher, **ctx.settings)  # configs/methods/lwf.yaml
     return tuning
+
+
+class TeacherCopy(Regulariser):
+    """weight · T² · KL(teacher ‖ student) against a frozen copy of the model, run on every batch, summed over the
+    batch's non-padding positions and counted by them (the loop averages over the step's)."""
+
+    def __init__(self, teacher, weight: float, temperature: float):
+        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+
+    def counts(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"].sum().float().reshape(1)
+
+    def __call__(self, model, batch: dict, out) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+        keep = batch["attention_mask"].bool()
+        return (self.weight * kl_sums(out.logits, t, keep, self.temperature)).reshape(1)

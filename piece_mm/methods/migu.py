@@ -59,7 +59,7 @@ class MaskedRows:
 
 
 @register("migu", settings={"top": Setting(float, 0.0, 1.0)})
-def migu(model, processor, task, cfg, masks=None):
+def migu(model, processor, task, ctx, masks=None):
     """Full fine-tuning with MIGU's per-step row masks on every linear layer (AdamW, recreated per task)."""
-    opt = adamw(model, cfg["lr"])
-    return Tuning(opt, close=MaskedRows(model, cfg["settings"]["top"]).close)
+    opt = adamw(model, ctx.lr)
+    return Tuning(opt, close=MaskedRows(model, ctx.settings["top"]).close)

@@ -6,8 +6,8 @@ from piece_mm.methods.seqft import adamw
 
 
 @register("multitask")
-def multitask(model, processor, task, cfg, masks=None):
+def multitask(model, processor, task, ctx, masks=None):
     """Full fine-tuning on the union of the examples of every task so far: after the last task, the multitask
     upper bound."""
-    return Tuning(adamw(model, cfg["lr"]), train_examples=[ex for t in cfg["tasks"][:cfg["index"] + 1]
+    return Tuning(adamw(model, ctx.lr), train_examples=[ex for t in ctx.tasks[:ctx.index + 1]
                                                            for ex in t.train])

@@ -13,6 +13,7 @@ import torch
 
 from piece_mm.methods import Setting, Tuning, load_tensors, register, save_tensors, state_file
 from piece_mm.methods.seqlora import ADAPTER, LORA, inject, lora_layers, lora_optimizer, merge_and_unload
+from piece_mm.regularise import PerStep
 
 SETTINGS = {"lambda_orth": Setting(float, 0.0), "lambda_l2": Setting(float, 0.0), **LORA}
 
@@ -39,29 +40,29 @@ def start_task(layers: dict) -> None:
             layer.reset_lora_parameters(ADAPTER, True)
 
 
-@register("olora", prepare=inject, finish=merge_and_unload, settings=SETTINGS)
-def olora(model, processor, task, cfg, masks=None):
-    inject(model, cfg["settings"])
+@register("olora", kind="lora", regulariser="olora", prepare=inject, finish=merge_and_unload, settings=SETTINGS)
+def olora(model, processor, task, ctx, masks=None):
+    inject(model, ctx.settings)
     layers = lora_layers(model)
-    orth, l2_weight = cfg["settings"]["lambda_orth"], cfg["settings"]["lambda_l2"]
-    i = cfg["index"]
-    if i > 0 and not cfg["resumed"]:
+    orth, l2_weight = ctx.settings["lambda_orth"], ctx.settings["lambda_l2"]
+    i = ctx.index
+    if i > 0 and not ctx.resumed:
         start_task(layers)
     old = {}  # the earlier tasks' A matrices, on the adapters' device (the term multiplies them every step)
     device = next(iter(layers.values())).lora_A[ADAPTER].weight.device if layers else None
     for j in range(i):
-        for n, a in load_tensors(state_file(cfg, "olora", j), device).items():
+        for n, a in load_tensors(state_file(ctx, "olora", j), device).items():
             old[n] = torch.cat([old[n], a]) if n in old else a
-    tuning = Tuning(lora_optimizer(model, cfg["lr"]))
+    tuning = Tuning(lora_optimizer(model, ctx.lr))
     if old or l2_weight:
-        def extra_loss(model, batch=None, out=None):
+        def penalty(model):
             loss = orth * orthogonality(layers, old) if old else 0.0
             return loss + l2_weight * l2(layers) if l2_weight else loss
-        tuning.extra_loss = extra_loss
+        tuning.regulariser = PerStep(penalty)
 
     def after_task(model):
-        if cfg["main"]:
-            save_tensors({n: layer.lora_A[ADAPTER].weight for n, layer in layers.items()}, state_file(cfg, "olora", i))
+        if ctx.main:
+            save_tensors({n: layer.lora_A[ADAPTER].weight for n, layer in layers.items()}, state_file(ctx, "olora", i))
     tuning.after_task = after_task
     return tuning
 

@@ -4,23 +4,24 @@ within the budget (select.py), and tune only those with a sparse AdamW (sparse.p
 They run the same way on FSDP2 shards (shard.py), except random and trace.
 
 The budget's `distill` adds weight x T² x KL(teacher ‖ student) to every task's loss (LwF's term, from the first task
-on), where the teacher is the model as the task began. Since a sparse task moves only its chosen elements, that
-teacher is the same model with those elements put back to their values at the task's start, for one forward
-pass: it costs their k values, not a copy of the model. With distill.held the term also holds the model on the task's
-images under prompts the task does not show (methods/held.py): those rows join each step's batch."""
+on), where the teacher is the model as the task began: regularise.Distillation, whose teacher runs once per example
+before the first step (its top-k log-probabilities are cached in <output>/distill/<task>.teacher.safetensors, which a
+resumed task reads back). With distill.held the term also holds the model on the task's images under prompts the task
+does not show (methods/held.py): those rows join each step's batch."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from piece_mm import dist, shard
-from piece_mm.batching import HELD, IGNORE_INDEX, collate, model_inputs
+from piece_mm.batching import IGNORE_INDEX, collate
 from piece_mm.budget import distill_of, held_of
 from piece_mm.components import split_components
-from piece_mm.errors import InputError
 from piece_mm.importance import estimate_importance
 from piece_mm.methods import Tuning, load_tensors, register, save_tensors, state_file
-from piece_mm.methods.lwf import distillation_loss
 from piece_mm.models import activation_checkpointing
+from piece_mm.regularise import Distillation
 from piece_mm.select import budget_arg, select_masks
 from piece_mm.sparse import sparse_optimizer
 
@@ -28,29 +29,27 @@ PER_SAMPLE_CHUNK = 16  # samples per batched pass when the budget scores per sam
 
 
 def _sparse_method(estimator: str):
-    def make(model, processor, task, cfg, masks=None):
+    def make(model, processor, task, ctx, masks=None):
         """Score the task's training examples on the current model, pick the top weights per component within the
         budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
-        b = cfg["budget"]
+        b = ctx.budget
         parts = split_components(model, exclude=b["exclude"], rules=b["components"])
         held = None
         if held_of(b):  # made first, with the model as the task begins: the teacher's own answers
             from piece_mm.methods.held import held_examples
-            held = held_examples(model, processor, task, cfg, held_of(b))
+            held = held_examples(model, processor, task, ctx, held_of(b))
         if masks is None:
-            masks = _choose(model, processor, task, cfg, parts, held)
-        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=cfg["lr"], betas=tuple(b["betas"]),
+            masks = _choose(model, processor, task, ctx, parts, held)
+        tuning = Tuning(None, held_examples=held, held_per_step=held_of(b)["per_step"] if held else 0)
+        if distill_of(b):  # the teacher, once per example, before a weight moves (or read back, resumed)
+            tuning.regulariser = teacher_cache(model, processor, task.train, held, ctx)
+        opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=ctx.lr, betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
-        tuning = Tuning(opt, masks=opt.masks, parts=parts, close=opt.close)
-        if distill_of(b):
-            tuning.extra_loss, tuning.extra_per_position = _distillation(model, opt, cfg), True
-            if held is not None:  # two parts, each a mean over its own positions (distill_parts)
-                tuning.held_examples, tuning.held_per_step = held, held_of(b)["per_step"]
-                tuning.extra_per_position = lambda batch: [k.sum() for k in distill_parts(batch, distill_of(b))]
+        tuning.optimizer, tuning.masks, tuning.parts, tuning.close = opt, opt.masks, parts, opt.close
         return tuning
 
-    def _choose(model, processor, task, cfg, parts, held=None):
-        b = cfg["budget"]
+    def _choose(model, processor, task, ctx, parts, held=None):
+        b = ctx.budget
         examples = task.train[: b["score_examples"]]
         per_sample = b["score_batch_size"] == 1  # exact per-sample scores from batched passes, not a batch-1 loop
         bs = PER_SAMPLE_CHUNK if per_sample else b["score_batch_size"]
@@ -59,20 +58,20 @@ def _sparse_method(estimator: str):
             batches = (_share_batch(processor, c) for c in chunks)
         else:
             batches = (collate(processor, c) for c in dist.share(chunks))  # this process's whole batches
-        options = {"seed": cfg["seed"], "per_sample": per_sample, "accumulate": b["score_memory"], "log": cfg["log"]}
+        options = {"seed": ctx.seed, "per_sample": per_sample, "accumulate": b["score_memory"], "log": ctx.log}
         if estimator == "trace":  # the probe's length follows the task's: a tenth of its steps unless set
             t = b["trace"]
             # the earlier tasks' update sketches, for this task's specificity; <output>/trace/ keeps them, so a
             # resumed run has them too
-            history = [load_tensors(state_file(cfg, "trace", j)) for j in range(cfg["index"])]
-            options = {"probe_steps": t["probe_steps"] or max(1, cfg["steps"] // 10), "probe_lr": t["probe_lr"],
+            history = [load_tensors(state_file(ctx, "trace", j)) for j in range(ctx.index)]
+            options = {"probe_steps": t["probe_steps"] or max(1, ctx.steps // 10), "probe_lr": t["probe_lr"],
                        "level": t["level"], "mix": t["mix"], "specificity_rule": t["specificity"],
                        "strength": t["strength"], "threshold": t["threshold"], "history": history, "probe_out": {}}
         if estimator in GRADIENT_SCORES and b["pool"] == "component":
             # a component with no budget is not scored: on a 7B model that spares its fp32 sums (the vision tower's
             # are ~1.2 GB), and the other components' gradients, hence scores, are the same without it
             parts = {c: names if b["fractions"].get(c, 0) > 0 else [] for c, names in parts.items()}
-        with activation_checkpointing(model, cfg["gradient_checkpointing"]):
+        with activation_checkpointing(model, ctx.gradient_checkpointing):
             scores = estimate_importance(model, batches, estimator, names=[n for c in parts.values() for n in c],
                                          **options)
         h = held_of(b)
@@ -83,13 +82,13 @@ def _sparse_method(estimator: str):
                 hb = (_share_batch(processor, c) for c in chunks)
             else:
                 hb = (collate(processor, c) for c in dist.share(chunks))
-            with activation_checkpointing(model, cfg["gradient_checkpointing"]):
+            with activation_checkpointing(model, ctx.gradient_checkpointing):
                 on_held = estimate_importance(model, hb, "piece-f", names=list(scores),
                                               accumulate=b["score_memory"], log=None)
             scores = protect_scores(scores, on_held, h["protect"], sharded=shard.is_fsdp(model))
         if estimator == "trace" and "sketch" in options["probe_out"]:
-            if cfg["main"]:
-                save_tensors(options["probe_out"]["sketch"], state_file(cfg, "trace", cfg["index"]))
+            if ctx.main:
+                save_tensors(options["probe_out"]["sketch"], state_file(ctx, "trace", ctx.index))
             dist.barrier()  # every process reads it as history for the next task
         shards = dict(model.named_parameters()) if shard.is_fsdp(model) else None
         return select_masks(scores, parts, budget_arg(b), pool=b["pool"], granularity=b["granularity"],
@@ -98,59 +97,20 @@ def _sparse_method(estimator: str):
     return make
 
 
-def _distillation(model, opt, cfg):
-    """The budget's distill term for this task (module docstring). The chosen elements' values at the task's start
-    are saved (<output>/distill/<task>.safetensors), so a task resumed midway distils from the same teacher."""
-    d, path = distill_of(cfg["budget"]), state_file(cfg, "distill", cfg["index"])
-    if cfg["resumed"]:
-        try:
-            start = opt.values_from(load_tensors(path))
-        except (KeyError, ValueError) as e:  # a file of another run, or of another mask
-            raise InputError(f"{path}: not the start values of this task's chosen weights ({e})") from None
-    else:
-        start = opt.chosen_values()
-        whole = shard.gather_values(model, opt.masks)  # on shards: a collective, the values on the first process
-        if cfg["main"]:
-            named = dict(model.named_parameters())
-            save_tensors(whole or {n: named[n].detach().reshape(-1)[idx.to(torch.int64)]
-                                   for n, idx in opt.masks.items()}, path)
-
-    def extra_loss(model, batch, out):
-        was, sharded = model.training, shard.is_fsdp(model)
-        with torch.no_grad():
-            if sharded:  # FSDP2 units that stay whole after the student's forward would not see the teacher's values
-                shard.reshard(model)
-            with opt.holding(start):
-                model.eval()  # the teacher as LwF's: in eval mode
-                try:
-                    teacher = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
-                finally:
-                    model.train(was)
-                    if sharded:  # nor would backward see the student's again: it gathers them anew
-                        shard.reshard(model)
-        keep, held = distill_parts(batch, d)
-        task = d["weight"] * distillation_loss(out.logits, teacher, keep, d["temperature"])
-        if not (d.get("held") or {}).get("weight"):
-            return task
-        # with held prompts: two parts, each a mean over its own positions (the loop weights each by its share)
-        zero = out.logits.sum() * 0.0  # a batch without held rows (a micro-batch's share) holds none
-        return [task, d["held"]["weight"] * distillation_loss(out.logits, teacher, held, d["temperature"])
-                if held.any() else zero]
-    return extra_loss
-
-
-def distill_parts(batch: dict, d: dict) -> tuple:
-    """([B, L] bool, [B, L] bool): the positions where the distill term holds the task's own rows (every non-padding
-    position, less the answer predictions with distill.answers false), and those where it holds the held rows (their
-    answer predictions, batch["held"]; none without)."""
-    keep = batch["attention_mask"].bool()  # [B, L]
-    if not d.get("answers", True):  # not where the task's answer is predicted: there the term pulls against it
-        keep = keep.clone()
-        keep[:, :-1] &= batch["labels"][:, 1:] == IGNORE_INDEX
-    held = batch.get(HELD)
-    if held is None:
-        return keep, torch.zeros_like(keep)
-    return keep & ~held.any(-1, keepdim=True), held  # the task's own rows, as without held prompts
+def teacher_cache(model, processor, examples: list, held, ctx) -> Distillation:
+    """The budget's distill term for this task, its teacher the model as it is now: run over the task's training
+    examples and held rows once and cached in <distill.cache_dir or output/distill>/<task>.teacher.safetensors, which a
+    resumed task reads back instead."""
+    d = distill_of(ctx.budget)
+    where = Path(d["cache_dir"]) if d.get("cache_dir") else Path(ctx.output) / "distill"
+    path = where / f"{ctx.index + 1}-{ctx.tasks[ctx.index].name}.teacher.safetensors"
+    b = ctx.budget
+    reg = Distillation.from_budget(b).prepare(
+        model, processor, examples, held or (), batch_size=PER_SAMPLE_CHUNK if b["score_batch_size"] == 1
+        else b["score_batch_size"], path=path, reuse=ctx.resumed, log=ctx.log)
+    if shard.is_fsdp(model):  # FSDP2 units that stay whole after a forward with no backward: back on their shards
+        shard.reshard(model)
+    return reg
 
 
 def _share_batch(processor, examples: list) -> dict:
@@ -163,10 +123,10 @@ def _share_batch(processor, examples: list) -> dict:
     return batch
 
 
-def _trace_cosine(cfg) -> dict:
+def _trace_cosine(ctx) -> dict:
     """TRACE's entry in metrics.json: the cosine of every pair of tasks' update sketches."""
     from piece_mm.importance.trace import cosine_matrix
-    sketches = [load_tensors(state_file(cfg, "trace", i)) for i in range(len(cfg["tasks"]))]
+    sketches = [load_tensors(state_file(ctx, "trace", i)) for i in range(len(ctx.tasks))]
     return {"trace_cosine": cosine_matrix(sketches)}
 
 
@@ -174,5 +134,5 @@ SPARSE_METHODS = ("piece-f", "piece-s", "grad-magnitude", "magnitude", "random",
 GRADIENT_SCORES = ("piece-f", "piece-s", "grad-magnitude")  # one gradient pass, element by element
 SHARDED_METHODS = GRADIENT_SCORES + ("magnitude",)  # what runs on FSDP2 shards (piece_mm/shard.py)
 for _name in SPARSE_METHODS:
-    register(_name, sparse=True, sharded=_name in SHARDED_METHODS,
+    register(_name, kind="sparse", sharded=_name in SHARDED_METHODS, regulariser="distill",
              metrics=_trace_cosine if _name == "trace" else None)(_sparse_method(_name))

@@ -7,9 +7,9 @@ from piece_mm.methods import Tuning, register
 
 
 @register("seqft")
-def seqft(model, processor, task, cfg, masks=None):
+def seqft(model, processor, task, ctx, masks=None):
     """Full fine-tuning, AdamW recreated for each task."""
-    return Tuning(adamw(model, cfg["lr"]))
+    return Tuning(adamw(model, ctx.lr))
 
 
 def adamw(model, lr: float) -> torch.optim.Optimizer:

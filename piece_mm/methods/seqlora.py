@@ -51,9 +51,9 @@ def lora_optimizer(model, lr: float):
     return optim.adamw([p for n, p in model.named_parameters() if "lora_" in n], lr)
 
 
-@register("seqlora", prepare=inject, finish=merge_and_unload, settings=LORA)
-def seqlora(model, processor, task, cfg, masks=None):
+@register("seqlora", kind="lora", prepare=inject, finish=merge_and_unload, settings=LORA)
+def seqlora(model, processor, task, ctx, masks=None):
     """LoRA (configs/methods/seqlora.yaml: r 8) on all linear layers of the LLM, one adapter trained on through every
     task (AdamW recreated per task)."""
-    inject(model, cfg["settings"])
-    return Tuning(lora_optimizer(model, cfg["lr"]))
+    inject(model, ctx.settings)
+    return Tuning(lora_optimizer(model, ctx.lr))
