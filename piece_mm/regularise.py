@@ -182,7 +182,7 @@ class TeacherCache:
         return cls(**tensors)
 
 
-@dataclass
+@dataclass(eq=False)
 class Distillation(Regulariser):
     """weight · T² · KL(teacher ‖ student), the teacher being the model when `prepare` ran, from a cache of its top-k
     log-probabilities (module docstring).

@@ -100,22 +100,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def chosen_values(self) -> list[torch.Tensor]:
         """The chosen elements' values as the weights hold them now (this process's part, the weights' dtype), one
-        tensor per parameter: what `holding` takes."""
+        tensor per parameter: what `holding` takes (benchmarks/run.py's reference teacher uses both)."""
         return [shard.local(p).detach().reshape(-1)[idx].clone() for p, idx, _ in self._targets]
-
-    def values_from(self, whole: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """`chosen_values`' form of {name: the values of a whole-parameter mask, in its order} (a saved file): on
-        shards, the part of each that falls in this process's shard."""
-        out = []
-        for n, (p, _, _) in zip(self._names, self._targets):
-            idx, v = self.masks[n].to(torch.int64).cpu(), whole[n]
-            if v.numel() != idx.numel():
-                raise ValueError(f"sparse_optimizer: {v.numel()} values for {n!r}, whose mask holds {idx.numel()}")
-            if shard.is_sharded(p):
-                lo, k = shard.offset(p), shard.local(p).numel()
-                v = v[(idx >= lo) & (idx < lo + k)]
-            out.append(v.to(dtype=p.dtype, device=shard.local(p).device))
-        return out
 
     @contextmanager
     def holding(self, values: list[torch.Tensor]):

@@ -141,3 +141,25 @@ def test_runs_all_read_back_start_nothing_and_return(tmp_path):
     assert not t.is_alive(), "run_jobs waited on nothing"
     assert {k: o.metrics["summary"]["OP"] for k, o in result.items()} == {"a": 0.5, "b": 0.5}
     assert not multiprocessing.active_children()
+
+
+def test_versus_puts_one_methods_seeds_side_by_side(tmp_path, capsys):
+    """experiments.versus: per seed and metric, A, B and B − A; the largest difference of the means over the seeds
+    both ran, computed here by hand; bad input is one line and exit 2."""
+    import json
+
+    from piece_mm.experiments.versus import main
+    a = {"seeds": [0, 1, 2], "methods": {"piece-f": {"OP": [0.9, 0.8, 0.7], "BWT": [0.0, -0.1, 0.0],
+                                                     "caption_retention": [1.0, 1.0, 1.0]}}}
+    b = {"seeds": [0, 1], "methods": {"piece-f": {"OP": [0.92, 0.83], "BWT": [0.0, -0.1],
+                                                  "caption_retention": [0.99, 1.0]}}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "t.md"
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--labels", "x,y", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert f"largest difference of the means: {((0.92 + 0.83) - (0.9 + 0.8)) / 2:.3f}" in text
+    assert "| 1 | OP | 0.800 | 0.830 | +0.030 |" in text and "| mean | **caption_retention** | 1.000 | 0.995 |" in text
+    assert "vqa_retention" not in text  # neither has it
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--method", "seqft"]) == 2
+    assert "no method 'seqft'" in capsys.readouterr().err
