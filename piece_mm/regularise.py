@@ -42,11 +42,11 @@ import torch
 from piece_mm.batching import HELD, IGNORE_INDEX, ROWS, collate, model_inputs
 from piece_mm.errors import InputError
 
-CHUNK = 256  # positions whose fp32 distributions the term computes at once
+CHUNK = 64  # positions whose fp32 distributions the term computes at once
 
 
 def _chunk_kl(z, values, indices, rest):
-    """(KL [n], and for the gradient: q = softmax(z) [n, V], the bucket's r / r_q [n]) at T-scaled logits z [n, V]."""
+    """(KL [n], lse [n], the bucket's r / r_q [n] or None) at T-scaled logits z [n, V]."""
     lse = z.logsumexp(-1)
     kl = (values.exp() * (values - z.gather(-1, indices) + lse[:, None])).sum(-1)
     ratio = None
@@ -60,8 +60,11 @@ def _chunk_kl(z, values, indices, rest):
 
 class _CachedKL(torch.autograd.Function):
     """T² Σ KL of the cached term over the rows `at` of logits [M, V] (a view of the model's logits: no copy), CHUNK
-    rows at a time so that no fp32 copy of the whole [N, V] is made or kept; backward writes the gradient,
-    T (q − p·[in top k] − (r / r_q) q·[outside]), chunk by chunk into one tensor of the logits' dtype."""
+    rows at a time, so that no fp32 copy of the whole [N, V] is made or kept.
+
+    Its gradient, T (q − p·[in top k] − (r / r_q) q·[outside]) at those rows, is not a tensor of its own: backward
+    hands autograd a zero of stride 0 for the logits and a hook on them adds the gradient, chunk by chunk, into the
+    logits' gradient as the task loss made it (or, alone, into a new one), so the step holds no second [M, V]."""
 
     @staticmethod
     def forward(ctx, logits, at, values, indices, rest, temperature):
@@ -69,26 +72,41 @@ class _CachedKL(torch.autograd.Function):
         for i in range(0, len(at), CHUNK):
             z = logits[at[i:i + CHUNK]].float() / temperature
             total += _chunk_kl(z, values[i:i + CHUNK], indices[i:i + CHUNK], rest[i:i + CHUNK])[0].sum()
-        ctx.save_for_backward(logits, at, values, indices, rest)
-        ctx.temperature = temperature
+        ctx.scale = state = {}
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        if logits.requires_grad:
+            held = (logits.detach(), at, values, indices, rest, temperature, state)
+            state["handle"] = logits.register_hook(lambda g: _add_gradient(g, *held))
         return total * temperature * temperature
 
     @staticmethod
     def backward(ctx, grad):
-        logits, at, values, indices, rest = ctx.saved_tensors
-        T = ctx.temperature
-        out = torch.zeros_like(logits)
-        for i in range(0, len(at), CHUNK):
-            z = logits[at[i:i + CHUNK]].float() / T
-            idx = indices[i:i + CHUNK]
-            _, lse, ratio = _chunk_kl(z, values[i:i + CHUNK], idx, rest[i:i + CHUNK])
-            g = (z - lse[:, None]).exp_()  # q
-            if ratio is not None:  # outside the top k: q (1 - r / r_q); inside: q - p
-                g.mul_(1 - ratio[:, None])
-                g.scatter_(-1, idx, (z.gather(-1, idx) - lse[:, None]).exp())
-            g.scatter_add_(-1, idx, -values[i:i + CHUNK].exp())
-            out[at[i:i + CHUNK]] = g.mul_(grad * T).to(out.dtype)
-        return out, None, None, None, None, None
+        ctx.scale["grad"] = grad
+        zero = torch.zeros((), dtype=ctx.dtype, device=grad.device).expand(ctx.shape)
+        return zero, None, None, None, None, None
+
+
+def _add_gradient(g, logits, at, values, indices, rest, T, state):
+    """The hook of _CachedKL: its gradient added into the logits' gradient g (dense; a zero of stride 0 when the term
+    is the logits' only use, then made dense here)."""
+    state.pop("handle").remove()
+    scale = state.get("grad")
+    if scale is None:  # backward did not pass through the term
+        return g
+    if not g.is_contiguous() or 0 in g.stride():
+        g = torch.zeros(g.shape, dtype=g.dtype, device=g.device) + g
+    flat = g.view(-1, g.shape[-1])
+    for i in range(0, len(at), CHUNK):
+        z = logits[at[i:i + CHUNK]].float() / T
+        idx = indices[i:i + CHUNK]
+        _, lse, ratio = _chunk_kl(z, values[i:i + CHUNK], idx, rest[i:i + CHUNK])
+        d = (z - lse[:, None]).exp_()  # q
+        if ratio is not None:  # outside the top k: q (1 - r / r_q); inside: q - p
+            d.mul_(1 - ratio[:, None])
+            d.scatter_(-1, idx, (z.gather(-1, idx) - lse[:, None]).exp())
+        d.scatter_add_(-1, idx, -values[i:i + CHUNK].exp())
+        flat.index_add_(0, at[i:i + CHUNK], d.mul_(scale * T).to(flat.dtype))
+    return g
 
 
 class Regulariser:

@@ -29,6 +29,11 @@ for m in llava qwen2-vl; do
     # prompts (issue 35)
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f,seqft --seeds 0,1,2 \
         --lr-from results/lrs-default.json --eval-limit 100 --output "results/default-$m" --jobs 2
+    # the cached term (issue 37) against the exact term it replaced: results/cached-term/exact-<m>.json is
+    # results/default-<m>/summary.json as the exact term made it (commit 34083b0; the exact term is the budget with
+    # distill.top_k: null and distill.image_positions: true, results/budgets/exact-term.yaml, to rerun it)
+    python -m piece_mm.experiments.versus "results/cached-term/exact-$m.json" "results/default-$m/summary.json" \
+        --labels exact,cached --output "results/cached-term/$m.md"
     # the same on world-yesno (tasks that share one yes / no answer format)
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f,seqft --seeds 0,1,2 \
         --lr-from results/lrs-default.json --tasks world-yesno --eval-limit 100 --output "results/yesno-$m" --jobs 2
