@@ -33,6 +33,7 @@ file when given a path, so a resumed task reads it back instead of recomputing i
 In a transformers.Trainer, `pm.PieceCallback(regulariser=reg)` adds the term to the model's loss (trainer.py)."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,8 @@ def _chunk_kl(z, values, indices, rest):
 
 class _CachedKL(torch.autograd.Function):
     """T² Σ KL of the cached term over the rows `at` of logits [M, V] (a view of the model's logits: no copy), CHUNK
-    rows at a time, so that no fp32 copy of the whole [N, V] is made or kept.
-
-    Its gradient, T (q − p·[in top k] − (r / r_q) q·[outside]) at those rows, is not a tensor of its own: backward
-    hands autograd a zero of stride 0 for the logits and a hook on them adds the gradient, chunk by chunk, into the
-    logits' gradient as the task loss made it (or, alone, into a new one), so the step holds no second [M, V]."""
+    rows at a time so that no fp32 copy of the whole [N, V] is made or kept; backward writes the gradient,
+    T (q − p·[in top k] − (r / r_q) q·[outside]), chunk by chunk into one tensor of the logits' dtype."""
 
     @staticmethod
     def forward(ctx, logits, at, values, indices, rest, temperature):
@@ -72,41 +70,26 @@ class _CachedKL(torch.autograd.Function):
         for i in range(0, len(at), CHUNK):
             z = logits[at[i:i + CHUNK]].float() / temperature
             total += _chunk_kl(z, values[i:i + CHUNK], indices[i:i + CHUNK], rest[i:i + CHUNK])[0].sum()
-        ctx.scale = state = {}
-        ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        if logits.requires_grad:
-            held = (logits.detach(), at, values, indices, rest, temperature, state)
-            state["handle"] = logits.register_hook(lambda g: _add_gradient(g, *held))
+        ctx.save_for_backward(logits, at, values, indices, rest)
+        ctx.temperature = temperature
         return total * temperature * temperature
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.scale["grad"] = grad
-        zero = torch.zeros((), dtype=ctx.dtype, device=grad.device).expand(ctx.shape)
-        return zero, None, None, None, None, None
-
-
-def _add_gradient(g, logits, at, values, indices, rest, T, state):
-    """The hook of _CachedKL: its gradient added into the logits' gradient g (dense; a zero of stride 0 when the term
-    is the logits' only use, then made dense here)."""
-    state.pop("handle").remove()
-    scale = state.get("grad")
-    if scale is None:  # backward did not pass through the term
-        return g
-    if not g.is_contiguous() or 0 in g.stride():
-        g = torch.zeros(g.shape, dtype=g.dtype, device=g.device) + g
-    flat = g.view(-1, g.shape[-1])
-    for i in range(0, len(at), CHUNK):
-        z = logits[at[i:i + CHUNK]].float() / T
-        idx = indices[i:i + CHUNK]
-        _, lse, ratio = _chunk_kl(z, values[i:i + CHUNK], idx, rest[i:i + CHUNK])
-        d = (z - lse[:, None]).exp_()  # q
-        if ratio is not None:  # outside the top k: q (1 - r / r_q); inside: q - p
-            d.mul_(1 - ratio[:, None])
-            d.scatter_(-1, idx, (z.gather(-1, idx) - lse[:, None]).exp())
-        d.scatter_add_(-1, idx, -values[i:i + CHUNK].exp())
-        flat.index_add_(0, at[i:i + CHUNK], d.mul_(scale * T).to(flat.dtype))
-    return g
+        logits, at, values, indices, rest = ctx.saved_tensors
+        T = ctx.temperature
+        out = torch.zeros_like(logits)
+        for i in range(0, len(at), CHUNK):
+            z = logits[at[i:i + CHUNK]].float() / T
+            idx = indices[i:i + CHUNK]
+            _, lse, ratio = _chunk_kl(z, values[i:i + CHUNK], idx, rest[i:i + CHUNK])
+            g = (z - lse[:, None]).exp_()  # q
+            if ratio is not None:  # outside the top k: q (1 - r / r_q); inside: q - p
+                g.mul_(1 - ratio[:, None])
+                g.scatter_(-1, idx, (z.gather(-1, idx) - lse[:, None]).exp())
+            g.scatter_add_(-1, idx, -values[i:i + CHUNK].exp())
+            out[at[i:i + CHUNK]] = g.mul_(grad * T).to(out.dtype)
+        return out, None, None, None, None, None
 
 
 class Regulariser:
@@ -181,8 +164,10 @@ class TeacherCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        # one metadata key: safetensors writes a metadata map in no fixed order, and the same cache must be the
+        # same bytes (a resumed run's, an uninterrupted run's)
         save_file({"values": self.values, "indices": self.indices, "rest": self.rest, "offsets": self.offsets},
-                  str(tmp), {k: str(v) for k, v in meta.items()})
+                  str(tmp), {"piece_mm": json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
 
     @classmethod
@@ -194,8 +179,12 @@ class TeacherCache:
                 tensors = {k: f.get_tensor(k) for k in ("values", "indices", "rest", "offsets")}
         except (OSError, SafetensorError, KeyError) as e:
             raise InputError(f"{path}: the teacher's cache cannot be read ({str(e).splitlines()[0]})") from None
+        try:
+            saved = json.loads(saved.get("piece_mm", "{}"))
+        except ValueError:
+            saved = {}
         for k, v in meta.items():
-            if saved.get(k) != str(v):
+            if saved.get(k) != v:
                 raise InputError(f"{path}: a teacher cache made with {k} = {saved.get(k)!r}, not {v!r}")
         return cls(**tensors)
 
