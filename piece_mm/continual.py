@@ -204,7 +204,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         batch_size: int, lr: float, eval_limit: int | None, budget: dict | None = None, eval_batch_size: int = 64,
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
         retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
-        gradient_checkpointing: bool = False, settings: dict | None = None, warmup: float = WARMUP) -> dict:
+        gradient_checkpointing: bool = False, settings: dict | None = None, warmup: float = WARMUP,
+        frozen: list[str] | tuple = ()) -> dict:
     """The continual run. `steps` per task: one number for every task, or one per task (derived from epochs).
     Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
@@ -213,7 +214,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
 
     `clip` (eval/clipscore.py) adds CLIPScore / RefCLIPScore to the general metrics; `spice` (True, or a CoreNLP
     dir) adds SPICE where its jars are found (else one warning line). `settings` are the method's constants
-    (methods.load_settings; default: its configs/methods/<name>.yaml).
+    (methods.load_settings; default: its configs/methods/<name>.yaml). `frozen`: regexes (re.search) of the weights a
+    dense or LoRA method leaves frozen (--exclude), its adapters' included.
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
@@ -229,6 +231,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                         generation=seq.generation, warmup=warmup)
     if settings:  # a method's constants change its numbers: a resumed run keeps them
         config["settings"] = settings
+    if frozen:
+        config["frozen"] = list(frozen)
     if grad_accum > 1 or max_length:  # they change the numbers (rounding, the examples trained on): resume keeps them
         config.update(grad_accum=grad_accum, max_length=max_length)
     about = {"method": method, "model": model_name, "model_config_sha256": _config_hash(model),
@@ -241,6 +245,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if m.prepare is not None:  # adapters: the checkpoints hold the adapted model
         m.prepare(model, settings)
+    if frozen:
+        freeze(model, frozen, log)
     st = loop.begin(config, resume_from, t0)
     for i in range(st.task, len(seq.tasks)):
         loop.tune(st, i)
@@ -253,6 +259,17 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     if m.finish is not None:  # adapters merged into the weights: the final model is a plain one
         m.finish(model, settings)
     return metrics
+
+
+def freeze(model, patterns, log=print) -> int:
+    """Leave every trainable weight whose name matches one of `patterns` (re.search) frozen; the number frozen."""
+    import re
+    hit = [(n, p) for n, p in model.named_parameters() if p.requires_grad and any(re.search(x, n) for x in patterns)]
+    for _, p in hit:
+        p.requires_grad_(False)
+    if log is not None and dist.is_main():
+        log(f"--exclude: {sum(p.numel() for _, p in hit):,} weights in {len(hit)} tensors left frozen")
+    return len(hit)
 
 
 class _Loop:
@@ -452,6 +469,8 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
                                  if k in saved["budget"] or v != BUDGET_DEFAULTS.get(k, object())}}
     for key in now:
         if key == "settings" and key not in saved:  # a run started before method settings were recorded
+            continue
+        if key == "frozen" and key not in saved and not now[key]:  # recorded only when --exclude is given
             continue
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "

@@ -45,6 +45,7 @@ class RunConfig:
     retention_threshold: float = 0.90
     checkpoint_every: int = 50
     method_config: str | None = None  # a YAML replacing configs/methods/<method>.yaml
+    exclude: str | None = None  # dense / LoRA methods: regexes (comma-separated) of weights left frozen, or "budget"
 
     def __post_init__(self):
         from piece_mm.methods import METHODS

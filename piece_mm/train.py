@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also checkpoint every N steps inside a task (default: 50; 0 = only at task boundaries)")
     ap.add_argument("--method-config", help="a YAML of the method's constants, replacing configs/methods/<method>.yaml "
                     "(EWC's lambda, LoRA's rank, ...): " + _names("methods"))
+    ap.add_argument("--exclude", help="weights a dense or LoRA method leaves frozen: comma-separated regexes of "
+                    "parameter names (re.search), or 'budget' for the budget's exclude list (the default budget's: "
+                    "token embeddings and the LLM's attention keys), as the sparse methods leave them out "
+                    "(default: none; a sparse method takes its exclusions from its budget)")
     return ap
 
 
@@ -191,6 +195,32 @@ def check_vocabulary(tokenizer, seq, model_name: str) -> None:
             raise InputError(f"{seq.path}: {what} {i}: word {word!r} is unknown to the tokenizer of --model "
                              f"{model_name!r} (it becomes {tokenizer.unk_token!r}); use a model that knows it, or "
                              "pass --allow-unknown-tokens")
+
+
+def frozen_patterns(cfg, budget_name: str) -> list[str]:
+    """The regexes of --exclude: a dense or LoRA method's weights that stay frozen ('budget': the budget's exclude
+    list). A sparse method's exclusions are its budget's, so --exclude is refused for it."""
+    import re
+
+    from piece_mm.errors import InputError
+    from piece_mm.methods import METHODS
+    from piece_mm.select import load_budget
+    if not cfg.exclude:
+        return []
+    if METHODS[cfg.method].sparse:
+        raise InputError(f"--exclude {cfg.exclude!r}: method {cfg.method!r} chooses its weights within the budget, "
+                         f"whose 'exclude' field says what it leaves out; --exclude is for dense and LoRA methods")
+    if cfg.exclude.strip() == "budget":
+        return list(load_budget(budget_name)["exclude"])
+    patterns = [x.strip() for x in cfg.exclude.split(",") if x.strip()]
+    for x in patterns:
+        try:
+            re.compile(x)
+        except re.error as e:
+            raise InputError(f"--exclude: {x!r} is not a regular expression ({e})") from None
+    if not patterns:
+        raise InputError(f"--exclude {cfg.exclude!r}: expected 'budget' or comma-separated regexes")
+    return patterns
 
 
 def _clip_scorer(cfg, seq, device: str):
@@ -289,6 +319,7 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
     budget_name = cfg.budget or seq.train.get("budget", "default")  # a recipe names its own (paper-vqav2.yaml)
     budget = load_budget(budget_name) if METHODS[cfg.method].sparse else None
     settings = load_settings(cfg.method, cfg.method_config)
+    frozen = frozen_patterns(cfg, budget_name)
     if sharding == "fsdp2" and budget["score_batch_size"] == 1:
         raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
                          "parameters; on FSDP2 shards use 2 or more")
@@ -331,7 +362,7 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
     if found is not None:
         now = run_config(cfg.model, cfg.method, cfg.seed, steps, batch_size, lr, cfg.eval_limit,
                          [t.name for t in seq.tasks], budget, clip.name if clip else None, warmup=warmup)
-        check_resume(found[0], now | ({"settings": settings} if settings else {}), output)
+        check_resume(found[0], now | ({"settings": settings} if settings else {}) | {"frozen": frozen}, output)
     torch.set_flush_denormal(True)  # denormals make CPU steps ~10x slower on tiny models
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -370,7 +401,8 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
                   checkpoint_every=cfg.checkpoint_every, warmup=warmup,
                   resume_from=found, clip=clip, spice=cfg.corenlp or seq.corenlp or True,
                   retention_threshold=cfg.retention_threshold, grad_accum=cfg.grad_accum,
-                  max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing, settings=settings)
+                  max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing, settings=settings,
+                  frozen=frozen)
     whole = shard.full_state_dict(model)  # on shards a collective: every rank sends its part
     if not main_process:
         return None

@@ -1,6 +1,7 @@
 """Task sequence YAML -> the tasks (train / test Examples) and the general held-out set, validated."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ GENERAL_KEYS = {"world": ("captions", "vqa"), "coco-captions": ("data", "images"
 # every general format may name caption prompts that no method is given (the world's are world.UNSEEN_CAPTION_PROMPTS)
 UNSEEN_KEY = "unseen_prompts"
 TASK_KEYS = {"name", "format", "train", "test", "metric", "question_types", "columns"}
-TOP_KEYS = {"tasks", "world", "general", "train", "paths"}
+TOP_KEYS = {"tasks", "world", "general", "train", "paths", "orders"}
 # `paths: data-root`: the file's paths are relative to --data-root DIR (or $PIECE_MM_DATA_ROOT), not to the file, so
 # that a recipe (configs/sequences/paper-vqav2.yaml) names the official downloads' own layout
 DATA_ROOT_ENV = "PIECE_MM_DATA_ROOT"
@@ -63,8 +64,43 @@ class Sequence:
     data_root: Path | None = None  # what the paths are relative to, for a `paths: data-root` file
 
 
+def split_order(name: str | Path) -> tuple[str | Path, str | None]:
+    """("world-shared", "reverse") from "world-shared@reverse"; a name without "@" (or an existing file whose name
+    has one) has no order."""
+    if isinstance(name, Path) or Path(name).is_file() or "@" not in str(name):
+        return name, None
+    stem, order = str(name).rsplit("@", 1)
+    return stem, order
+
+
+def task_order(path: Path, cfg: dict, order: str | None, n: int) -> list[int]:
+    """The tasks' indices in the order asked for: "default" (the file's), "reverse", or "random-K", the K-th of the
+    orders drawn by random.Random(orders.seed), each a shuffle unlike the default, the reverse and the earlier
+    draws (the seed is written in the file before any run, so the orders are fixed with the sequence)."""
+    default = list(range(n))
+    if order in (None, "default"):
+        return default
+    if order == "reverse":
+        return default[::-1]
+    k = order.removeprefix("random-")
+    if not order.startswith("random-") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"{path}: order {order!r}; expected default, reverse or random-K (K >= 1)")
+    seed = (cfg.get("orders") or {}).get("seed") if isinstance(cfg.get("orders"), dict) else None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{path}: order {order!r} needs an integer orders.seed in the file; it has {seed!r}")
+    if n < 4:
+        raise ValueError(f"{path}: order {order!r}: {n} tasks have too few orders to draw from")
+    rng, drawn = random.Random(seed), [default, default[::-1]]
+    while len(drawn) < int(k) + 2:
+        perm = rng.sample(default, n)
+        if perm not in drawn:
+            drawn.append(perm)
+    return drawn[-1]
+
+
 def resolve_path(name: str | Path) -> Path:
-    """A YAML path, or the stem of a file in configs/sequences ("world")."""
+    """A YAML path, or the stem of a file in configs/sequences ("world"); a trailing "@order" is left out."""
+    name = split_order(name)[0]
     p = Path(name)
     if p.is_file():
         return p
@@ -118,6 +154,7 @@ def load_sequence(name: str | Path, seed: int = 0, data_root: str | Path | None 
     if unknown:
         raise ValueError(f"{path}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TOP_KEYS))}")
     root, data_root = resolve_root(path, cfg, data_root)
+    order = task_order(path, cfg, split_order(name)[1], len(cfg["tasks"]))
     w = cfg.get("world") or {}
     n_train, n_test = _positive(path, "world.train_examples", w.get("train_examples", 1000)), \
         _positive(path, "world.test_examples", w.get("test_examples", 200))
@@ -139,12 +176,14 @@ def load_sequence(name: str | Path, seed: int = 0, data_root: str | Path | None 
         if metric not in METRICS:
             raise ValueError(f"{at}.metric is {metric!r}; expected one of {', '.join(METRICS)}")
         if fmt == "world":
-            if t["name"] not in world.TASKS:
-                raise ValueError(f"{at}.name is {t['name']!r}; world tasks are {', '.join(sorted(world.TASKS))}")
+            if t["name"] not in world.TASKS and t["name"] not in world.SHARED:
+                raise ValueError(f"{at}.name is {t['name']!r}; world tasks are "
+                                 f"{', '.join(sorted([*world.TASKS, *world.SHARED]))}")
             train, test = (world.task_set(t["name"], "train", n_train, seed), world.task_set(t["name"], "test", n_test))
         else:
             train, test = (_load_split(fmt, t, s, root, at) for s in ("train", "test"))
         tasks.append(Task(t["name"], train, test, metric))
+    tasks = [tasks[i] for i in order]
     g = cfg.get("general") or {"format": "world"}
     if not isinstance(g, dict):
         raise ValueError(f"{path}: field 'general' is {g!r:.60}; expected a mapping")

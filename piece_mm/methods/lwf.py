@@ -28,10 +28,10 @@ def teacher_for(model, ctx):
 @register("lwf", regulariser="teacher", settings={"temperature": Setting(float, 1e-6), "weight": Setting(float, 0.0)})
 def lwf(model, processor, task, ctx, masks=None):
     """Full fine-tuning plus T² · KL(teacher ‖ student) of the next-token distributions at temperature T, averaged
-    over the current task's non-padding positions, from the second task on."""
+    over the current task's non-padding positions, from the first task on: on the first task the teacher is the
+    base, as PIECE's default distils from the base from its first task (Li & Hoiem's LwF keeps the old tasks' heads;
+    here the base's general ability is the first old task)."""
     tuning = Tuning(adamw(model, ctx.lr))
-    if ctx.index == 0:
-        return tuning
     teacher = teacher_for(model, ctx)
 
     tuning.regulariser = TeacherCopy(teacher, **ctx.settings)  # configs/methods/lwf.yaml

@@ -1,0 +1,244 @@
+"""The shared-format sequence (configs/sequences/world-shared.yaml) and what its study needs: its pictures checked
+against what they are said to show, task orders drawn from the file's seed, --exclude for dense and LoRA methods,
+LwF from the first task, and the study's lr rule with its bracketing (experiments/study.py)."""
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from piece_mm.tasks import world
+from piece_mm.tasks.sequence import load_sequence
+
+BG = world.BACKGROUND
+
+
+def _pixels(img):
+    """{(x, y): rgb} of every pixel that is not background."""
+    w, h = img.size
+    px = img.load()
+    return {(x, y): px[x, y] for x in range(w) for y in range(h) if px[x, y] != BG}
+
+
+def test_every_word_of_the_shared_tasks_is_known_to_the_bases():
+    """The bases are not rebuilt: every prompt and answer word is in the vocabulary their tokenizers were made from,
+    and in the committed tokenizers themselves."""
+    from piece_mm.models import resolve
+    vocab = set(world.vocabulary())
+    toks = [set(json.loads((Path(resolve(a)) / "tokenizer.json").read_text())["model"]["vocab"])
+            for a in ("llava", "qwen2-vl")]
+    for name in world.SHARED:
+        for split in ("train", "test"):
+            words = {w for ex in world.task_set(name, split, 200) for w in (ex.prompt + " " + ex.answer).split()}
+            assert words <= vocab, (name, words - vocab)
+            for t in toks:
+                assert words <= t, (name, words - t)
+
+
+def test_the_pictures_show_what_the_answers_say():
+    for ex in world.task_set("stripes", "test", 30):  # exactly the two named colours, in alphabetical order
+        colours = {c for c in _pixels(ex.image).values()}
+        names = ex.answer.split()
+        assert names == sorted(names) and colours == {world.COLORS[n] for n in names}
+    for ex in world.task_set("grid", "test", 40):  # the drawn shape's centre lies in the named cell
+        xs, ys = zip(*_pixels(ex.image))
+        cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+        row, col = map(int, ex.answer.split())
+        assert int(cy // (world.IMAGE_SIZE / 3)) + 1 == row and int(cx // (world.IMAGE_SIZE / 3)) + 1 == col
+    half = world.IMAGE_SIZE // 2
+    for ex in world.task_set("relation", "test", 40):
+        px = _pixels(ex.image)
+        xs, ys = zip(*px)
+        # a vertical pair sits in one side's half, a horizontal pair in the top or bottom half: the general
+        # question's answer (where the shapes are) is never the relation's
+        vertical = ex.answer in ("top", "bottom")
+        if vertical:
+            assert max(xs) < half or min(xs) >= half
+        else:
+            assert max(ys) < half or min(ys) >= half
+        first = sum(1 for x, y in px if (y if vertical else x) < half)  # the top (left) shape's pixels
+        small_first = first < len(px) - first
+        assert ex.answer == (("top", "bottom") if vertical else ("left", "right"))[not small_first]
+    for ex in world.task_set("letter", "test", 30):  # the glyph's dots, 4 x 4 pixels each
+        assert len(_pixels(ex.image)) == 16 * sum(r.count("#") for r in world._GLYPHS[ex.answer])
+    third = world.IMAGE_SIZE / 3
+    for ex in world.task_set("mixed", "test", 30):  # four to six shapes, one to a cell, in the two named colours
+        px = _pixels(ex.image)
+        names = ex.answer.split()
+        assert names == sorted(names) and set(px.values()) == {world.COLORS[n] for n in names}
+        assert 4 <= len({(int(x // third), int(y // third)) for x, y in px}) <= 6
+    for ex in world.task_set("outline", "test", 30):
+        big, of, small = ex.answer.split()
+        assert of == "of" and big in world.SHAPES and small[:-1] in world.SHAPES and big != small[:-1]
+
+
+def test_shared_tasks_are_seeded_and_their_splits_disjoint():
+    for name in world.SHARED:
+        a, b = world.task_set(name, "train", 50), world.task_set(name, "train", 50)
+        assert [(x.prompt, x.answer, x.image.tobytes()) for x in a] == [(x.prompt, x.answer, x.image.tobytes())
+                                                                        for x in b]
+        train = {hashlib.sha1(x.image.tobytes() + x.prompt.encode()).hexdigest() for x in a}
+        test = {hashlib.sha1(x.image.tobytes() + x.prompt.encode()).hexdigest()
+                for x in world.task_set(name, "test", 50)}
+        assert len(train & test) <= 2  # a 3 x 3 grid has few pictures: a repeat by chance, never by seed
+    old = world.task_set("color", "train", 5)  # the default sequence's data did not move
+    assert [e.answer for e in old] == [e.answer for e in world.task_set("color", "train", 5)]
+
+
+def test_orders_come_from_the_files_seed(tmp_path):
+    names = [t.name for t in load_sequence("world-shared").tasks]
+    assert names == ["stripes", "letter", "grid", "relation", "mixed", "outline"]
+    assert [t.name for t in load_sequence("world-shared@reverse").tasks] == names[::-1]
+    r1 = [t.name for t in load_sequence("world-shared@random-1").tasks]
+    r2 = [t.name for t in load_sequence("world-shared@random-2").tasks]
+    assert sorted(r1) == sorted(names) == sorted(r2)
+    assert len({tuple(names), tuple(names[::-1]), tuple(r1), tuple(r2)}) == 4
+    assert r1 == [t.name for t in load_sequence("world-shared@random-1").tasks]  # drawn, not random each time
+    text = (Path(world.__file__).parent.parent / "configs" / "sequences" / "world-shared.yaml").read_text()
+    assert "random-1 = " + ", ".join(r1) in text.replace("\n# ", " ")  # the file says which orders its seed gives
+    with pytest.raises(ValueError, match=r"world-shared.yaml: order 'sideways'"):
+        load_sequence("world-shared@sideways")
+    seq = tmp_path / "s.yaml"
+    seq.write_text("tasks:\n" + "".join(f"  - {{name: {n}, format: world}}\n" for n in names[:4]))
+    with pytest.raises(ValueError, match=r"s.yaml: order 'random-1' needs an integer orders.seed"):
+        load_sequence(f"{seq}@random-1")
+
+
+def test_exclude_leaves_the_budgets_weights_bit_identical(tiny):
+    """SeqFT with --exclude budget: two steps move weights, but never a token embedding or an LLM key."""
+    import re
+
+    from piece_mm.continual import METHODS, freeze, make_scheduler, train_task
+    from piece_mm.methods import TaskContext
+    from piece_mm.select import load_budget
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    patterns = load_budget("default")["exclude"]
+    assert freeze(model, patterns, log=None) > 0
+    task = load_sequence("world-shared").tasks[0]
+    ctx = TaskContext(lr=1e-3, seed=0, steps=2, batch_size=4, tasks=[task], index=0, output=Path("unused"))
+    opt = METHODS["seqft"].for_task(model, processor, task, ctx).optimizer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_task(model, processor, task, opt, make_scheduler(opt, 2), 2, 4, 0, "t")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    excluded = {n for n in before if any(re.search(x, n) for x in patterns)}
+    assert excluded and moved and not moved & excluded
+
+
+def test_exclude_flag_is_checked(tmp_path):
+    from piece_mm.errors import InputError
+    from piece_mm.runconfig import RunConfig
+    from piece_mm.train import frozen_patterns
+    assert frozen_patterns(RunConfig(method="seqft", exclude="budget"), "default") == \
+        ["embed_tokens\\.", "language_model\\..*\\.k_proj\\."]
+    assert frozen_patterns(RunConfig(method="seqlora", exclude="k_proj, v_proj"), "default") == ["k_proj", "v_proj"]
+    with pytest.raises(InputError, match="--exclude 'budget': method 'piece-f'"):
+        frozen_patterns(RunConfig(method="piece-f", exclude="budget"), "default")
+    with pytest.raises(InputError, match=r"--exclude: '\(' is not a regular expression"):
+        frozen_patterns(RunConfig(method="seqft", exclude="("), "default")
+
+
+def test_lwf_distils_on_its_first_task_from_the_base(tiny, tmp_path):
+    from piece_mm.batching import collate
+    from piece_mm.continual import METHODS
+    from piece_mm.methods import TaskContext, load_settings
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    tasks = load_sequence("world-shared").tasks[:2]
+    ctx = TaskContext(lr=1e-3, seed=0, steps=2, batch_size=4, tasks=tasks, index=0, output=tmp_path,
+                      settings=load_settings("lwf"))
+    reg = METHODS["lwf"].for_task(model, processor, tasks[0], ctx).regulariser
+    assert reg is not None and (tmp_path / "lwf" / "1-stripes.safetensors").is_file()
+    batch = collate(processor, tasks[0].train[:2])
+    model.eval()
+    with torch.no_grad():
+        assert float(reg(model, batch, model(**batch))) == pytest.approx(0.0, abs=1e-4)  # the teacher is the base
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        assert float(reg(model, batch, model(**batch))) > 1e-3
+
+
+# --- the study's lr rule and bracketing, with runs replaced by a table of numbers ------------------------------
+
+def _fake_runs(table, calls):
+    """run_jobs stand-in: each job's metrics from table(method, lr, setting, seed) -> (OP, caption retention)."""
+    from piece_mm.experiments.runs import Outcome
+
+    def run_jobs(jobs, parallel=1, threads=None, on_done=None):
+        out = {}
+        for j in jobs:
+            c = j.config
+            setting = None
+            if "method_config" in c:
+                import yaml
+                setting = yaml.safe_load(Path(c["method_config"]).read_text())
+            calls.append((c["method"], c["lr"], c["seed"], json.dumps(setting, sort_keys=True)))
+            op, ret = table(c["method"], c["lr"], setting, c["seed"])
+            m = {"model": "llava", "method": c["method"], "seed": c["seed"], "tasks": ["a", "b"],
+                 "scores": [[0, 0], [op, 0], [op, op]], "parameters": 10, "trainable": {"total": 5},
+                 "peak_memory_mb": 1.0, "time_s": 1.0,
+                 "summary": {"OP": op, "BWT": 0.0, "FWT": 0.0, "caption_retention": ret},
+                 "general": {"before": {"CIDEr": 1.0}, "after": [{"CIDEr": ret}, {"CIDEr": ret}]}}
+            out[j.key] = Outcome(j.key, Path(c["output"]), metrics=m)
+        return out
+    return run_jobs
+
+
+def test_study_rule_brackets_every_choice(tmp_path, monkeypatch):
+    """SeqFT's best lr under the rule (OP rises with lr, retention falls below 0.90 above 3e-4) is inside its grid;
+    an arm whose choice sits at the edge gets the next point; LwF's weight is chosen at the chosen lr; the other
+    seeds run at the choice only."""
+    import yaml
+
+    from piece_mm.experiments import study
+
+    def table(method, lr, setting, seed):
+        if method == "seqft":  # OP grows with lr; retention >= 0.9 up to 3e-4
+            return min(1.0, lr * 1000), (0.95 if lr <= 3.1e-4 else 0.5)
+        if method == "lwf":  # every lr keeps retention: the highest lr wins, so the grid grows upward
+            w = setting["weight"]
+            return min(1.0, lr * 500) - (0.1 if w == 3.0 else 0.0), 0.95 if w >= 1.0 else 0.8
+        return 0.5, 0.5
+    calls = []
+    monkeypatch.setattr(study, "run_jobs", _fake_runs(table, calls))
+    spec = {"tasks": "world-shared", "seeds": [0, 1], "arms": [
+        {"name": "seqft", "method": "seqft", "lrs": [1e-4, 3e-4, 1e-3]},
+        {"name": "lwf", "method": "lwf", "lrs": [1e-4, 3e-4, 1e-3], "settings": {"weight": [0.3, 1.0, 3.0]}}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["methods"]["seqft"]["lr"] == pytest.approx(3e-4)
+    assert len([c for c in calls if c[0] == "seqft" and c[2] == 0]) == 3  # 3e-4 is inside: no extension
+    # LwF: 1e-3 at the top edge -> 3e-3 (OP 1.0), still the edge -> 9e-3 (OP 1.0, a tie: the lower lr); max 2 more
+    lwf_lrs = sorted({c[1] for c in calls if c[0] == "lwf" and c[2] == 0})
+    assert lwf_lrs == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 9e-3])
+    assert s["methods"]["lwf"]["lr"] == pytest.approx(3e-3) and s["methods"]["lwf"]["settings"]["weight"] == 1.0
+    weights = sorted(json.loads(c[3])["weight"] for c in calls if c[0] == "lwf" and c[1] == pytest.approx(3e-3)
+                     and c[2] == 0)
+    assert weights == [0.3, 1.0, 3.0]  # the grid of three at the chosen lr (1.0 already ran in the lr search)
+    assert [c[2] for c in calls if c[2] == 1] == [1, 1]  # one more seed per arm, at the choice
+    assert s["methods"]["seqft"]["seeds"] == [0, 1] and len(s["methods"]["lwf"]["grid"]) == 7
+    assert "caption retention >= 0.9" in s["rule"]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"arms": [{"name": "x", "method": "nosuch", "lrs": [1e-3]}]}, "arms[0].method is 'nosuch'"),
+    ({"arms": [{"name": "x", "method": "seqft", "lrs": []}]}, "arms[0].lrs is []"),
+    ({"arms": [{"name": "x", "method": "lwf", "lrs": [1e-3], "settings": {"weight": [1, 2]}}]}, "odd number"),
+    ({"arms": [{"name": "x", "method": "lwf", "lrs": [1e-3], "settings": {"wieght": 1}}]}, "settings.wieght"),
+    ({"arms": [{"name": "x", "method": "piece-f", "lrs": [1e-3], "exclude": "budget"}]}, "--exclude 'budget'"),
+    ({"arms": [{"name": "x", "method": "seqft", "lrs": [1e-3], "tasks": "world-shared@up"}]}, "order 'up'"),
+])
+def test_study_bad_input_one_line_exit_2(tmp_path, capsys, spec, says):
+    import yaml
+
+    from piece_mm.experiments import study
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and says in err and not (tmp_path / "out").exists()
