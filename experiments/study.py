@@ -322,7 +322,8 @@ def main(argv=None) -> int:
                        "else the highest retention; ties: the lower lr; a choice at the grid's edge gets the next "
                        f"point (up to {study['max_extensions']} times)")
     if failed:
-        summary["failed"] = [{"run": list(o.key), "error": o.error} for o in failed]
+        summary["failed"] = [{"method": o.key[0], "lr": o.key[1], "setting": o.key[2], "seed": o.key[3],
+                              "error": o.error} for o in failed]
     command = "python -m piece_mm.experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
     write(args.output, args.model, summary, runs, command, [])
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'}")

@@ -134,3 +134,19 @@ for m in llava qwen2-vl; do
     python -m piece_mm.experiments.compare --model "$m" --methods piece-f --seeds 0,1,2 --lrs 2.0e-3 --budget auto \
         --eval-limit 100 --output "results/auto-$m" --jobs 2
 done
+# issue 36: the comparison in the paper's setting. The shared-format sequence (configs/sequences/world-shared.yaml) and
+# world-yesno, every arm under one lr rule with bracketed grids (experiments/study.py; configs/studies/*.yaml say
+# what each arm is): the default method and its controls (PIECE-S, random and magnitude masks of the same k, PIECE-F
+# without the regulariser, the regulariser with full fine-tuning), the fair baselines (SeqFT, LwF from its first
+# task, EWC with a lambda grid, LwF with a weight grid, SeqLoRA; SeqFT, LwF and SeqLoRA also with PIECE's
+# exclusions) and multitask; seeds 0, 1, 2; 300 steps of 16 per task, eval-limit 100
+for m in llava qwen2-vl; do
+    python -m piece_mm.experiments.study configs/studies/shared.yaml --model "$m" --jobs 2
+    python -m piece_mm.experiments.study configs/studies/shared-orders.yaml --model "$m" --jobs 2
+    python -m piece_mm.experiments.study configs/studies/yesno-baselines.yaml --model "$m" --jobs 2
+done
+# the budget policies on the shared-format sequence: where the global pool puts its weights task by task, and global
+# against llm-only, an even split and auto at an equal total (3 % of every scorable weight), at the default's steps
+python -m piece_mm.experiments.policies --tasks world-shared --policies global,llm,proportional,auto --totals 0.03 \
+    --choose-at 0.03 --seeded 0.03 --seeds 0 --lrs 1.0e-3,3.0e-3 --steps 300 --batch-size 16 --eval-limit 100 \
+    --score-examples 1000 --jobs 2 --output results/policies-shared
