@@ -67,6 +67,7 @@ class Budget:
     score_memory: str = "auto"
     trace: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    keep_earlier: bool = False  # never choose a weight an earlier task of the run chose: each task's weights its own
     path: str | None = None  # the file it was read from, as shown in logs and metrics.json
 
     def __post_init__(self):
@@ -103,6 +104,8 @@ class Budget:
                              f"{', '.join(GRANULARITIES)}")
         if self.score_memory not in SCORE_MEMORY:
             raise InputError(f"{where}: score_memory is {self.score_memory!r}; expected auto, device or host")
+        if not isinstance(self.keep_earlier, bool):
+            raise InputError(f"{where}: keep_earlier is {self.keep_earlier!r}; expected true or false")
         self.trace = _trace_options(where, self.trace)
         self.distill = _distill_options(where, self.distill)
 

@@ -320,6 +320,9 @@ def execute(cfg, state: dict | None = None, saved: dict | None = None) -> dict |
     budget = load_budget(budget_name) if METHODS[cfg.method].sparse else None
     settings = load_settings(cfg.method, cfg.method_config)
     frozen = frozen_patterns(cfg, budget_name)
+    if sharding == "fsdp2" and budget and budget["keep_earlier"]:
+        raise InputError(f"{budget['path']}: keep_earlier reads the earlier tasks' whole masks into the scores, which "
+                         "are shards on FSDP2; use it on one process or DDP")
     if sharding == "fsdp2" and budget["score_batch_size"] == 1:
         raise InputError(f"{budget['path']}: score_batch_size is 1 (per-sample scoring), which needs whole "
                          "parameters; on FSDP2 shards use 2 or more")

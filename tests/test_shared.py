@@ -245,3 +245,31 @@ def test_study_bad_input_one_line_exit_2(tmp_path, capsys, spec, says):
     assert study.main([str(path), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and says in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_keep_earlier_never_chooses_an_earlier_tasks_weight(tmp_path):
+    """budget keep_earlier: task 2's mask shares no element with task 1's (without it, PIECE-F's masks overlap)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from piece_mm.delta import load_masks
+    seq = tmp_path / "two.yaml"
+    seq.write_text("tasks:\n  - {name: grid, format: world}\n  - {name: relation, format: world}\n"
+                   "world: {train_examples: 16, test_examples: 2}\ngeneral: {captions: 2, vqa: 2}\n")
+    overlap = {}
+    for keep in (False, True):
+        b = yaml.safe_load((Path(world.__file__).parent.parent / "configs" / "budgets" / "default.yaml").read_text())
+        b.update(keep_earlier=keep, score_examples=16, distill={"weight": 0.0})
+        bp = tmp_path / f"b{keep}.yaml"
+        bp.write_text(yaml.safe_dump(b))
+        out = tmp_path / f"run{keep}"
+        r = subprocess.run([sys.executable, "-m", "piece_mm.train", "--model", "llava", "--tasks", str(seq),
+                            "--budget", str(bp), "--max-steps", "1", "--batch-size", "2", "--eval-limit", "2",
+                            "--output", str(out)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m1, m2 = (load_masks(out / "masks" / f) for f in ("1-grid.safetensors", "2-relation.safetensors"))
+        overlap[keep] = sum(len(set(m1[n].tolist()) & set(m2[n].tolist())) for n in m1 if n in m2)
+    assert overlap[False] > 0 and overlap[True] == 0
