@@ -141,7 +141,8 @@ done
 # task, EWC with a lambda grid, LwF with a weight grid, SeqLoRA; SeqFT, LwF and SeqLoRA also with PIECE's
 # exclusions) and multitask; seeds 0, 1, 2; 300 steps of 16 per task, eval-limit 100
 for m in llava qwen2-vl; do
-    python -m piece_mm.experiments.study configs/studies/shared.yaml --model "$m" --jobs 2
+    python -m piece_mm.experiments.study configs/studies/shared.yaml --model "$m" --jobs 2  # its multitask, piece-f, piece-s,
+    # random, magnitude and piece-f-no-reg seed-0 runs are the ones in results/shared-interim
     python -m piece_mm.experiments.study configs/studies/shared-orders.yaml --model "$m" --jobs 2
     python -m piece_mm.experiments.study configs/studies/yesno-baselines.yaml --model "$m" --jobs 2
 done
@@ -150,3 +151,25 @@ done
 python -m piece_mm.experiments.policies --tasks world-shared --policies global,llm,proportional,auto --totals 0.03 \
     --choose-at 0.03 --seeded 0.03 --seeds 0 --lrs 1.0e-3,3.0e-3 --steps 300 --batch-size 16 --eval-limit 100 \
     --score-examples 1000 --jobs 2 --output results/policies-shared
+# world-shared's tasks, four test examples each (results/README.md, "The shared-format sequence")
+python -m piece_mm.experiments.sheet --tasks world-shared --output results/shared-interim/tasks.png
+# what was tried on the default budget there (seed 0, LLaVA; the default and 10 % on Qwen2-VL too): the budgets are in
+# results/budgets/shared/; each run's metrics.json is copied into results/shared-interim/
+for b in auto no-answers held-w1 llm10 keep-earlier llm10-keep-earlier; do
+    [ -f "results/shared-probes/runs/llava-$b/metrics.json" ] ||
+        python -m piece_mm.train --model llava --tasks world-shared --budget "results/budgets/shared/$b.yaml" \
+            --eval-limit 100 --output "results/shared-probes/runs/llava-$b"
+done
+[ -f results/shared-probes/runs/qwen2-vl-llm10/metrics.json ] ||
+    python -m piece_mm.train --model qwen2-vl --tasks world-shared --budget results/budgets/shared/llm10.yaml \
+        --eval-limit 100 --output results/shared-probes/runs/qwen2-vl-llm10
+for b in keep-earlier earlier-0.8; do
+    [ -f "results/shared-probes/runs/llava-$b-lr6e-3/metrics.json" ] ||
+        python -m piece_mm.train --model llava --tasks world-shared --budget "results/budgets/shared/$b.yaml" --lr 6e-3 \
+            --eval-limit 100 --output "results/shared-probes/runs/llava-$b-lr6e-3"
+done
+[ -f results/shared-probes/runs/llava-llm10-keep-earlier-lr1e-3/metrics.json ] ||
+    python -m piece_mm.train --model llava --tasks world-shared --budget results/budgets/shared/llm10-keep-earlier.yaml \
+        --lr 1e-3 --eval-limit 100 --output results/shared-probes/runs/llava-llm10-keep-earlier-lr1e-3
+# the default at lr 6e-3 is the study's piece-f-lr0.006-seed0 (PIECE-F's lr grid), and the default's seed-0 runs on
+# both models are the study's piece-f-lr0.002-seed0
