@@ -88,11 +88,13 @@ def _sparse_method(estimator: str):
             scores = protect_scores(scores, on_held, h["protect"], sharded=shard.is_fsdp(model))
         if b.get("keep_earlier") and ctx.index > 0:  # the earlier tasks' weights stay theirs: never chosen again
             from piece_mm.delta import load_masks
+            low = min([float(v.min()) for v in scores.values() if v.numel()] + [0.0]) - 1.0  # below every score,
+            # and negative, which pool auto's score mass counts as 0
             for j in range(ctx.index):
                 earlier = load_masks(Path(ctx.output) / "masks" / f"{j + 1}-{ctx.tasks[j].name}.safetensors")
                 for n, idx in earlier.items():
                     if n in scores:
-                        scores[n].view(-1)[idx.to(scores[n].device)] = -1.0  # below every score (all are >= 0)
+                        scores[n].view(-1)[idx.to(scores[n].device)] = low
         if estimator == "trace" and "sketch" in options["probe_out"]:
             if ctx.main:
                 save_tensors(options["probe_out"]["sketch"], state_file(ctx, "trace", ctx.index))
