@@ -155,7 +155,11 @@ python -m piece_mm.experiments.policies --tasks world-shared --policies global,l
 python -m piece_mm.experiments.sheet --tasks world-shared --output results/shared-interim/tasks.png
 # what was tried on the default budget there (seed 0, LLaVA; the default and 10 % on Qwen2-VL too): the budgets are in
 # results/budgets/shared/; each run's metrics.json is copied into results/shared-interim/
-for b in auto no-answers held-w1 llm10 keep-earlier llm10-keep-earlier; do
+# (pool auto is configs/budgets/auto.yaml, the default with pool: auto)
+[ -f results/shared-probes/runs/llava-auto/metrics.json ] ||
+    python -m piece_mm.train --model llava --tasks world-shared --budget auto --eval-limit 100 \
+        --output results/shared-probes/runs/llava-auto
+for b in no-answers held-w1 llm10 keep-earlier llm10-keep-earlier; do
     [ -f "results/shared-probes/runs/llava-$b/metrics.json" ] ||
         python -m piece_mm.train --model llava --tasks world-shared --budget "results/budgets/shared/$b.yaml" \
             --eval-limit 100 --output "results/shared-probes/runs/llava-$b"
