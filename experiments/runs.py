@@ -39,7 +39,9 @@ class Outcome:
 def run_jobs(jobs: Iterable[Job], parallel: int = 1, threads: int | None = None,
              on_done: Callable[[Outcome], None] | None = None) -> dict:
     """{job.key: Outcome} for every job, run `parallel` at a time with `threads` torch threads each (default: the
-    machine's cores shared out)."""
+    machine's cores shared out, or OMP_NUM_THREADS when it is set)."""
+    if not threads and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"]) or None
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, parallel))
     ctx = multiprocessing.get_context("spawn")
     pending, running, done = list(jobs), {}, {}
