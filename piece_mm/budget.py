@@ -35,9 +35,10 @@ DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k":
 # = off. pool: such examples made per task; per_step: of them beside each step's batch; earlier: prompts taken from
 # each earlier task; earlier_share: their share of the pool (when there are any); max_new_tokens: the longest answer
 # held; protect: how much a weight's own importance to the held examples counts against choosing it (0 = not at all;
-# piece_mm/methods/held.py, protect_scores).
+# piece_mm/methods/held.py, protect_scores); earlier_form: an earlier task's prompt is answered among that task's own
+# answers and held over their tokens (methods/held.py).
 HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
-                 "max_new_tokens": 24, "protect": 0.0}
+                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False}
 
 
 @dataclass
@@ -227,6 +228,8 @@ def _distill_options(where, d) -> dict:
                          "positions that predict the task's answer) or false")
     if not _number(h["earlier_share"]) or not 0 <= h["earlier_share"] < 1:
         raise InputError(f"{where}: distill.held.earlier_share is {h['earlier_share']!r}; expected a number in [0, 1)")
+    if not isinstance(h["earlier_form"], bool):
+        raise InputError(f"{where}: distill.held.earlier_form is {h['earlier_form']!r}; expected true or false")
     if not _number(h["protect"]) or h["protect"] < 0:
         raise InputError(f"{where}: distill.held.protect is {h['protect']!r}; expected a number >= 0 (0 = off)")
     k = d["top_k"]

@@ -42,6 +42,7 @@ import torch
 
 from piece_mm.batching import HELD, IGNORE_INDEX, ROWS, collate, model_inputs
 from piece_mm.errors import InputError
+from piece_mm.tasks.base import Example
 
 CHUNK = 64  # positions whose fp32 distributions the term computes at once
 
@@ -136,6 +137,29 @@ def image_token_ids(model) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def allowed_tokens(processor, ex) -> list[list[int]]:
+    """For a held example answered among `ex.choices`: at each position that predicts a token of its answer (its end
+    included), the tokens some choice sharing the answer's tokens so far has there."""
+    rows = [Example(ex.image, ex.prompt, c) for c in dict.fromkeys((ex.answer, *ex.choices))]
+    labels = collate(processor, rows)["labels"]
+    seqs = [lab[lab != IGNORE_INDEX].tolist() for lab in labels]
+    answer, allowed = seqs[0], []
+    for j in range(len(answer)):
+        allowed.append(sorted({s[j] for s in seqs if len(s) > j and s[:j] == answer[:j]}))
+    return allowed
+
+
+def restrict(logits: torch.Tensor, allowed: list[list[int]]) -> torch.Tensor:
+    """logits [P, V] with every token outside each position's allowed ones pushed out of reach (finite, so that the
+    cached term's arithmetic stays finite)."""
+    if len(allowed) != len(logits):
+        raise ValueError(f"Distillation: a held row has {len(logits)} answer positions and {len(allowed)} allowed sets")
+    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    for j, ids in enumerate(allowed):
+        mask[j, ids] = True
+    return logits.float().masked_fill(~mask, -1e9)
+
+
 @dataclass
 class TeacherCache:
     """The teacher's top-k log-probabilities (at temperature T) of every kept position of every prepared row: for row
@@ -209,6 +233,7 @@ class Distillation(Regulariser):
     examples: list = field(default_factory=list, repr=False)  # what prepare cached: the training rows, then held
     held: list = field(default_factory=list, repr=False)
     _image_ids: tuple = field(default=(), repr=False)
+    _allowed: dict = field(default_factory=dict, repr=False)  # held row -> its allowed tokens (allowed_tokens)
 
     @classmethod
     def from_budget(cls, budget) -> Distillation | None:
@@ -228,18 +253,23 @@ class Distillation(Regulariser):
                    image_positions=d.get("image_positions", False),
                    held_options=h if h.get("weight", 0.0) > 0 else None)
 
-    def held_rows(self, model, processor, examples: list, generate, earlier_prompts: list[str] = (), seed: int = 0,
+    def held_rows(self, model, processor, examples: list, generate, earlier_prompts=(), seed: int = 0,
                   log=None) -> list:
         """The held rows for a task (methods/held.py): `held_options["pool"]` of its examples' images asked the
         prompt bank's prompts and `earlier_prompts` (earlier tasks' prompts, strings), answered greedily by the model
         as it is now through `generate(model, processor, examples, max_new_tokens)` (e.g. piece_mm.eval.generate).
-        Make them before the task trains, then give them to prepare."""
+        `earlier_prompts` may also be {prompt: the answers its task was trained to give}: with the budget's
+        distill.held.earlier_form those prompts are answered among them. Make the rows before the task trains, then
+        give them to prepare."""
         if not self.held_options:
             raise InputError("Distillation.held_rows: this term has no held rows (a budget's distill.held weight > 0 "
                              "makes them)")
-        from piece_mm.methods.held import make_held
+        from piece_mm.methods.held import FORM_MAX, make_held
+        answers = None
+        if isinstance(earlier_prompts, dict):
+            answers = {p: tuple(a) for p, a in earlier_prompts.items() if a and len(a) <= FORM_MAX}
         return make_held(model, processor, examples, self.held_options, generate, list(earlier_prompts), seed,
-                         log)[0]
+                         log, answers)[0]
 
     # ---- the teacher, once per task ----
 
@@ -259,6 +289,8 @@ class Distillation(Regulariser):
         if reuse and path is not None:
             self.cache = TeacherCache.load(path, self.meta())
             return self
+        self._allowed = {len(self.examples) + j: allowed_tokens(processor, ex) for j, ex in enumerate(self.held)
+                         if ex.choices}
         from piece_mm import dist
         spans = [(i, self.examples[i:i + batch_size], 0) for i in range(0, len(self.examples), batch_size)]
         spans += [(len(self.examples) + i, self.held[i:i + batch_size], len(self.held[i:i + batch_size]))
@@ -294,7 +326,10 @@ class Distillation(Regulariser):
                 task_keep, held_keep = self.positions(batch)
                 keep = task_keep | held_keep  # a row is the task's or held, never both
                 for r, row in enumerate(batch[ROWS].tolist()):
-                    entries[row] = tuple(t.cpu() for t in self._top(logits[r][keep[r]]))
+                    z = logits[r][keep[r]]
+                    if row in self._allowed:  # a held row answered among choices: the teacher over their tokens only
+                        z = restrict(z, self._allowed[row])
+                    entries[row] = tuple(t.cpu() for t in self._top(z))
         finally:
             model.train(was)
         missing = sorted(set(range(rows)) - set(entries))

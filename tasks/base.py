@@ -21,6 +21,7 @@ class Example:
     answers: tuple = field(default=())  # every annotator's answer (VQA-v2), for the vqa metric
     history: tuple = field(default=())  # earlier ((user, assistant), ...) turns; training learns every answer
     image_first: bool = True  # the image comes before the first user turn's text (False: after it)
+    choices: tuple = field(default=())  # a held row's: the answers its reply was chosen among (methods/held.py)
 
 
 def load_image(ex: Example) -> Image.Image | None:

@@ -219,6 +219,7 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
                         ({"weight": 1, "held": {"bank": ""}}, r"distill\.held\.bank is ''"),
                         ({"weight": 1, "held": {"earlier_share": 1.0}}, r"distill\.held\.earlier_share is 1\.0"),
                         ({"weight": 1, "held": {"protect": -0.5}}, r"distill\.held\.protect is -0\.5"),
+                        ({"weight": 1, "held": {"earlier_form": "yes"}}, r"distill\.held\.earlier_form is 'yes'"),
                         ({"weight": 1, "answers": "no"}, r"distill\.answers is 'no'"),
                         ({"weight": 1, "top_k": 0}, r"distill\.top_k is 0"),
                         ({"weight": 1, "top_k": 2.5}, r"distill\.top_k is 2\.5"),
@@ -310,4 +311,70 @@ def test_held_prompts_hold_the_teachers_own_answers_beside_the_task(tiny, tmp_pa
                                         dataclasses.replace(ctx, resumed=True, generate=refuse), masks=masks)
     assert [(ex.prompt, ex.answer) for ex in again.held_examples] == [(ex.prompt, ex.answer) for ex in held]
     assert all(a.image is b.image for a, b in zip(again.held_examples, held))
+    again.close()
+
+
+def test_earlier_form_answers_an_earlier_prompt_among_its_tasks_answers_and_holds_the_teacher_over_them(tiny,
+                                                                                                        tmp_path):
+    """held.earlier_form: an earlier task's prompt asked of this task's pictures is answered with the choice of that
+    task's answers the task-start model finds likeliest (summed log-likelihood, by hand), and the cached teacher there
+    is the task-start model's distribution over the tokens those answers can have at each position, by hand; the
+    bank's rows are the greedy replies as before; a resumed task reads the choices back."""
+    from piece_mm.eval.generate import generate
+    from piece_mm.tasks.base import Example
+
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    start = copy.deepcopy(model).eval()
+    first = Task("grid", world.task_set("grid", "train", 40), [])
+    task = Task("relation", world.task_set("relation", "train", 16), world.task_set("relation", "test", 4))
+    ctx = dataclasses.replace(
+        _ctx(task, tmp_path, top_k=None, held={"weight": 3.0, "pool": 12, "per_step": 3, "earlier": 2,
+                                               "max_new_tokens": 6, "earlier_form": True}),
+        tasks=[first, task], index=1,
+        generate=lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n))
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=_masks(model))
+    held = tuning.held_examples
+    cells = tuple(dict.fromkeys(ex.answer for ex in first.train))
+    formed = [j for j, ex in enumerate(held) if ex.prompt in {e.prompt for e in first.train}]
+    assert formed and len(formed) < len(held)
+    for j, ex in enumerate(held):
+        if j not in formed:  # the bank's: greedy, no choices
+            assert not ex.choices and [ex.answer] == generate(start, processor, [ex], max_new_tokens=6)
+            continue
+        assert ex.choices == cells and ex.answer in cells
+        with torch.no_grad():  # sum of log-likelihoods = mean loss x the answer's tokens, per choice
+            like = []
+            for c in cells:
+                b = collate(processor, [Example(ex.image, ex.prompt, c)])
+                like.append(float(start(**b).loss) * int((b["labels"][:, 1:] != -100).sum()))
+        assert ex.answer == cells[like.index(min(like))]
+
+    reg = tuning.regulariser
+    for j in formed[:3]:
+        ex = held[j]
+        b = collate(processor, [ex], held=1)
+        with torch.no_grad():
+            logits = start(**{k: v for k, v in model_inputs(b).items() if k != "labels"}).logits[0][b[HELD][0]]
+        seqs = []
+        for c in cells:
+            lab = collate(processor, [Example(ex.image, ex.prompt, c)])["labels"][0]
+            seqs.append(lab[lab != -100].tolist())
+        mine = seqs[cells.index(ex.answer)]
+        values, indices, _, n = reg.cache.rows(torch.tensor([len(task.train) + j]))
+        assert n == [len(mine)] == [len(logits)]
+        for i in range(len(mine)):
+            allowed = sorted({s[i] for s in seqs if len(s) > i and s[:i] == mine[:i]})
+            want = torch.zeros(logits.shape[-1], dtype=torch.float64)
+            want[allowed] = torch.softmax(logits[i, allowed].double() / T, -1)
+            got = torch.zeros_like(want).scatter_(0, indices[i].long(), values[i].double().exp())
+            assert torch.allclose(got, want, atol=1e-6)
+    tuning.close()
+
+    def refuse(*a):
+        raise AssertionError("a resumed task must not answer its held examples again")
+    again = METHODS["piece-f"].for_task(model, processor, task,
+                                        dataclasses.replace(ctx, resumed=True, generate=refuse), masks=_masks(model))
+    assert [(ex.prompt, ex.answer, ex.choices) for ex in again.held_examples] == \
+        [(ex.prompt, ex.answer, ex.choices) for ex in held]
     again.close()

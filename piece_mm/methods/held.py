@@ -5,10 +5,15 @@ format with other prompts (yes / no, one short word) then teaches that format to
 see" answered "yes". So before a task is trained, the model as it begins (the teacher) answers other prompts about
 some of the task's own images, and each step holds its answers there beside the task's batch:
 - a bank of generic prompts (configs/prompts/<bank>.yaml: captions, open and closed questions);
-- the earlier tasks' prompts, as strings (never their images or answers), so that a later task whose prompt is a
-  near twin cannot take their answers over.
+- the earlier tasks' prompts, as strings (never their images, nor their answers unless `earlier_form`), so that a
+  later task whose prompt is a near twin cannot take their answers over.
 No data of an earlier task and no general-set image is used: the images are the current task's, the replies the
-model's own. The examples are written to <output>/distill/<task>.held.json, so a resumed task holds the same ones.
+model's own. With `earlier_form`, an earlier task's prompt is answered among that task's own answers (the strings it
+was trained to give, never its images), the one the model finds likeliest, and the term holds the model's
+distribution over those answers' tokens, as LwF holds an old task's head over its own classes: asked of pictures unlike
+its task's, the free reply is often no answer of the task at all ("where is the shape" answered "circle" where the
+task answers a grid cell), and holding it would teach the prompt that.
+The examples are written to <output>/distill/<task>.held.json, so a resumed task holds the same ones.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 import yaml
 
 from piece_mm.configs import DIR as CONFIGS
@@ -57,6 +63,51 @@ def earlier_prompts(earlier_tasks: list, per_task: int) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+FORM_MAX = 64  # an earlier task with more distinct answers than this is free-form: its prompts are held as replied
+
+
+def earlier_answers(earlier_tasks: list) -> dict[str, tuple[str, ...]]:
+    """{prompt: the answers it was trained to give} over the earlier tasks that ask it, for the tasks with at most
+    FORM_MAX distinct answers (strings only, never their images)."""
+    out: dict[str, dict] = {}
+    for t in earlier_tasks:
+        answers = dict.fromkeys(ex.answer for ex in t.train)
+        if len(answers) > FORM_MAX:
+            continue
+        for p in dict.fromkeys(ex.prompt for ex in t.train):
+            out.setdefault(p, {}).update(answers)
+    return {p: tuple(a) for p, a in out.items() if len(a) <= FORM_MAX}
+
+
+@torch.no_grad()
+def likeliest(model, processor, asked: list[Example], choices: list[tuple[str, ...]],
+              batch_size: int = 16) -> list[str]:
+    """For each asked example, the choice with the highest log-likelihood under the model (the sum over its answer's
+    tokens, its end included)."""
+    from piece_mm.batching import IGNORE_INDEX, collate, model_inputs
+    flat = [(i, Example(ex.image, ex.prompt, c)) for i, (ex, cs) in enumerate(zip(asked, choices)) for c in cs]
+    scores = []
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for j in range(0, len(flat), batch_size):
+            batch = collate(processor, [ex for _, ex in flat[j:j + batch_size]])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+            lp = torch.log_softmax(model(**inputs).logits[:, :-1].float(), -1)
+            labels = batch["labels"][:, 1:]
+            got = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            scores += (got * (labels != IGNORE_INDEX)).sum(-1).tolist()
+    finally:
+        model.train(was)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, ex), s in zip(flat, scores):
+        if i not in best or s > best[i][0]:
+            best[i] = (s, ex.answer)
+    return [best[i][1] for i in range(len(asked))]
+
+
 def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, seed: int) -> list[tuple[int, str]]:
     """`pool` (image index, prompt) pairs: the images in turn, each with a prompt. Each group of prompts (prompts,
     share) takes its share of the pool (the first group the rest), going through seeded shuffles of its prompts, so
@@ -78,10 +129,12 @@ def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, 
 
 
 def make_held(model, processor, examples: list, options: dict, generate, earlier: list[str] = (), seed: int = 0,
-              log=None) -> tuple[list[Example], list[tuple[int, str]]]:
+              log=None, answers: dict | None = None) -> tuple[list[Example], list[tuple[int, str]]]:
     """(held examples, their (image index, prompt) pairs): `options["pool"]` of the examples' images (a seeded draw)
     asked the bank's prompts and the `earlier` prompts (strings), none of the examples' own, answered greedily by
-    the model as it is now through `generate(model, processor, examples, max_new_tokens)`."""
+    the model as it is now through `generate(model, processor, examples, max_new_tokens)`; with
+    `options["earlier_form"]`, an earlier prompt that `answers` ({prompt: its task's answers}) lists is answered
+    with the likeliest of them instead, and the example keeps them as its choices."""
     images = _images(examples, options, seed)
     own = {ex.prompt for ex in examples}  # the task's own prompts are learned, not held
     bank = [p for p in spellable(processor.tokenizer, load_bank(options["bank"])) if p not in own]
@@ -92,11 +145,22 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
     pairs = held_pairs(len(images), [(bank, 1.0), (earlier, options["earlier_share"] if bank else 1.0)],
                        options["pool"], seed)
     asked = [Example(images[i].image, p, "") for i, p in pairs]
-    replies = generate(model, processor, asked, options["max_new_tokens"])
+    formed = {}
+    if options.get("earlier_form") and answers:
+        formed = {j: answers[ex.prompt] for j, ex in enumerate(asked) if ex.prompt in answers and ex.prompt not in bank}
+    free = [j for j in range(len(asked)) if j not in formed]
+    replies = [""] * len(asked)
+    for j, r in zip(free, generate(model, processor, [asked[j] for j in free], options["max_new_tokens"])):
+        replies[j] = r
+    if formed:
+        chosen = likeliest(model, processor, [asked[j] for j in formed], list(formed.values()))
+        for j, r in zip(formed, chosen):
+            replies[j] = r
     if log:
         log(f"holding {len(bank)} prompts of the bank and {len(earlier)} of earlier tasks on {len(pairs)} of its "
-            "images")
-    return [Example(ex.image, ex.prompt, a) for ex, a in zip(asked, replies)], pairs
+            "images" + (f", {len(formed)} of them answered in their task's form" if formed else ""))
+    held = [Example(ex.image, ex.prompt, a, choices=formed.get(j, ())) for j, (ex, a) in enumerate(zip(asked, replies))]
+    return held, pairs
 
 
 def _images(examples: list, options: dict, seed: int) -> list:
@@ -112,20 +176,23 @@ def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
         images = _images(task.train, options, ctx.seed)
         try:
             saved = json.loads(path.read_text())
-            return [Example(images[r["image"]].image, r["prompt"], r["answer"]) for r in saved]
+            return [Example(images[r["image"]].image, r["prompt"], r["answer"], choices=tuple(r.get("choices", ())))
+                    for r in saved]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise InputError(f"{path}: not this task's held examples ({e})") from None
     log = (lambda s: ctx.log(f"{task.name}: {s}")) if ctx.log else None
     try:
         held, pairs = make_held(model, processor, task.train, options, ctx.generate,
-                                earlier_prompts(ctx.tasks[:ctx.index], options["earlier"]), ctx.seed, log)
+                                earlier_prompts(ctx.tasks[:ctx.index], options["earlier"]), ctx.seed, log,
+                                earlier_answers(ctx.tasks[:ctx.index]))
     except InputError as e:
         raise InputError(f"{e} (task {task.name!r})") from None
     if ctx.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"image": i, "prompt": p, "answer": ex.answer} for (i, p), ex in zip(pairs, held)],
-                                  indent=0))
+        tmp.write_text(json.dumps([{"image": i, "prompt": p, "answer": ex.answer, **({"choices": list(ex.choices)}
+                                                                                     if ex.choices else {})}
+                                   for (i, p), ex in zip(pairs, held)], indent=0))
         tmp.replace(path)
     return held
 
