@@ -186,8 +186,9 @@ def job(args, study: dict, arm: dict, lr: float, value, seed: int) -> Job:
     return Job((arm["name"], lr, value, seed), config)
 
 
-def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict]:
-    """({arm: {"lr", "setting", "method", "metrics": [per seed]}}, failed outcomes, {arm: the first seed's grid})."""
+def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, dict]:
+    """({arm: {"lr", "setting", "method", "metrics": [per seed]}}, failed outcomes, {arm: the first seed's grid},
+    {"runs": how many distinct runs the study made or read back, "sum_s": their own run times added up})."""
     done, failed = {}, []
 
     def run(jobs):
@@ -252,7 +253,8 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict]:
         n, (lr, v) = a["name"], chosen[a["name"]]
         ms = [done[(n, lr, v, s)].metrics for s in a.get("seeds", study["seeds"]) if done[(n, lr, v, s)].metrics]
         runs[n] = {"lr": lr, "metrics": ms, "setting": settings_of(a, v), "method": a["method"]}
-    return runs, failed, grid
+    times = {str(o.output): (o.metrics or {}).get("time_s") or 0.0 for o in done.values()}
+    return runs, failed, grid, {"runs": len(times), "sum_s": round(sum(times.values()), 1)}
 
 
 def _report(o) -> None:
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
     args.output = args.output or Path("results") / f"{args.study.stem}-{args.model}"
     args.runs = Path(str(study["runs"]).format(model=args.model)) if study.get("runs") else args.output / "runs"
     args.output.mkdir(parents=True, exist_ok=True)
-    runs, failed, grids = run_study(args, study, arms)
+    runs, failed, grids, cost = run_study(args, study, arms)
     if not runs:
         print(f"error: every run failed ({len(failed)}); the first: {failed[0].error if failed else '?'}",
               file=sys.stderr)
@@ -321,12 +323,16 @@ def main(argv=None) -> int:
     summary["rule"] = (f"the highest OP among the first seed's runs with caption retention >= {study['retention']:g}, "
                        "else the highest retention; ties: the lower lr; a choice at the grid's edge gets the next "
                        f"point (up to {study['max_extensions']} times)")
+    # what the study cost: each run's own time (one thread each with --jobs 2), added up over every run it made or
+    # read back; on two cores, two at a time, the wall time is about half of it
+    summary["run_time"] = cost
     if failed:
         summary["failed"] = [{"method": o.key[0], "lr": o.key[1], "setting": o.key[2], "seed": o.key[3],
                               "error": o.error} for o in failed]
     command = "python -m piece_mm.experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
     write(args.output, args.model, summary, runs, command, [])
-    print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'}")
+    print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'} ({cost['runs']} runs, "
+          f"{cost['sum_s'] / 3600:.1f} h of run time added up)")
     if failed:
         print(f"{len(failed)} run(s) failed; the others are in the table", file=sys.stderr)
         return 1

@@ -223,6 +223,7 @@ def test_study_rule_brackets_every_choice(tmp_path, monkeypatch):
     assert [c[2] for c in calls if c[2] == 1] == [1, 1]  # one more seed per arm, at the choice
     assert s["methods"]["seqft"]["seeds"] == [0, 1] and len(s["methods"]["lwf"]["grid"]) == 7
     assert "caption retention >= 0.9" in s["rule"]
+    assert s["run_time"] == {"runs": len(calls), "sum_s": 1.0 * len(calls)}  # every run made, 1 s each
     from piece_mm.experiments import frontier  # the frontier figure reads a study's summary as a comparison's
     rows = frontier.read([tmp_path / "out" / "summary.json"])
     assert rows["seqft"]["OP"] == s["methods"]["seqft"]["OP"] and len(rows["lwf"]["seeds"]) == 2
