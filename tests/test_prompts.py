@@ -129,3 +129,14 @@ def test_a_bad_bank_is_one_line_naming_the_file(tmp_path):
         with pytest.raises(InputError, match=r"^Budget: .*bank\.yaml: " + says) as e:
             Budget(distill={"weight": 1.0, "held": {"weight": 1.0, "bank": str(bank)}})
         assert "\n" not in str(e.value)
+
+
+def test_earlier_answers_are_each_prompts_trained_answers_unless_free_form():
+    from piece_mm.methods.held import FORM_MAX, earlier_answers
+    from piece_mm.tasks.base import Example
+    from piece_mm.tasks.sequence import Task
+    a = Task("a", [Example(None, "p", "x"), Example(None, "q", "y"), Example(None, "p", "x")], [])
+    b = Task("b", [Example(None, "p", "z")], [])
+    free = Task("c", [Example(None, "r", f"caption {i}") for i in range(FORM_MAX + 1)] + [Example(None, "q", "w")], [])
+    assert earlier_answers([a, b]) == {"p": ("x", "y", "z"), "q": ("x", "y")}  # a task's answers, per prompt it asks
+    assert earlier_answers([a, free]) == {"p": ("x", "y")}  # q is also a free-form task's prompt: not constrained

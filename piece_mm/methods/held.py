@@ -70,13 +70,16 @@ def earlier_answers(earlier_tasks: list) -> dict[str, tuple[str, ...]]:
     """{prompt: the answers it was trained to give} over the earlier tasks that ask it, for the tasks with at most
     FORM_MAX distinct answers (strings only, never their images)."""
     out: dict[str, dict] = {}
+    free = set()  # prompts a free-form task asks: held as replied
     for t in earlier_tasks:
         answers = dict.fromkeys(ex.answer for ex in t.train)
+        prompts = dict.fromkeys(ex.prompt for ex in t.train)
         if len(answers) > FORM_MAX:
+            free.update(prompts)
             continue
-        for p in dict.fromkeys(ex.prompt for ex in t.train):
+        for p in prompts:
             out.setdefault(p, {}).update(answers)
-    return {p: tuple(a) for p, a in out.items() if len(a) <= FORM_MAX}
+    return {p: tuple(a) for p, a in out.items() if len(a) <= FORM_MAX and p not in free}
 
 
 @torch.no_grad()
