@@ -43,18 +43,20 @@ def plot_caption_curve(metrics: dict, path: Path, key: str = "CIDEr") -> None:
 
     g = metrics["general"]
     base = g["before"][key]
-    ys = [base] + [a[key] for a in g["after"]]
+    # a stage whose general set was not scored (--eval-general last) has no point
+    xs, ys = zip(*[(x, a[key]) for x, a in enumerate([g["before"]] + g["after"]) if key in a])
+    xs, ys = list(xs), list(ys)
     thr = metrics.get("retention_threshold", RETENTION_THRESHOLD)
     ret = ys[-1] / base if base else float("nan")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.axhline(base, color="grey", lw=1, ls="-", label=f"base model: {base:.2f}")
     ax.axhline(thr * base, color="tab:red", lw=1, ls="--", label=f"kept threshold: {thr:.2f} x base")
-    ax.plot(range(len(ys)), ys, marker="o", color="tab:blue", label=f"{metrics['method']}")
-    for x, y in enumerate(ys):
+    ax.plot(xs, ys, marker="o", color="tab:blue", label=f"{metrics['method']}")
+    for x, y in zip(xs, ys):
         ax.annotate(f"{y:.2f}", (x, y), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
     ax.text(0.98, 0.96, f"caption retention {ret:.2f} ({'kept' if ret >= thr else 'lost'})", transform=ax.transAxes,
             ha="right", va="top", fontsize=10, fontweight="bold", color="tab:green" if ret >= thr else "tab:red")
-    ax.set_xticks(range(len(ys)), _stages(metrics["tasks"]), rotation=20)
+    ax.set_xticks(range(len(g["after"]) + 1), _stages(metrics["tasks"]), rotation=20)
     ax.set_ylabel(f"held-out {key}")
     ax.set_ylim(0, max(ys + [base]) * 1.25 or 1)
     ax.set_title(f"{metrics['model']} / {metrics['method']}: captioning across the sequence")
@@ -251,8 +253,8 @@ def write_report(out_dir: Path, metrics: dict, samples: list[list[tuple[str, str
     keys = [k for k in CAPTION_KEYS if k in g["before"]]
     lines += ["", "![score matrix](score_matrix.png)", "", "## General ability (held-out captions, general VQA)", "",
               "| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for stage, m in zip(_stages(tasks), [g["before"]] + g["after"]):
-        lines.append(f"| {stage} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    for stage, m in zip(_stages(tasks), [g["before"]] + g["after"]):  # "" where it was not scored (--eval-general)
+        lines.append(f"| {stage} | " + " | ".join(f"{m[k]:.3f}" if k in m else "" for k in keys) + " |")
     lines += ["", "![CIDEr across stages](cider.png)", ""]
     prompts = list(g["before"].get("unseen_prompts") or {})
     if prompts:

@@ -155,8 +155,10 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m, r in runs.items():
-        curves = [[g["CIDEr"] for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
-        ax.plot([statistics.mean(c) for c in zip(*curves)], label=m, **style[m])
+        curves = [[g.get("CIDEr") for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
+        # the stages every seed scored (a run with --eval-general last scored the first and the last only)
+        points = [(i, statistics.mean(c)) for i, c in enumerate(zip(*curves)) if None not in c]
+        ax.plot(*zip(*points), label=m, **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel(f"held-out CIDEr ({over})")

@@ -14,7 +14,9 @@ study continues where it stopped.
 The study file (configs/studies/*.yaml):
     tasks: world-shared          # the sequence (an "@order" suffix picks another order; tasks/sequence.py)
     seeds: [0, 1, 2]
-    eval_limit: 100              # test examples per task (general sets: the sequence's sizes)
+    eval_limit: 100              # test examples per task, and of the general captions and questions each
+    eval_general: last           # the general set after every task (every, the default) or the last only: every
+                                 # retention is read there; the runs take about a fifth less time
     steps: null                  # steps per task for every arm (null: each method's default)
     retention: 0.90              # the rule's floor on caption retention
     runs: results/shared-{model}/runs   # where the run directories go (default: <output>/runs); another study's,
@@ -50,7 +52,7 @@ from .compare import summarise, write
 from .runs import Job, run_jobs
 
 ARM_KEYS = {"name", "method", "lrs", "settings", "exclude", "budget", "tasks", "seeds", "rule"}
-TOP_KEYS = {"tasks", "seeds", "eval_limit", "steps", "retention", "max_extensions", "arms", "runs"}
+TOP_KEYS = {"tasks", "seeds", "eval_limit", "eval_general", "steps", "retention", "max_extensions", "arms", "runs"}
 
 
 def load_study(path: Path) -> dict:
@@ -173,6 +175,8 @@ def job(args, study: dict, arm: dict, lr: float, value, seed: int) -> Job:
               "tasks": arm.get("tasks", study["tasks"]), "output": out, "eval_limit": study.get("eval_limit")}
     if study.get("steps"):
         config["steps"] = study["steps"]
+    if study.get("eval_general"):
+        config["eval_general"] = study["eval_general"]
     for k in ("budget", "exclude"):
         if arm.get(k):
             config[k] = arm[k]
@@ -293,6 +297,7 @@ def main(argv=None) -> int:
         for i, a in enumerate(arms):  # every run's flags, checked before any starts
             cfg = RunConfig(model=args.model, method=a["method"], tasks=a.get("tasks", study["tasks"]),
                             eval_limit=study.get("eval_limit"), steps=study.get("steps"), exclude=a.get("exclude"),
+                            eval_general=study.get("eval_general") or "every",
                             budget=a.get("budget"))
             with from_data():
                 load_sequence(cfg.tasks)

@@ -36,17 +36,17 @@ def component_counts(model, rules: dict | None = None) -> dict:
 
 
 def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size: int, desc: str, clip=None,
-             spice=None, task_answers=frozenset()):
+             spice=None, task_answers=frozenset(), general: bool = True):
     """(task scores in sequence order, each by its task's metric; general metrics (CLIPScore with a `clip`
     scorer, SPICE with a CoreNLP dir `spice`, the leak of `task_answers` into the captions); the first captions
-    with their references)."""
+    with their references). Without `general`: the task scores only ({} and [] for the rest)."""
     from piece_mm.eval.captioning import answer_leak, general_scores, prompt_scores
     from piece_mm.eval.generate import generate
 
     tests = [t.test[:eval_limit] for t in seq.tasks]
-    caps, vqa = seq.captions[:eval_limit], seq.vqa[:eval_limit]
+    caps, vqa = (seq.captions[:eval_limit], seq.vqa[:eval_limit]) if general else ([], [])
     gen = getattr(seq, "generation", None) or GENERATION_DEFAULTS  # a sequence-like object may lack it
-    unseen = getattr(seq, "unseen_prompts", ())
+    unseen = getattr(seq, "unseen_prompts", ()) if general else ()
     with tqdm(total=sum(map(len, tests)) + len(caps) * (1 + len(unseen)) + len(vqa), desc=desc, file=sys.stderr,
               leave=False,
               mininterval=2, disable=None) as bar:  # None: no bar when stderr is not a terminal (logs, pipes)
@@ -56,6 +56,8 @@ def evaluate(model, processor, seq: Sequence, eval_limit: int | None, batch_size
                                max_new_tokens=gen["answer_max_new_tokens"], progress=bar)
             score = METRICS[task.metric]
             scores.append(sum(score(a, ex) for a, ex in zip(answers, examples)) / len(examples))
+        if not general:
+            return scores, {}, []
         general, preds = general_scores(model, processor, caps, vqa, batch_size=batch_size, progress=bar,
                                         clip=clip, spice=spice, caption_max_new_tokens=gen["caption_max_new_tokens"],
                                         answer_max_new_tokens=gen["answer_max_new_tokens"],
@@ -205,7 +207,7 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
         log=print, checkpoint_every: int = 50, resume_from: tuple | None = None, clip=None, spice=True,
         retention_threshold: float = 0.90, grad_accum: int = 1, max_length: int | None = None,
         gradient_checkpointing: bool = False, settings: dict | None = None, warmup: float = WARMUP,
-        frozen: list[str] | tuple = ()) -> dict:
+        frozen: list[str] | tuple = (), eval_general: str = "every") -> dict:
     """The continual run. `steps` per task: one number for every task, or one per task (derived from epochs).
     Checkpoints (piece_mm/checkpoint.py) are written after the first evaluation, every
     `checkpoint_every` steps of a task (0: never mid-task), when a task's training ends and after its evaluation.
@@ -215,7 +217,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
     `clip` (eval/clipscore.py) adds CLIPScore / RefCLIPScore to the general metrics; `spice` (True, or a CoreNLP
     dir) adds SPICE where its jars are found (else one warning line). `settings` are the method's constants
     (methods.load_settings; default: its configs/methods/<name>.yaml). `frozen`: regexes (re.search) of the weights a
-    dense or LoRA method leaves frozen (--exclude), its adapters' included.
+    dense or LoRA method leaves frozen (--exclude), its adapters' included. `eval_general` "last": the general set is
+    scored before the first task and after the last only (a stage between has {} there); retention reads only those.
 
     Under several processes (piece_mm/dist.py) all of them train; the first one alone evaluates and writes, and
     returns the metrics (the others return None)."""
@@ -241,7 +244,8 @@ def run(model, processor, seq: Sequence, *, model_name: str, method: str, output
                  batch_size=batch_size,
                  lr=lr, budget=budget, eval_limit=eval_limit, eval_batch_size=eval_batch_size, clip=clip,
                  spice=spice, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
-                 gradient_checkpointing=gradient_checkpointing, settings=settings, warmup=warmup)
+                 gradient_checkpointing=gradient_checkpointing, settings=settings, warmup=warmup,
+                 eval_general=eval_general)
     parameters = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
     if m.prepare is not None:  # adapters: the checkpoints hold the adapted model
         m.prepare(model, settings)
@@ -278,8 +282,8 @@ class _Loop:
 
     def __init__(self, model, processor, seq: Sequence, method: Method, output: Path, *, about, log, seed, steps,
                  batch_size, lr, budget, eval_limit, eval_batch_size, clip, spice, checkpoint_every, grad_accum,
-                 gradient_checkpointing, settings, warmup=WARMUP):
-        self.warmup = warmup
+                 gradient_checkpointing, settings, warmup=WARMUP, eval_general="every"):
+        self.warmup, self.eval_general = warmup, eval_general
         self.model, self.processor, self.seq, self.method, self.output = model, processor, seq, method, output
         self.log, self.seed, self.steps, self.batch_size, self.budget = log, seed, steps, batch_size, budget
         self.eval_limit, self.eval_batch_size, self.checkpoint_every = eval_limit, eval_batch_size, checkpoint_every
@@ -298,10 +302,10 @@ class _Loop:
         self.elapsed = 0.0  # + time.time() = the run's time, over every process that worked on it
         self.train_state = None
 
-    def evaluate(self, desc: str):
+    def evaluate(self, desc: str, general: bool = True):
         with shard.whole_root(self.model):
             return evaluate(self.model, self.processor, self.seq, self.eval_limit, self.eval_batch_size, desc,
-                            self.clip, self.spice, self.task_answers)
+                            self.clip, self.spice, self.task_answers, general)
 
     def generate(self, model, processor, examples: list, max_new_tokens: int) -> list[str]:
         """Greedy replies, as evaluation makes them: what a method asks of the model as it stands (held prompts).
@@ -396,7 +400,8 @@ class _Loop:
                                # resumed run must write the very same bytes
                                {"piece_mm": json.dumps({"task": task.name, **self.about}, sort_keys=True)},
                                values=values)
-            scores, general, samples = self.evaluate(f"eval {task.name}")
+            last = i + 1 == len(self.seq.tasks)
+            scores, general, samples = self.evaluate(f"eval {task.name}", self.eval_general == "every" or last)
             st.R.append(scores)
             st.after.append(general)
             st.samples.append(samples)
@@ -432,6 +437,8 @@ class _Loop:
                    "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
         if self.seq.lead_metrics:
             metrics["lead_metrics"] = list(self.seq.lead_metrics)
+        if self.eval_general != "every":  # the stages between have no general scores ({})
+            metrics["eval_general"] = self.eval_general
         if st.optimizer_bytes:  # per process, the most any task needed (sparse methods)
             metrics["optimizer_state_bytes"] = {"per_process": st.optimizer_bytes, "processes": dist.world(),
                                                 "sharded": self.sharded}

@@ -33,6 +33,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     max_steps: int | None = None
     eval_limit: int | None = None
+    eval_general: str = "every"  # the general set after every task, or only after the "last" (what retention reads)
     trust_remote_code: bool = False
     resume: bool = False
     clip_model: str | None = None
@@ -61,6 +62,8 @@ class RunConfig:
         _positive("retention_threshold", self.retention_threshold, float)
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise InputError(f"--checkpoint-every: {self.checkpoint_every!r}; expected 0 or a positive int")
+        if self.eval_general not in ("every", "last"):
+            raise InputError(f"--eval-general {self.eval_general!r}: expected every or last")
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise InputError(f"--dtype {self.dtype!r}: expected auto, float32, bfloat16 or float16")
 

@@ -275,3 +275,24 @@ def test_every_flag_has_help_and_known_choices_are_listed():
     for name in ("default", "paper-global", "llava-1.5-7b", "world", "world-reversed", "piece-f", "seqft",
                  "qwen2-vl", "--corenlp"):
         assert name in text, name
+
+
+@pytest.mark.slow
+def test_eval_general_last_scores_the_general_set_at_the_end_only_and_changes_no_number(uninterrupted_run, tmp_path):
+    """--eval-general last: the same run (one thread, the same seed) with the general set scored before the first task
+    and after the last only: every task score and every summary number are the full run's, the stages between have
+    no general scores, and the report and its CIDEr figure are still written."""
+    import os
+
+    from conftest import short_run_args
+    seq, whole = uninterrupted_run
+    out = tmp_path / "last"
+    r = subprocess.run(short_run_args(seq, out, "--eval-general", "last"), capture_output=True, text=True,
+                       timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, out))
+    assert b["scores"] == a["scores"] and b["summary"] == a["summary"]
+    assert b["general"]["before"] == a["general"]["before"] and b["general"]["after"][-1] == a["general"]["after"][-1]
+    assert all(g == {} for g in b["general"]["after"][:-1]) and len(b["general"]["after"]) == len(a["general"]["after"])
+    assert b["eval_general"] == "last" and "eval_general" not in a
+    assert (out / "cider.png").is_file() and "General ability" in (out / "report.md").read_text()

@@ -140,6 +140,20 @@ def test_exclude_flag_is_checked(tmp_path):
         frozen_patterns(RunConfig(method="seqft", exclude="("), "default")
 
 
+def test_eval_general_flag_is_checked(tmp_path):
+    """--eval-general takes every or last; anything else is one line and exit 2 before anything is written (the
+    invariant that last changes no number is tests/test_cli.py's slow test)."""
+    from piece_mm.errors import InputError
+    from piece_mm.runconfig import RunConfig
+    from piece_mm.train import main
+    assert RunConfig().eval_general == "every" and RunConfig(eval_general="last").eval_general == "last"
+    with pytest.raises(InputError, match="--eval-general 'end': expected every or last"):
+        RunConfig(eval_general="end")
+    with pytest.raises(SystemExit) as e:
+        main(["--eval-general", "end", "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+
+
 def test_lwf_distils_on_its_first_task_from_the_base(tiny, tmp_path):
     from piece_mm.batching import collate
     from piece_mm.continual import METHODS
