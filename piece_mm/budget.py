@@ -36,9 +36,10 @@ DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k":
 # each earlier task; earlier_share: their share of the pool (when there are any); max_new_tokens: the longest answer
 # held; protect: how much a weight's own importance to the held examples counts against choosing it (0 = not at all;
 # piece_mm/methods/held.py, protect_scores); earlier_form: an earlier task's prompt is answered among that task's own
-# answers and held over their tokens (methods/held.py).
+# answers and held over their tokens (methods/held.py); crops: the share of the held rows asked about a crop of the
+# picture (35-65 % of each side, scaled back), so that the term also holds pictures unlike the task's own.
 HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
-                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False}
+                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False, "crops": 0.0}
 
 
 @dataclass
@@ -228,6 +229,8 @@ def _distill_options(where, d) -> dict:
                          "positions that predict the task's answer) or false")
     if not _number(h["earlier_share"]) or not 0 <= h["earlier_share"] < 1:
         raise InputError(f"{where}: distill.held.earlier_share is {h['earlier_share']!r}; expected a number in [0, 1)")
+    if not _number(h["crops"]) or not 0 <= h["crops"] <= 1:
+        raise InputError(f"{where}: distill.held.crops is {h['crops']!r}; expected a number in [0, 1]")
     if not isinstance(h["earlier_form"], bool):
         raise InputError(f"{where}: distill.held.earlier_form is {h['earlier_form']!r}; expected true or false")
     if not _number(h["protect"]) or h["protect"] < 0:
@@ -241,6 +244,7 @@ def _distill_options(where, d) -> dict:
         raise InputError(f"{where}: distill.cache_dir is {d['cache_dir']!r}; expected a directory (null = "
                          "<output>/distill)")
     h["weight"], h["earlier_share"], h["protect"] = float(h["weight"]), float(h["earlier_share"]), float(h["protect"])
+    h["crops"] = float(h["crops"])
     return {"weight": float(d["weight"]), "temperature": float(d["temperature"]), "answers": d["answers"],
             "top_k": k, "image_positions": d["image_positions"], "cache_dir": d["cache_dir"], "held": h}
 

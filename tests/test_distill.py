@@ -220,6 +220,7 @@ def test_distill_off_adds_no_term_and_bad_values_are_one_line(tmp_path):
                         ({"weight": 1, "held": {"earlier_share": 1.0}}, r"distill\.held\.earlier_share is 1\.0"),
                         ({"weight": 1, "held": {"protect": -0.5}}, r"distill\.held\.protect is -0\.5"),
                         ({"weight": 1, "held": {"earlier_form": "yes"}}, r"distill\.held\.earlier_form is 'yes'"),
+                        ({"weight": 1, "held": {"crops": 1.5}}, r"distill\.held\.crops is 1\.5"),
                         ({"weight": 1, "answers": "no"}, r"distill\.answers is 'no'"),
                         ({"weight": 1, "top_k": 0}, r"distill\.top_k is 0"),
                         ({"weight": 1, "top_k": 2.5}, r"distill\.top_k is 2\.5"),
@@ -377,4 +378,35 @@ def test_earlier_form_answers_an_earlier_prompt_among_its_tasks_answers_and_hold
                                         dataclasses.replace(ctx, resumed=True, generate=refuse), masks=_masks(model))
     assert [(ex.prompt, ex.answer, ex.choices) for ex in again.held_examples] == \
         [(ex.prompt, ex.answer, ex.choices) for ex in held]
+    again.close()
+
+
+def test_held_crops_ask_about_a_crop_of_the_tasks_pictures_and_a_resumed_task_cuts_the_same(tiny, tmp_path):
+    """held.crops: that share of the held rows shows a crop of one of the task's pictures (scaled back to its size),
+    answered by the task-start model about the crop; a resumed task rebuilds the very same pixels from the file."""
+    import numpy as np
+
+    from piece_mm.eval.generate import generate
+
+    _, base, processor = tiny
+    model = copy.deepcopy(base)
+    task = Task("relation", world.task_set("relation", "train", 16), world.task_set("relation", "test", 4))
+    ctx = dataclasses.replace(
+        _ctx(task, tmp_path, held={"weight": 3.0, "pool": 16, "per_step": 3, "max_new_tokens": 6, "crops": 0.5}),
+        generate=lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n))
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=_masks(model))
+    held = tuning.held_examples
+    own = [ex.image for ex in task.train]
+    crops = [ex for ex in held if not any(ex.image is im for im in own)]
+    assert 3 <= len(crops) <= 13 and all(ex.image.size == own[0].size for ex in crops)
+    assert [ex.answer for ex in crops] == generate(base, processor, crops, batch_size=8, max_new_tokens=6)
+    tuning.close()
+
+    def refuse(*a):
+        raise AssertionError("a resumed task must not answer its held examples again")
+    again = METHODS["piece-f"].for_task(model, processor, task,
+                                        dataclasses.replace(ctx, resumed=True, generate=refuse), masks=_masks(model))
+    for a, b in zip(again.held_examples, held):
+        assert (a.prompt, a.answer) == (b.prompt, b.answer)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     again.close()

@@ -140,3 +140,21 @@ def test_earlier_answers_are_each_prompts_trained_answers_unless_free_form():
     free = Task("c", [Example(None, "r", f"caption {i}") for i in range(FORM_MAX + 1)] + [Example(None, "q", "w")], [])
     assert earlier_answers([a, b]) == {"p": ("x", "y", "z"), "q": ("x", "y")}  # a task's answers, per prompt it asks
     assert earlier_answers([a, free]) == {"p": ("x", "y")}  # q is also a free-form task's prompt: not constrained
+
+
+def test_crop_boxes_are_a_seeded_share_of_windows_inside_the_picture():
+    from PIL import Image
+
+    from piece_mm.methods.held import crop_boxes, cropped
+    from piece_mm.tasks.base import Example
+    boxes = crop_boxes(400, 0.5, seed=3)
+    assert boxes == crop_boxes(400, 0.5, seed=3) and boxes != crop_boxes(400, 0.5, seed=4)
+    cut = [b for b in boxes if b]
+    assert 160 <= len(cut) <= 240 and crop_boxes(50, 0.0, 3) == [None] * 50
+    assert all(0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0.34 <= x1 - x0 <= 0.66 for x0, y0, x1, y1 in cut)
+    im = Image.new("RGB", (40, 20), "white")
+    im.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    ex = Example(im, "p", "a")
+    assert cropped(ex, None) is im
+    left = cropped(ex, (0.0, 0.0, 0.5, 1.0))
+    assert left.size == (40, 20) and left.getpixel((35, 10)) == (255, 0, 0)  # the left half, scaled to the whole

@@ -111,6 +111,34 @@ def likeliest(model, processor, asked: list[Example], choices: list[tuple[str, .
     return [best[i][1] for i in range(len(asked))]
 
 
+def crop_boxes(n: int, share: float, seed: int) -> list[tuple[float, float, float, float] | None]:
+    """For each of n held rows, None (the whole picture) or a crop box (left, top, right, bottom as fractions of the
+    picture): `share` of them, seeded, each a square-ish window of 35-65 % of each side."""
+    rng = random.Random(seed + 7919)
+    boxes = []
+    for _ in range(n):
+        if rng.random() >= share:
+            boxes.append(None)
+            continue
+        w, h = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65)
+        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        boxes.append((round(x, 4), round(y, 4), round(x + w, 4), round(y + h, 4)))
+    return boxes
+
+
+def cropped(ex: Example, box) -> object:
+    """The example's picture cut to `box` (fractions) and scaled back to its size; the picture itself for None."""
+    if box is None:
+        return ex.image
+    from PIL import Image
+
+    from piece_mm.tasks.base import load_image
+    im = load_image(ex)
+    W, H = im.size
+    return im.crop((round(box[0] * W), round(box[1] * H), round(box[2] * W), round(box[3] * H))).resize(
+        (W, H), Image.BICUBIC)
+
+
 def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, seed: int) -> list[tuple[int, str]]:
     """`pool` (image index, prompt) pairs: the images in turn, each with a prompt. Each group of prompts (prompts,
     share) takes its share of the pool (the first group the rest), going through seeded shuffles of its prompts, so
@@ -133,7 +161,8 @@ def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, 
 
 def make_held(model, processor, examples: list, options: dict, generate, earlier: list[str] = (), seed: int = 0,
               log=None, answers: dict | None = None) -> tuple[list[Example], list[tuple[int, str]]]:
-    """(held examples, their (image index, prompt) pairs): `options["pool"]` of the examples' images (a seeded draw)
+    """(held examples, their (image index, prompt[, crop box]) pairs): `options["pool"]` of the examples' images (a
+    seeded draw; with `options["crops"]` that share of the rows asks about a crop of its picture, crop_boxes)
     asked the bank's prompts and the `earlier` prompts (strings), none of the examples' own, answered greedily by
     the model as it is now through `generate(model, processor, examples, max_new_tokens)`; with
     `options["earlier_form"]`, an earlier prompt that `answers` ({prompt: its task's answers}) lists is answered
@@ -147,7 +176,8 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
                          "the bank's, and the task asks the rest itself)")
     pairs = held_pairs(len(images), [(bank, 1.0), (earlier, options["earlier_share"] if bank else 1.0)],
                        options["pool"], seed)
-    asked = [Example(images[i].image, p, "") for i, p in pairs]
+    boxes = crop_boxes(len(pairs), options.get("crops", 0.0), seed)
+    asked = [Example(cropped(images[i], box), p, "") for (i, p), box in zip(pairs, boxes)]
     formed = {}
     if options.get("earlier_form") and answers:
         formed = {j: answers[ex.prompt] for j, ex in enumerate(asked) if ex.prompt in answers and ex.prompt not in bank}
@@ -163,7 +193,7 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
         log(f"holding {len(bank)} prompts of the bank and {len(earlier)} of earlier tasks on {len(pairs)} of its "
             "images" + (f", {len(formed)} of them answered in their task's form" if formed else ""))
     held = [Example(ex.image, ex.prompt, a, choices=formed.get(j, ())) for j, (ex, a) in enumerate(zip(asked, replies))]
-    return held, pairs
+    return held, [(i, p, box) if box else (i, p) for (i, p), box in zip(pairs, boxes)]
 
 
 def _images(examples: list, options: dict, seed: int) -> list:
@@ -179,8 +209,8 @@ def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
         images = _images(task.train, options, ctx.seed)
         try:
             saved = json.loads(path.read_text())
-            return [Example(images[r["image"]].image, r["prompt"], r["answer"], choices=tuple(r.get("choices", ())))
-                    for r in saved]
+            return [Example(cropped(images[r["image"]], r.get("crop")), r["prompt"], r["answer"],
+                            choices=tuple(r.get("choices", ()))) for r in saved]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise InputError(f"{path}: not this task's held examples ({e})") from None
     log = (lambda s: ctx.log(f"{task.name}: {s}")) if ctx.log else None
@@ -193,9 +223,10 @@ def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
     if ctx.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"image": i, "prompt": p, "answer": ex.answer, **({"choices": list(ex.choices)}
-                                                                                     if ex.choices else {})}
-                                   for (i, p), ex in zip(pairs, held)], indent=0))
+        tmp.write_text(json.dumps([{"image": pair[0], "prompt": pair[1], "answer": ex.answer,
+                                    **({"crop": list(pair[2])} if len(pair) > 2 else {}),
+                                    **({"choices": list(ex.choices)} if ex.choices else {})}
+                                   for pair, ex in zip(pairs, held)], indent=0))
         tmp.replace(path)
     return held
 
