@@ -167,7 +167,7 @@ done
 [ -f results/shared-probes/runs/qwen2-vl-llm10/metrics.json ] ||
     python -m piece_mm.train --model qwen2-vl --tasks world-shared --budget results/budgets/shared/llm10.yaml \
         --eval-limit 100 --output results/shared-probes/runs/qwen2-vl-llm10
-for b in no-earlier earlier-form; do  # the held rows without the earlier prompts; with them answered in form
+for b in no-earlier earlier-form crops; do  # the held rows: no earlier prompts; those answered in form; crops
     [ -f "results/shared-probes/runs/llava-$b/metrics.json" ] ||
         python -m piece_mm.train --model llava --tasks world-shared --budget "results/budgets/shared/$b.yaml" \
             --eval-limit 100 --output "results/shared-probes/runs/llava-$b"
