@@ -38,29 +38,32 @@ def fsdp_run(uninterrupted_run, tmp_path_factory):
     return seq, one, two
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, unexplained (issue 37's closing note): with the cached distillation term and the default budget's held "
-    "rows, 2 FSDP2 shards end task 1 at 1.6e-4 relative from one process (6e-8 with the held rows off) and task 2's "
-    "mask then differs in 2 of 18,420 elements. Not FSDP's: 2 DDP processes end at the same 1.6e-4. Both ranks make "
-    "the same held rows and teacher cache as one process, and one step's gradient split over two halves with the "
-    "step's global counts is the whole batch's to 1e-6; yet after 3 steps the two runs' updates differ by 3.7 % "
-    "(7e-7 with the held rows off): something in a multi-process step with held rows, still to be found"))
 def test_two_shards_choose_the_masks_and_values_of_one_process(fsdp_run):
+    """Two shards take one process's steps up to summation order. With the default budget's held rows that order
+    shows: at the task's start the held rows' term is at its minimum (the teacher is the model), its gradient is
+    round-off, and on the few chosen elements the task's own gradient does not reach (61 of 18,420 on the first step,
+    |g| 3e-11 to 4e-9 against Adam's eps 1e-8) Adam turns round-off into steps of about lr. One process with
+    --grad-accum 2 drifts from one with whole batches as much (3.7 % of the update after 3 steps; 7e-7 with the held
+    rows off), as two DDP processes do; each step's gradient split in two matches the whole batch's to 1e-6
+    (measured for issue 36). So the first task's masks are the same, its values agree to 1e-3 per tensor (measured:
+    5.2e-4 at most, 1.6e-4 over all), and the second task's masks share all but a few elements (measured: 2 of
+    18,420)."""
     from piece_mm.delta import load_delta, load_masks
 
     seq, one, two = fsdp_run
-    for f in ("1-color", "2-shape"):  # scores summed on shards, exact top-k: the very same masks
-        a, b = load_masks(one / "masks" / f"{f}.safetensors"), load_masks(two / "masks" / f"{f}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f
+    a, b = (load_masks(d / "masks" / "1-color.safetensors") for d in (one, two))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # scores summed on shards, exact top-k
+    a, b = (load_masks(d / "masks" / "2-shape.safetensors") for d in (one, two))
+    total = sum(v.numel() for v in a.values())
+    assert sum(len(set(a[n].tolist()) & set(b[n].tolist())) for n in a) >= 0.999 * total
     da, db = load_delta(one / "deltas" / "1-color.safetensors"), load_delta(two / "deltas" / "1-color.safetensors")
-    for n, (idx, vals) in da.items():  # the same steps, up to the order in which shards add up gradients
+    for n, (idx, vals) in da.items():
         assert torch.equal(idx, db[n][0])
         rel = ((vals - db[n][1]).norm() / vals.norm()).item()  # each tensor's chosen values, as one vector
-        assert rel <= 1e-5, (n, rel)
-    # element by element, a few values near zero are further off (measured: 4 of 6,140 above 1e-5, max 3.2e-5)
+        assert rel <= 1e-3, (n, rel)
     a = torch.cat([v for _, v in da.values()])
     b = torch.cat([db[n][1] for n in da])
-    assert ((a - b).abs() / a.abs()).quantile(0.99) <= 1e-5
+    assert ((a - b).norm() / a.norm()).item() <= 1e-3
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert abs(m1["summary"]["OP"] - m2["summary"]["OP"]) <= 0.02
     # each rank holds masters and Adam state for the chosen elements of its own shard only
