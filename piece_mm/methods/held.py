@@ -217,7 +217,7 @@ def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
     try:
         held, pairs = make_held(model, processor, task.train, options, ctx.generate,
                                 earlier_prompts(ctx.tasks[:ctx.index], options["earlier"]), ctx.seed, log,
-                                earlier_answers(ctx.tasks[:ctx.index]))
+                                earlier_answers(ctx.tasks[:ctx.index]) if options.get("earlier_form") else None)
     except InputError as e:
         raise InputError(f"{e} (task {task.name!r})") from None
     if ctx.main:
