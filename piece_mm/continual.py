@@ -471,9 +471,9 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
     from piece_mm.budget import BUDGET_DEFAULTS
     saved = state["config"]
     if isinstance(saved.get("budget"), dict) and isinstance(now.get("budget"), dict):
-        # a budget field added since the run started, at its default, is no change (e.g. score_memory)
-        now = {**now, "budget": {k: v for k, v in now["budget"].items()
-                                 if k in saved["budget"] or v != BUDGET_DEFAULTS.get(k, object())}}
+        # a budget field added since the run started, at its default, is no change (e.g. score_memory, or
+        # distill.held.crops one level down)
+        now = {**now, "budget": _without_new_defaults(now["budget"], saved["budget"], BUDGET_DEFAULTS)}
     for key in now:
         if key == "settings" and key not in saved:  # a run started before method settings were recorded
             continue
@@ -482,6 +482,21 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
+
+
+def _without_new_defaults(now: dict, saved: dict, defaults: dict) -> dict:
+    """now without the fields saved lacks that hold their default, at any depth."""
+    out = {}
+    for k, v in now.items():
+        default = defaults.get(k, object()) if isinstance(defaults, dict) else object()
+        if k not in saved:
+            if v != default:
+                out[k] = v
+        elif isinstance(v, dict) and isinstance(saved[k], dict):
+            out[k] = _without_new_defaults(v, saved[k], default if isinstance(default, dict) else {})
+        else:
+            out[k] = v
+    return out
 
 
 def _config_hash(model) -> str:

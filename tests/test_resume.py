@@ -210,3 +210,25 @@ def test_a_budget_field_added_later_at_its_default_is_no_change(tmp_path):
     changed = {**now, "budget": {**now["budget"], "score_memory": "host"}}
     with pytest.raises(InputError, match="was started with budget"):
         check_resume({"config": {"model": "llava", "budget": old}}, changed, tmp_path)
+
+
+def test_a_nested_budget_field_added_later_at_its_default_is_no_change(tmp_path):
+    """The same one level down: a run saved before distill.held.crops existed resumes with crops at 0, not at 0.5."""
+    import copy
+
+    from piece_mm.continual import check_resume
+    from piece_mm.errors import InputError
+    from piece_mm.select import load_budget
+
+    now = {"model": "llava", "budget": load_budget("default")}
+    old = copy.deepcopy(now["budget"])
+    del old["distill"]["held"]["crops"]
+    check_resume({"config": {"model": "llava", "budget": old}}, now, tmp_path)
+    changed = copy.deepcopy(now)
+    changed["budget"]["distill"]["held"]["crops"] = 0.5
+    with pytest.raises(InputError, match="was started with budget"):
+        check_resume({"config": {"model": "llava", "budget": old}}, changed, tmp_path)
+    other = copy.deepcopy(now)
+    other["budget"]["distill"]["held"]["weight"] = 1.0  # a field the run did have still counts
+    with pytest.raises(InputError, match="was started with budget"):
+        check_resume({"config": {"model": "llava", "budget": old}}, other, tmp_path)
