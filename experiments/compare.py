@@ -104,6 +104,8 @@ def summarise(runs: dict[str, dict], seeds: list[int]) -> dict:
 def _mean_std(xs) -> str:
     if any(x is None for x in xs):
         return "—"
+    if len(xs) == 1:  # one seed: no spread to show
+        return f"{xs[0]:.3f}"
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
 
 
@@ -119,7 +121,9 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
              "| peak MB | time (s) |", "|---" * 15 + "|"]
     for m, r in summary["methods"].items():
         cells = KEYS + LEAK_KEYS + MORE_KEYS + ("min_own_task",)
-        lines.append(f"| {m} | {r['lr']:g} | " + " | ".join(_mean_std(r.get(k, [None])) for k in cells) +
+        label = m if r.get("seeds", summary["seeds"]) == summary["seeds"] else \
+            f"{m} (seed{'s' if len(r['seeds']) > 1 else ''} {', '.join(map(str, r['seeds']))})"
+        lines.append(f"| {label} | {r['lr']:g} | " + " | ".join(_mean_std(r.get(k, [None])) for k in cells) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
     if failed:

@@ -38,7 +38,8 @@ def read(paths: list[Path]) -> dict[str, dict]:
                              f"({type(e).__name__}: {e})") from None
         for m, row in methods.items():
             lr = row.get("lr") if isinstance(row, dict) else None
-            ran = [x for x in seeds if (m, x, lr) not in failed]  # the seeds this method's numbers are for
+            own = row.get("seeds") if isinstance(row, dict) else None  # a study's arm may run fewer than the study
+            ran = own if isinstance(own, list) else [x for x in seeds if (m, x, lr) not in failed]  # what it is for
             for k in KEYS:
                 xs = row.get(k) if isinstance(row, dict) else None
                 if not isinstance(xs, list) or len(xs) != len(ran) or not xs or not all(

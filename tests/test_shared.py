@@ -243,6 +243,32 @@ def test_study_rule_brackets_every_choice(tmp_path, monkeypatch):
     assert rows["seqft"]["OP"] == s["methods"]["seqft"]["OP"] and len(rows["lwf"]["seeds"]) == 2
 
 
+def test_study_arm_with_fewer_seeds_is_read_for_its_own(tmp_path, monkeypatch):
+    """An arm that runs seed 0 only, in a study of seeds 0 and 1: its row, its table label and the frontier's reading
+    are for seed 0 alone, and no seed-1 run is made for it."""
+    import yaml
+
+    from piece_mm.experiments import frontier, study
+    calls = []
+    monkeypatch.setattr(study, "run_jobs", _fake_runs(lambda m, lr, st, seed: (0.5 + 0.1 * seed, 0.95), calls))
+    spec = {"tasks": "world-shared", "seeds": [0, 1], "arms": [
+        {"name": "piece-f", "method": "piece-f", "lrs": [2e-3]},
+        {"name": "seqft", "method": "seqft", "lrs": [1e-4, 3e-4, 1e-3], "seeds": [0]}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "out")]) == 0
+    assert not [c for c in calls if c[0] == "seqft" and c[2] == 1]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["methods"]["seqft"]["seeds"] == [0] and s["methods"]["seqft"]["OP"] == [0.5]
+    assert s["methods"]["piece-f"]["OP"] == [0.5, 0.6]
+    table = (tmp_path / "out" / "table.md").read_text()
+    row = next(x for x in table.splitlines() if x.startswith("| seqft (seed 0) | "))
+    assert "| 0.500 | 0.000 | 0.000 | 0.950 |" in row  # one seed: no spread shown
+    assert "| piece-f | 0.002 | 0.550 ± 0.050 |" in table
+    rows = frontier.read([tmp_path / "out" / "summary.json"])
+    assert rows["seqft"]["seeds"] == [0] and rows["piece-f"]["seeds"] == [0, 1]
+
+
 @pytest.mark.parametrize("spec, says", [
     ({"arms": [{"name": "x", "method": "nosuch", "lrs": [1e-3]}]}, "arms[0].method is 'nosuch'"),
     ({"arms": [{"name": "x", "method": "seqft", "lrs": []}]}, "arms[0].lrs is []"),
