@@ -314,3 +314,15 @@ def test_keep_earlier_never_chooses_an_earlier_tasks_weight(tmp_path):
         m1, m2 = (load_masks(out / "masks" / f) for f in ("1-grid.safetensors", "2-relation.safetensors"))
         overlap[keep] = sum(len(set(m1[n].tolist()) & set(m2[n].tolist())) for n in m1 if n in m2)
     assert overlap[False] > 0 and overlap[True] == 0
+
+
+STUDIES = Path(__file__).parents[1] / "configs" / "studies"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in STUDIES.glob("*.yaml")))
+def test_shipped_study_files_load(name):
+    """Every study regenerate.sh runs is a valid study file: its arms, seeds and runs directory as written."""
+    from piece_mm.experiments.study import load_study
+    s = load_study(STUDIES / name)
+    assert s["arms"] and all(a["lrs"] for a in s["arms"])
+    assert len({a["name"] for a in s["arms"]}) == len(s["arms"])
