@@ -153,21 +153,24 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_title(f"{model}, {out_dir.name}\none point per method "
                  f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))})", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")  # the corner no method wants: the best one (top right) stays in view
+    ax.legend(fontsize=7, loc="best")  # where no point is: a method that forgets everything sits in the bottom left
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    skipped = False
     for m, r in runs.items():
         curves = [[g.get("CIDEr") for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
         # the stages every seed scored (a run with --eval-general last scored the first and the last only)
         points = [(i, statistics.mean(c)) for i, c in enumerate(zip(*curves)) if None not in c]
+        skipped |= len(points) < len(curves[0])
         ax.plot(*zip(*points), label=m, **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel(f"held-out CIDEr ({over})")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room above the curves, which start at the top, for the legend
-    ax.set_title(f"{model}, {out_dir.name}\nheld-out CIDEr after each task", fontsize=10)
+    when = "before and after the sequence\n(the stages between were not scored)" if skipped else "after each task"
+    ax.set_title(f"{model}, {out_dir.name}\nheld-out CIDEr {when}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out_dir / "cider.png", dpi=110)

@@ -145,6 +145,11 @@ for m in llava qwen2-vl; do
     # random, magnitude and piece-f-no-reg seed-0 runs are the ones in results/shared-interim
     python -m piece_mm.experiments.study configs/studies/shared-orders.yaml --model "$m" --jobs 2
     python -m piece_mm.experiments.study configs/studies/yesno-baselines.yaml --model "$m" --jobs 2
+    # each sequence's frontier: every arm at its choice, and which arms dominate which (nothing rerun)
+    python -m piece_mm.experiments.frontier --summaries "results/shared-$m/summary.json" \
+        --output "results/frontier-shared-$m" --title "$m, world-shared: every arm at its chosen lr"
+    python -m piece_mm.experiments.frontier --summaries "results/yesno-baselines-$m/summary.json" \
+        --output "results/frontier-yesno-$m" --title "$m, world-yesno: every arm at its chosen lr"
 done
 # the budget policies on the shared-format sequence: where the global pool puts its weights task by task, and global
 # and auto against llm-only at an equal total (3 % of every scorable weight), at the default's lr, steps and examples
