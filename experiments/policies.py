@@ -1,6 +1,6 @@
 """python -m piece_mm.experiments.policies [--models llava,qwen2-vl] [--output results/policies] [--jobs 2]
 
-The modality-aware claim, measured: five ways to spend one total budget of PIECE-F weights, at equal totals.
+The modality-aware claim, measured: up to five ways to spend one total budget of PIECE-F weights, at equal totals.
 - global: one top-k over every scorable weight (the PIECE code's pool);
 - llm: all of it in the LLM (blocks + lm_head), as the default budget does;
 - llm+projector: the same fraction of the LLM and of the projector;
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         return 1
     about = {"command": "python -m piece_mm.experiments.policies " + " ".join(argv if argv is not None else
                                                                               sys.argv[1:]),
-             "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
+             "tasks": args.tasks, "steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit,
              "score_examples": args.score_examples, "totals": totals, "lrs": lrs, "choose_at": choose_at,
              "seeds": seeds, "seeded": seeded, "sizes": sizes,
              "chosen_lr": {f"{m} {p} {t:g}": lr for (m, p, t), lr in chosen.items()},
@@ -259,16 +259,21 @@ def summarize(rows: list[dict], models, policies, totals, chosen: dict) -> list[
     return out
 
 
+def _sequence(tasks: str) -> str:
+    return "the default sequence" if tasks == "world" else f"the sequence {tasks}"
+
+
 def write(out: Path, rows: list[dict], about: dict, models, policies) -> None:
     totals = about["totals"]
     summary = summarize(rows, models, policies, totals, about["chosen_lr"])
     (out / "policies.json").write_text(json.dumps({**about, "summary": summary, "runs": rows}, indent=1) + "\n")
     lines = ["# Budget policies at equal total budgets", "", f"Command: `{about['command']}`", "",
-             f"PIECE-F on the default sequence, {about['steps']} steps of {about['batch_size']} examples per task, "
-             f"{about['score_examples']} examples scored per task, eval-limit {about['eval_limit']}; otherwise the "
-             "default budget (keys and token embeddings left out, distillation on). The total is a fraction of every "
-             "scorable weight, so each policy tunes the same number per task. Mean ± sd over seeds "
-             f"{', '.join(map(str, about['seeds']))} at " + " and ".join(f"{t * 100:g} %" for t in about["seeded"]) +
+             f"PIECE-F on {_sequence(about.get('tasks', 'world'))}, {about['steps']} steps of {about['batch_size']} "
+             f"examples per task, {about['score_examples']} examples scored per task, eval-limit "
+             f"{about['eval_limit']}; otherwise the default budget (keys and token embeddings left out, distillation "
+             "on). The total is a fraction of every scorable weight, so each policy tunes the same number per task. "
+             f"Mean ± sd over seeds {', '.join(map(str, about['seeds']))} at " +
+             " and ".join(f"{t * 100:g} %" for t in about["seeded"]) +
              ", seed 0 elsewhere.", ""]
     for m in models:
         sz = about["sizes"][m]
@@ -336,24 +341,30 @@ def _figures(out: Path, m: str, rows, summary, policies, totals) -> None:
         op = [statistics.mean(s["OP"]) for s in pts]
         sd = [statistics.stdev(s["OP"]) if len(s["OP"]) > 1 else 0.0 for s in pts]
         ret = [statistics.mean(s["caption_retention"]) for s in pts]
-        line, = ax.plot(op, ret, label=p, lw=1)
-        ax.scatter(op, ret, s=[20 + 120 * totals.index(s["total"]) for s in pts], color=line.get_color(), alpha=0.7)
+        line, = ax.plot(op, ret, lw=1)
+        ax.scatter(op, ret, s=[20 + 120 * totals.index(s["total"]) for s in pts], color=line.get_color(), alpha=0.7,
+                   label=p)
         shift = 1 + 0.03 * (i - (len(policies) - 1) / 2)  # side by side: the error bars do not hide each other
         bx.errorbar([s["total"] * 100 * shift for s in pts], op, yerr=sd, marker="o", capsize=3, label=p,
                     color=line.get_color())
     lo = min([statistics.mean(s["caption_retention"]) for s in summary if s["model"] == m] + [0.9])
-    ax.set_ylim(lo - 0.02, 1.02)
+    ax.set_ylim(lo - 0.05, 1.02)
+    ax.margins(x=0.15)  # no point on the frame's edge
     ax.set_xlabel("OP (mean accuracy over the tasks after the last one)")
     ax.set_ylabel("caption retention (CIDEr after the last task / before)")
-    ax.set_title("caption retention against OP\n(marker size: total budget, 0.1 to 3 %)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    sizes = (f"marker size: total budget, {min(totals) * 100:g} to {max(totals) * 100:g} %" if len(totals) > 1 else
+             f"total budget {totals[0] * 100:g} %")
+    ax.set_title(f"caption retention against OP\n({sizes})", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
     bx.set_xscale("log")
     bx.set_xticks([t * 100 for t in totals], [f"{t * 100:g} %" for t in totals])
     bx.minorticks_off()
     bx.set_xlabel("total budget (of every scorable weight)")
     bx.set_ylabel("OP (bars: sd over seeds where there are three)")
     bx.set_title("OP against the total budget", fontsize=10)
-    fig.suptitle(f"{m}: five ways to spend the same number of weights, each at its own lr")
+    bx.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{m}: {len(policies)} ways to spend the same number of weights ({', '.join(policies)}), each at its "
+                 "own lr")
     fig.tight_layout()
     fig.savefig(out / f"retention_vs_op-{m}.png", dpi=110)
     plt.close(fig)

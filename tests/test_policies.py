@@ -81,6 +81,7 @@ def test_the_study_runs_chooses_lrs_and_writes_its_tables_and_figures(tmp_path, 
     assert pol.main(argv) == 0
     rec = json.loads((out / "policies.json").read_text())
     runs = rec["runs"]
+    assert f"PIECE-F on the sequence {tmp_path / 'seq.yaml'}, 2 steps of 4" in (out / "table.md").read_text()
     # the lr grid (2 policies x 2 lrs), then seed 1 at 1 % and seed 0 at 3 %, at each policy's chosen lr
     assert len(runs) == 8
     for p in ("global", "auto"):
