@@ -474,6 +474,7 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         # a budget field added since the run started, at its default, is no change (e.g. score_memory, or
         # distill.held.crops one level down)
         now = {**now, "budget": _without_new_defaults(now["budget"], saved["budget"], BUDGET_DEFAULTS)}
+    saved, now = {**saved, "clip": _embedded(saved.get("clip"))}, {**now, "clip": _embedded(now.get("clip"))}
     for key in now:
         if key == "settings" and key not in saved:  # a run started before method settings were recorded
             continue
@@ -482,6 +483,14 @@ def check_resume(state: dict, now: dict, output: Path) -> None:
         if saved.get(key) != now[key]:
             raise InputError(f"--resume: {output} was started with {key} = {saved.get(key)!r}; this call has "
                              f"{now[key]!r}")
+
+
+def _embedded(clip):
+    """The embedded CLIP by its name, wherever piece_mm is installed (a run started from another checkout of the same
+    package resumes); any other path as it is."""
+    if isinstance(clip, str) and Path(clip).parent.parts[-2:] == ("piece_mm", "checkpoints"):
+        return "piece_mm/checkpoints/" + Path(clip).name
+    return clip
 
 
 def _without_new_defaults(now: dict, saved: dict, defaults: dict) -> dict:

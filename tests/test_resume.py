@@ -232,3 +232,15 @@ def test_a_nested_budget_field_added_later_at_its_default_is_no_change(tmp_path)
     other["budget"]["distill"]["held"]["weight"] = 1.0  # a field the run did have still counts
     with pytest.raises(InputError, match="was started with budget"):
         check_resume({"config": {"model": "llava", "budget": old}}, other, tmp_path)
+
+
+def test_the_embedded_clip_from_another_checkout_is_no_change(tmp_path):
+    """A run started from another copy of piece_mm (its embedded CLIP at another path) resumes; another CLIP does
+    not."""
+    from piece_mm.continual import check_resume
+    from piece_mm.errors import InputError
+
+    saved = {"config": {"model": "llava", "clip": "/tmp/copy/piece_mm/checkpoints/clip-world"}}
+    check_resume(saved, {"model": "llava", "clip": "/work/main/piece_mm/checkpoints/clip-world"}, tmp_path)
+    with pytest.raises(InputError, match="was started with clip"):
+        check_resume(saved, {"model": "llava", "clip": "/models/clip-vit-b32"}, tmp_path)
