@@ -126,6 +126,8 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
         lines.append(f"| {label} | {r['lr']:g} | " + " | ".join(_mean_std(r.get(k, [None])) for k in cells) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
+    if summary.get("unfinished"):
+        lines += ["", f"Not finished (left out: a run of each is still to make): {', '.join(summary['unfinished'])}."]
     if failed:
         lines += ["", "Runs that failed (left out of the table; their logs are in their run directories):", ""]
         lines += [f"- {o.key[0]}, seed {o.key[1]}, lr {o.key[2]:g}: {o.error}" for o in failed]

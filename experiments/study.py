@@ -32,6 +32,9 @@ The study file (configs/studies/*.yaml):
         seeds: [0]               # this arm's own seeds (default: the study's)
         rule: op                 # the highest OP whatever the retention (multitask, the upper bound)
 
+--finished writes the tables from the runs already finished and starts none (a study still going, or stopped): an
+arm with any run still to make (its grid, an extension, a constant, a seed) is left out and named in the table.
+
 Writes summary.json (compare's format, one "method" per arm, with each arm's method, chosen lr and constants, and
 every grid point tried on the first seed), table.md, retention_vs_op.png and cider.png. Exit 0 when every run
 finished, 1 when some failed (the others are in the table), 2 on bad input."""
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -49,7 +53,7 @@ from piece_mm.methods import METHODS
 from piece_mm.runconfig import RunConfig
 
 from .compare import summarise, write
-from .runs import Job, run_jobs
+from .runs import Job, Outcome, run_jobs
 
 ARM_KEYS = {"name", "method", "lrs", "settings", "exclude", "budget", "tasks", "seeds", "rule"}
 TOP_KEYS = {"tasks", "seeds", "eval_limit", "eval_general", "steps", "retention", "max_extensions", "arms", "runs"}
@@ -193,14 +197,23 @@ def job(args, study: dict, arm: dict, lr: float, value, seed: int) -> Job:
 def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, dict]:
     """({arm: {"lr", "setting", "method", "metrics": [per seed]}}, failed outcomes, {arm: the first seed's grid},
     {"runs": how many distinct runs the study made or read back, "sum_s": their own run times added up})."""
-    done, failed = {}, []
+    done, failed, unfinished = {}, [], set()
 
     def run(jobs):
         todo = {}  # one job per run directory: arms that ask for the same run share it
         for j in jobs:
             if j.key not in done:
                 todo.setdefault(str(j.config["output"]), []).append(j)
-        got = run_jobs([js[0] for js in todo.values()], args.jobs, 1 if args.jobs > 1 else None, _report)
+        if args.finished:  # read back what finished; start nothing, and leave out the arms with a run missing
+            got = {}
+            for js in todo.values():
+                out = Path(js[0].config["output"])
+                f = out / "metrics.json"
+                got[js[0].key] = Outcome(js[0].key, out, metrics=json.loads(f.read_text()) if f.is_file() else None)
+                if not f.is_file():
+                    unfinished.update(j.key[0] for j in js)
+        else:
+            got = run_jobs([js[0] for js in todo.values()], args.jobs, 1 if args.jobs > 1 else None, _report)
         for js in todo.values():
             o = got[js[0].key]
             for j in js:
@@ -236,7 +249,7 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
                 grids[n] = [_round(g[0] * g[0] / g[1])] + g if lr == g[0] else g + [_round(g[-1] * g[-1] / g[-2])]
             else:
                 settled[n] = lr
-    live = [a for a in arms if settled[a["name"]] is not None]
+    live = [a for a in arms if settled[a["name"]] is not None and a["name"] not in unfinished]
     run([job(args, study, a, settled[a["name"]], v, first(a)) for a in live if tuned(a)[0] for v in tuned(a)[1]])
     chosen, grid = {}, {}
     for a in live:
@@ -252,6 +265,8 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
                                               ("OP", "BWT", "caption_retention", "caption_retention_unseen",
                                                "vqa_retention")}} for x, v, m in tried]
     run([job(args, study, a, *chosen[a["name"]], s) for a in live for s in a.get("seeds", study["seeds"])[1:]])
+    live = [a for a in live if a["name"] not in unfinished]
+    args.unfinished = [a["name"] for a in arms if a["name"] in unfinished]
     runs = {}
     for a in live:
         n, (lr, v) = a["name"], chosen[a["name"]]
@@ -277,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output", type=Path, help="default: results/<study>-<model>")
     ap.add_argument("--arms", help="comma-separated names: run only these arms")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each when > 1")
+    ap.add_argument("--finished", action="store_true",
+                    help="write the tables from the runs already finished and start none: an arm with a run still "
+                         "to make is left out, and named")
     args = ap.parse_args(argv)
     try:
         study = load_study(args.study)
@@ -316,6 +334,9 @@ def main(argv=None) -> int:
     args.runs = Path(str(study["runs"]).format(model=args.model)) if study.get("runs") else args.output / "runs"
     args.output.mkdir(parents=True, exist_ok=True)
     runs, failed, grids, cost = run_study(args, study, arms)
+    if not runs and args.finished:
+        print(f"error: no arm of {args.study} has all its runs finished in {args.runs}", file=sys.stderr)
+        return 1
     if not runs:
         print(f"error: every run failed ({len(failed)}); the first: {failed[0].error if failed else '?'}",
               file=sys.stderr)
@@ -331,6 +352,8 @@ def main(argv=None) -> int:
     # what the study cost: each run's own time (one thread each with --jobs 2), added up over every run it made or
     # read back; on two cores, two at a time, the wall time is about half of it
     summary["run_time"] = cost
+    if args.unfinished:
+        summary["unfinished"] = args.unfinished
     if failed:
         summary["failed"] = [{"method": o.key[0], "lr": o.key[1], "setting": o.key[2], "seed": o.key[3],
                               "error": o.error} for o in failed]
@@ -338,6 +361,8 @@ def main(argv=None) -> int:
     write(args.output, args.model, summary, runs, command, [])
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'} ({cost['runs']} runs, "
           f"{cost['sum_s'] / 3600:.1f} h of run time added up)")
+    if args.unfinished:
+        print(f"left out, a run still to make: {', '.join(args.unfinished)}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} run(s) failed; the others are in the table", file=sys.stderr)
         return 1

@@ -269,6 +269,47 @@ def test_study_arm_with_fewer_seeds_is_read_for_its_own(tmp_path, monkeypatch):
     assert rows["seqft"]["seeds"] == [0] and rows["piece-f"]["seeds"] == [0, 1]
 
 
+def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
+    """--finished on a study part-way: the arms whose every run finished get the rows the whole study gave them; an
+    arm with one run missing (here a seed-1 run) is left out and named; no run is started."""
+    import yaml
+
+    from piece_mm.experiments import study
+    fake = _fake_runs(lambda m, lr, st, seed: (min(1.0, lr * 1000) + 0.01 * seed, 0.95 if lr <= 3.1e-4 else 0.5), [])
+
+    def run_and_write(jobs, parallel=1, threads=None, on_done=None):  # the fake runs, their metrics.json written
+        got = fake(jobs)
+        for o in got.values():
+            o.output.mkdir(parents=True, exist_ok=True)
+            (o.output / "metrics.json").write_text(json.dumps(o.metrics))
+        return got
+    monkeypatch.setattr(study, "run_jobs", run_and_write)
+    spec = {"tasks": "world-shared", "seeds": [0, 1], "arms": [
+        {"name": "seqft", "method": "seqft", "lrs": [1e-4, 3e-4, 1e-3]},
+        {"name": "ewc", "method": "ewc", "lrs": [1e-4, 3e-4, 1e-3]}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "full")]) == 0
+    whole = json.loads((tmp_path / "full" / "summary.json").read_text())
+    runs = tmp_path / "full" / "runs"
+    (runs / "ewc-lr0.0003-seed1" / "metrics.json").unlink()  # ewc still has a run to make
+
+    def started(*a, **k):
+        raise AssertionError("--finished started a run")
+    monkeypatch.setattr(study, "run_jobs", started)
+    spec["runs"] = str(runs)
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "part"), "--finished"]) == 0
+    part = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert part["methods"]["seqft"] == whole["methods"]["seqft"]
+    assert part["methods"]["seqft"]["lr"] == pytest.approx(3e-4)
+    assert "ewc" not in part["methods"] and part["unfinished"] == ["ewc"]
+    table = (tmp_path / "part" / "table.md").read_text()
+    assert "Not finished (left out: a run of each is still to make): ewc." in table
+    (runs / "seqft-lr0.0001-seed0" / "metrics.json").unlink()  # now no arm is whole: exit 1, one line
+    assert study.main([str(path), "--output", str(tmp_path / "none"), "--finished"]) == 1
+
+
 @pytest.mark.parametrize("spec, says", [
     ({"arms": [{"name": "x", "method": "nosuch", "lrs": [1e-3]}]}, "arms[0].method is 'nosuch'"),
     ({"arms": [{"name": "x", "method": "seqft", "lrs": []}]}, "arms[0].lrs is []"),
