@@ -4,7 +4,8 @@ Every method of earlier comparisons side by side: the summary.json files that pi
 read back (nothing is rerun), in one figure and one table.
 - <output>.png: caption retention against OP, one point per method (mean ± std over its seeds);
 - <output>.md: one row per method (lr, seeds, OP, BWT, caption retention, the summary it came from) and which other
-  methods dominate it: at least as good in both OP and retention, and better in one (means over seeds).
+  methods dominate it: at least as good in both OP and retention, and better in one (means over the seeds both
+  ran, or over each one's own when they share none).
 
 A method found in more than one summary is taken from the one with the most seeds (the first listed on a tie).
 Exit 0 on success, 2 on bad input (a missing or malformed summary)."""
@@ -52,11 +53,21 @@ def read(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+def _means(r: dict, seeds) -> tuple[float, float]:
+    at = [i for i, x in enumerate(r["seeds"]) if x in seeds]
+    return (statistics.mean(r["OP"][i] for i in at), statistics.mean(r["caption_retention"][i] for i in at))
+
+
 def dominators(rows: dict[str, dict]) -> dict[str, list[str]]:
-    """{method: the methods whose mean OP and mean retention are both >= its own, one of them strictly}."""
-    mean = {m: (statistics.mean(r["OP"]), statistics.mean(r["caption_retention"])) for m, r in rows.items()}
-    return {m: [o for o in rows if o != m and mean[o][0] >= mean[m][0] and mean[o][1] >= mean[m][1]
-                and mean[o] != mean[m]] for m in rows}
+    """{method: the methods whose OP and retention are both >= its own, one of them strictly}, compared over the
+    seeds both ran (a seed is the same data and start for every method), or over each one's own seeds when they
+    share none: a one-seed row is set against the other's run of that seed, not against its mean over three."""
+    def beats(o, m):
+        common = [x for x in rows[m]["seeds"] if x in rows[o]["seeds"]]
+        a, b = (_means(rows[o], common), _means(rows[m], common)) if common else \
+            (_means(rows[o], rows[o]["seeds"]), _means(rows[m], rows[m]["seeds"]))
+        return a[0] >= b[0] and a[1] >= b[1] and a != b
+    return {m: [o for o in rows if o != m and beats(o, m)] for m in rows}
 
 
 def _cell(xs: list[float], sign: bool = False) -> str:
@@ -73,8 +84,9 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
     order = sorted(rows, key=lambda m: -statistics.mean(rows[m]["OP"]))
     lines = [f"# {title}", "", f"Command: `{command}`", "",
              "Each method's lr and seeds are those of the comparison it comes from (OP, BWT and caption retention: "
-             "mean ± std over seeds). A method is dominated by another with mean OP and mean retention both at "
-             "least as high, one of them higher.", "",
+             "mean ± std over seeds). A method is dominated by another with OP and retention both at least as high, "
+             "one of them higher, compared over the seeds both ran (a seed is the same data and start for every "
+             "method; over each one's own seeds when they share none).", "",
              "| method | lr | seeds | OP | BWT | caption retention | dominated by | from |",
              "|---|---|---|---|---|---|---|---|"]
     for m in order:
@@ -107,7 +119,8 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
     ax.set_xlim(0, 1.15)  # both are shares: a fixed frame, with room for the labels right of OP 1
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in rows.values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated", fontsize=9)
+    ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated (over the seeds both ran)",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(f"{output}.png", dpi=110)

@@ -93,10 +93,11 @@ for m in llava qwen2-vl; do
     fi
     python -m piece_mm.experiments.compare --model "$m" --methods lwf --seeds 0,1,2 --lrs 3.0e-4 --eval-limit 100 \
         --output "results/lwf-$m" --jobs 2
-    # every method in one figure and table: each from the comparison with the most seeds (nothing rerun)
+    # every method in one figure and table: each from the comparison with the most seeds (nothing rerun); not
+    # results/world-$m, whose PIECE-F and PIECE-S are the previous default budget's
     python -m piece_mm.experiments.frontier --output "results/methods-$m" \
         --title "$m: every method at its chosen lr (default sequence)" \
-        --summaries "results/default-$m/summary.json,results/world-$m/summary.json,results/baselines-$m/summary.json,results/ewc-$m/summary.json,results/others-$m/summary.json,results/lwf-$m/summary.json"
+        --summaries "results/default-$m/summary.json,results/baselines-$m/summary.json,results/ewc-$m/summary.json,results/others-$m/summary.json,results/lwf-$m/summary.json"
 done
 # the keys-in runs taken apart: which layer and kind of weight changes the captions
 python -m piece_mm.experiments.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \

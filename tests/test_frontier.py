@@ -25,11 +25,15 @@ def test_every_method_once_from_its_most_seeded_summary_and_who_dominates_it(tmp
     rows = frontier.read([one, three])
     assert set(rows) == {"ewc", "lwf", "seqft", "piece-f"}
     assert rows["ewc"]["seeds"] == [0, 1, 2] and rows["ewc"]["lr"] == 3e-4  # three seeds win over one
-    # means: ewc (0.95, 0.65), lwf (0.9, 0.8), seqft (0.6, 0.3), piece-f (0.75, 0.95); by hand:
-    # seqft is below every other in both; ewc, lwf and piece-f each beat the others in OP or in retention
-    assert frontier.dominators(rows) == {"ewc": [], "lwf": [], "seqft": ["ewc", "lwf", "piece-f"], "piece-f": []}
+    # compared over the seeds both ran: lwf and seqft ran seed 0 only, so each is set against seed 0 of the others
+    # (ewc 0.9 / 0.6, piece-f 0.7 / 0.9); ewc and piece-f over their three (0.95 / 0.65 against 0.75 / 0.95). By hand:
+    # seqft (0.6 / 0.3) is below every other in both; lwf (0.9 / 0.8) ties ewc's seed 0 in OP and keeps more, so it
+    # dominates ewc there (ewc's mean OP over three, 0.95, would have hidden that); piece-f and lwf each beat the other
+    # in one
+    assert frontier.dominators(rows) == {"ewc": ["lwf"], "lwf": [], "seqft": ["ewc", "lwf", "piece-f"],
+                                         "piece-f": []}
     table = (tmp_path / "out" / "methods.md").read_text()
-    assert "| ewc | 0.0003 | 0, 1, 2 | 0.950 ± 0.041 | -0.100 ± 0.000 | 0.650 ± 0.041 | — |" in table
+    assert "| ewc | 0.0003 | 0, 1, 2 | 0.950 ± 0.041 | -0.100 ± 0.000 | 0.650 ± 0.041 | lwf |" in table
     assert "| seqft | 0.0003 | 0 | 0.600 | -0.100 | 0.300 | ewc, lwf, piece-f |" in table
     assert (tmp_path / "out" / "methods.png").stat().st_size > 0
 
@@ -42,6 +46,22 @@ def test_a_seed_that_failed_is_left_out_of_that_method_only(tmp_path):
     s.write_text(json.dumps(data))
     rows = frontier.read([s])
     assert rows["a"]["seeds"] == [1] and rows["b"]["seeds"] == [0, 1]
+
+
+def test_a_row_of_one_seed_is_set_against_that_seed_of_the_others(tmp_path):
+    """A one-seed arm that is another arm's seed-0 run (a study's rule arm choosing the default's lr) does not
+    dominate that arm because the other's mean over three seeds is lower; one that beats only the other's mean is
+    not dominated by it either."""
+    s = _summary(tmp_path / "summary.json", [0, 1, 2], {"piece-f": (2e-3, [0.46, 0.45, 0.40], [0.97, 0.94, 0.95])})
+    data = json.loads(s.read_text())
+    data["methods"]["rule"] = {**data["methods"]["piece-f"], "OP": [0.46], "BWT": [-0.1],
+                               "caption_retention": [0.97], "seeds": [0]}
+    data["methods"]["base"] = {"lr": 1e-4, "OP": [0.44], "BWT": [-0.1], "caption_retention": [0.96], "seeds": [0]}
+    s.write_text(json.dumps(data))
+    dom = frontier.dominators(frontier.read([s]))
+    # means over its own seeds would have piece-f (0.437 / 0.953) dominated by both; over seed 0 it is rule's twin
+    # and beats base
+    assert dom == {"piece-f": [], "rule": [], "base": ["piece-f", "rule"]}
 
 
 def test_a_tie_in_both_is_not_domination(tmp_path):
