@@ -106,20 +106,27 @@ def test_orders_come_from_the_files_seed(tmp_path):
         load_sequence(f"{seq}@random-1")
 
 
-def test_exclude_leaves_the_budgets_weights_bit_identical(tiny):
-    """SeqFT with --exclude budget: two steps move weights, but never a token embedding or an LLM key."""
+@pytest.mark.parametrize("method", ["seqft", "seqlora"])
+def test_exclude_leaves_the_budgets_weights_bit_identical(tiny, method):
+    """SeqFT and SeqLoRA with --exclude budget: two steps move weights, but never a token embedding or an LLM key, nor
+    (SeqLoRA) a key's adapter: the method's optimizer does not make trainable again what --exclude froze, as the
+    run does it (the adapters added, then frozen, then the task's optimizer made)."""
     import re
 
     from piece_mm.continual import METHODS, freeze, make_scheduler, train_task
-    from piece_mm.methods import TaskContext
+    from piece_mm.methods import TaskContext, load_settings
     from piece_mm.select import load_budget
     _, base, processor = tiny
     model = copy.deepcopy(base)
+    settings = load_settings(method)
+    if METHODS[method].prepare is not None:
+        METHODS[method].prepare(model, settings)
     patterns = load_budget("default")["exclude"]
     assert freeze(model, patterns, log=None) > 0
     task = load_sequence("world-shared").tasks[0]
-    ctx = TaskContext(lr=1e-3, seed=0, steps=2, batch_size=4, tasks=[task], index=0, output=Path("unused"))
-    opt = METHODS["seqft"].for_task(model, processor, task, ctx).optimizer
+    ctx = TaskContext(lr=1e-3, seed=0, steps=2, batch_size=4, tasks=[task], index=0, output=Path("unused"),
+                      settings=settings)
+    opt = METHODS[method].for_task(model, processor, task, ctx).optimizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_task(model, processor, task, opt, make_scheduler(opt, 2), 2, 4, 0, "t")
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

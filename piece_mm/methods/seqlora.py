@@ -44,11 +44,13 @@ def merge_and_unload(model, settings: dict | None = None) -> None:
 
 
 def lora_optimizer(model, lr: float):
-    """AdamW over the adapter's weights only; every other weight frozen."""
+    """AdamW over the adapter's weights only; every other weight frozen. An adapter left frozen (--exclude: its
+    layer's name matches, e.g. the LLM's keys) stays frozen."""
     for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
+        if "lora_" not in n:
+            p.requires_grad_(False)
     from piece_mm import optim
-    return optim.adamw([p for n, p in model.named_parameters() if "lora_" in n], lr)
+    return optim.adamw([p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad], lr)
 
 
 @register("seqlora", kind="lora", prepare=inject, finish=merge_and_unload, settings=LORA)
