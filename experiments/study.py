@@ -276,6 +276,26 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
     return runs, failed, grid, {"runs": len(times), "sum_s": round(sum(times.values()), 1)}
 
 
+def grid_table(summary: dict, arms: list[dict]) -> str:
+    """Markdown: every point each arm tried on its first seed, in the order tried, the rule's choice in bold."""
+    lines = ["", "## Each arm's grid on its first seed (the rule's choice in bold)", "",
+             f"Rule: {summary['rule']}.", "",
+             "| arm | lr | constant | OP | BWT | caption retention | unseen-prompt retention | VQA retention |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        row = summary["methods"].get(a["name"])
+        if row is None:
+            continue
+        name = tuned(a)[0]
+        for g in row["grid"]:
+            chosen = g["lr"] == row["lr"] and (name is None or g["setting"] == (row["settings"] or {}).get(name))
+            cells = [f"{g['lr']:g}", "—" if name is None else f"{name} {g['setting']:g}"] + [
+                "—" if g.get(k) is None else f"{g[k]:.3f}" for k in
+                ("OP", "BWT", "caption_retention", "caption_retention_unseen", "vqa_retention")]
+            lines.append(f"| {a['name']} | " + " | ".join(f"**{c}**" if chosen else c for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _report(o) -> None:
     if o.error:
         print(f"failed: {o.key}: {o.error}", file=sys.stderr, flush=True)
@@ -348,7 +368,7 @@ def main(argv=None) -> int:
                    seeds=[m["seed"] for m in r["metrics"]], tasks=r["metrics"][0]["tasks"])
     summary["rule"] = (f"the highest OP among the first seed's runs with caption retention >= {study['retention']:g}, "
                        "else the highest retention; ties: the lower lr; a choice at the grid's edge gets the next "
-                       f"point (up to {study['max_extensions']} times)")
+                       f"point (at most {study['max_extensions']} time{'' if study['max_extensions'] == 1 else 's'})")
     # what the study cost: each run's own time (one thread each with --jobs 2), added up over every run it made or
     # read back; on two cores, two at a time, the wall time is about half of it
     summary["run_time"] = cost
@@ -359,6 +379,8 @@ def main(argv=None) -> int:
                               "error": o.error} for o in failed]
     command = "python -m piece_mm.experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
     write(args.output, args.model, summary, runs, command, [])
+    with open(args.output / "table.md", "a") as f:
+        f.write(grid_table(summary, arms))
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'} ({cost['runs']} runs, "
           f"{cost['sum_s'] / 3600:.1f} h of run time added up)")
     if args.unfinished:

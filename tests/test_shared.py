@@ -244,6 +244,10 @@ def test_study_rule_brackets_every_choice(tmp_path, monkeypatch):
     assert [c[2] for c in calls if c[2] == 1] == [1, 1]  # one more seed per arm, at the choice
     assert s["methods"]["seqft"]["seeds"] == [0, 1] and len(s["methods"]["lwf"]["grid"]) == 7
     assert "caption retention >= 0.9" in s["rule"]
+    grid = (tmp_path / "out" / "table.md").read_text().split("## Each arm's grid on its first seed")[1]
+    assert "| seqft | **0.0003** | **—** | **0.300** |" in grid and "| seqft | 0.001 | — | 1.000 |" in grid
+    assert "| lwf | **0.003** | **weight 1** |" in grid and "| lwf | 0.003 | weight 3 | 0.900 |" in grid
+    assert grid.count("**OP**") == 0 and sum("**" in x for x in grid.splitlines()) == 2  # one choice per arm
     assert s["run_time"] == {"runs": len(calls), "sum_s": 1.0 * len(calls)}  # every run made, 1 s each
     from piece_mm.experiments import frontier  # the frontier figure reads a study's summary as a comparison's
     rows = frontier.read([tmp_path / "out" / "summary.json"])
