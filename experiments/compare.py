@@ -109,6 +109,12 @@ def _mean_std(xs) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
 
 
+def _label(m: str, row: dict, seeds: list) -> str:
+    """The method's name, with its seeds when they are not the comparison's (a study's arm of fewer seeds)."""
+    own = row.get("seeds", seeds)
+    return m if own == seeds else f"{m} (seed{'s' if len(own) > 1 else ''} {', '.join(map(str, own))})"
+
+
 def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, failed=()) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -121,8 +127,7 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
              "| peak MB | time (s) |", "|---" * 15 + "|"]
     for m, r in summary["methods"].items():
         cells = KEYS + LEAK_KEYS + MORE_KEYS + ("min_own_task",)
-        label = m if r.get("seeds", summary["seeds"]) == summary["seeds"] else \
-            f"{m} (seed{'s' if len(r['seeds']) > 1 else ''} {', '.join(map(str, r['seeds']))})"
+        label = _label(m, r, summary["seeds"])
         lines.append(f"| {label} | {r['lr']:g} | " + " | ".join(_mean_std(r.get(k, [None])) for k in cells) +
                      f" | {r['trainable_fraction']:.4%} | {r['peak_memory_mb']:.0f} | "
                      f"{statistics.mean(r['time_s']):.0f} |")
@@ -147,14 +152,16 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
     for m, r in summary["methods"].items():
         ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]), xerr=statistics.pstdev(r["OP"]),
                     yerr=statistics.pstdev(r["caption_retention"]), fmt=style[m]["marker"], color=style[m]["color"],
-                    label=m, capsize=3)
+                    label=_label(m, r, summary["seeds"]), capsize=3)
     ax.set_xlabel(f"OP ({over})")
     ax.set_ylabel(f"caption retention ({over})")
     ax.set_xlim(0, 1.05)  # both are shares: a fixed frame, so one method's point is not blown up to fill the plot
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in summary["methods"].values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    fewer = any(_label(m, r, seeds) != m for m, r in summary["methods"].items())  # an arm of its own seeds
     ax.set_title(f"{model}, {out_dir.name}\none point per method "
-                 f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))})", fontsize=10)
+                 f"({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}"
+                 f"{' unless the legend says' if fewer else ''})", fontsize=10)
     ax.legend(fontsize=7, loc="best")  # where no point is: a method that forgets everything sits in the bottom left
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
@@ -166,7 +173,7 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
         # the stages every seed scored (a run with --eval-general last scored the first and the last only)
         points = [(i, statistics.mean(c)) for i, c in enumerate(zip(*curves)) if None not in c]
         skipped |= len(points) < len(curves[0])
-        ax.plot(*zip(*points), label=m, **style[m])
+        ax.plot(*zip(*points), label=_label(m, summary["methods"].get(m, {}), summary["seeds"]), **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel(f"held-out CIDEr ({over})")
