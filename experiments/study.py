@@ -188,15 +188,17 @@ def job(args, study: dict, arm: dict, lr: float, value, seed: int) -> Job:
     if s:  # the method's constants (its configs/methods file, with the arm's on top), written beside the runs
         from piece_mm.methods import load_settings
         path = args.output / "settings" / f"{tag(study, arm, lr, value)}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({**load_settings(arm["method"]), **s}, sort_keys=True))
+        if not args.finished:  # --finished starts no run, so it writes no run's settings either
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump({**load_settings(arm["method"]), **s}, sort_keys=True))
         config["method_config"] = str(path)
     return Job((arm["name"], lr, value, seed), config)
 
 
-def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, dict]:
+def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, dict, list]:
     """({arm: {"lr", "setting", "method", "metrics": [per seed]}}, failed outcomes, {arm: the first seed's grid},
-    {"runs": how many distinct runs the study made or read back, "sum_s": their own run times added up})."""
+    {"runs": how many distinct runs the study made or read back, "sum_s": their own run times added up}, the arms
+    left out with --finished because a run of theirs is still to make)."""
     done, failed, unfinished = {}, [], set()
 
     def run(jobs):
@@ -266,14 +268,14 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
                                                "vqa_retention")}} for x, v, m in tried]
     run([job(args, study, a, *chosen[a["name"]], s) for a in live for s in a.get("seeds", study["seeds"])[1:]])
     live = [a for a in live if a["name"] not in unfinished]
-    args.unfinished = [a["name"] for a in arms if a["name"] in unfinished]
     runs = {}
     for a in live:
         n, (lr, v) = a["name"], chosen[a["name"]]
         ms = [done[(n, lr, v, s)].metrics for s in a.get("seeds", study["seeds"]) if done[(n, lr, v, s)].metrics]
         runs[n] = {"lr": lr, "metrics": ms, "setting": settings_of(a, v), "method": a["method"]}
     times = {str(o.output): (o.metrics or {}).get("time_s") or 0.0 for o in done.values()}
-    return runs, failed, grid, {"runs": len(times), "sum_s": round(sum(times.values()), 1)}
+    return (runs, failed, grid, {"runs": len(times), "sum_s": round(sum(times.values()), 1)},
+            [a["name"] for a in arms if a["name"] in unfinished])
 
 
 def grid_table(summary: dict, arms: list[dict]) -> str:
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
     args.output = args.output or Path("results") / f"{args.study.stem}-{args.model}"
     args.runs = Path(str(study["runs"]).format(model=args.model)) if study.get("runs") else args.output / "runs"
     args.output.mkdir(parents=True, exist_ok=True)
-    runs, failed, grids, cost = run_study(args, study, arms)
+    runs, failed, grids, cost, unfinished = run_study(args, study, arms)
     if not runs and args.finished:
         print(f"error: no arm of {args.study} has all its runs finished in {args.runs}", file=sys.stderr)
         return 1
@@ -372,8 +374,8 @@ def main(argv=None) -> int:
     # what the study cost: each run's own time (one thread each with --jobs 2), added up over every run it made or
     # read back; on two cores, two at a time, the wall time is about half of it
     summary["run_time"] = cost
-    if args.unfinished:
-        summary["unfinished"] = args.unfinished
+    if unfinished:
+        summary["unfinished"] = unfinished
     if failed:
         summary["failed"] = [{"method": o.key[0], "lr": o.key[1], "setting": o.key[2], "seed": o.key[3],
                               "error": o.error} for o in failed]
@@ -383,8 +385,8 @@ def main(argv=None) -> int:
         f.write(grid_table(summary, arms))
     print(f"wrote {args.output / 'summary.json'}, {args.output / 'table.md'} ({cost['runs']} runs, "
           f"{cost['sum_s'] / 3600:.1f} h of run time added up)")
-    if args.unfinished:
-        print(f"left out, a run still to make: {', '.join(args.unfinished)}", file=sys.stderr)
+    if unfinished:
+        print(f"left out, a run still to make: {', '.join(unfinished)}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} run(s) failed; the others are in the table", file=sys.stderr)
         return 1

@@ -282,7 +282,8 @@ def test_study_arm_with_fewer_seeds_is_read_for_its_own(tmp_path, monkeypatch):
 
 def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
     """--finished on a study part-way: the arms whose every run finished get the rows the whole study gave them; an
-    arm with one run missing (here a seed-1 run) is left out and named; no run is started."""
+    arm with one run missing (here a seed-1 run) is left out and named; no run is started, and no run's settings
+    file is written."""
     import yaml
 
     from piece_mm.experiments import study
@@ -297,10 +298,12 @@ def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "run_jobs", run_and_write)
     spec = {"tasks": "world-shared", "seeds": [0, 1], "arms": [
         {"name": "seqft", "method": "seqft", "lrs": [1e-4, 3e-4, 1e-3]},
-        {"name": "ewc", "method": "ewc", "lrs": [1e-4, 3e-4, 1e-3]}]}
+        {"name": "ewc", "method": "ewc", "lrs": [1e-4, 3e-4, 1e-3]},
+        {"name": "lwf", "method": "lwf", "lrs": [1e-4, 3e-4, 1e-3], "settings": {"weight": [0.3, 1.0, 3.0]}}]}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert study.main([str(path), "--output", str(tmp_path / "full")]) == 0
+    assert (tmp_path / "full" / "settings").is_dir()  # the runs with a constant read their settings from there
     whole = json.loads((tmp_path / "full" / "summary.json").read_text())
     runs = tmp_path / "full" / "runs"
     (runs / "ewc-lr0.0003-seed1" / "metrics.json").unlink()  # ewc still has a run to make
@@ -313,11 +316,15 @@ def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
     assert study.main([str(path), "--output", str(tmp_path / "part"), "--finished"]) == 0
     part = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert part["methods"]["seqft"] == whole["methods"]["seqft"]
+    assert part["methods"]["lwf"] == whole["methods"]["lwf"]
+    assert not (tmp_path / "part" / "settings").exists()
     assert part["methods"]["seqft"]["lr"] == pytest.approx(3e-4)
     assert "ewc" not in part["methods"] and part["unfinished"] == ["ewc"]
     table = (tmp_path / "part" / "table.md").read_text()
     assert "Not finished (left out: a run of each is still to make): ewc." in table
     (runs / "seqft-lr0.0001-seed0" / "metrics.json").unlink()  # now no arm is whole: exit 1, one line
+    for f in runs.glob("lwf-*-seed1/metrics.json"):
+        f.unlink()
     assert study.main([str(path), "--output", str(tmp_path / "none"), "--finished"]) == 1
 
 
