@@ -7,7 +7,9 @@ read back (nothing is rerun), in one figure and one table.
   methods dominate it: at least as good in both OP and retention, and better in one (means over the seeds both
   ran, or over each one's own when they share none).
 
-A method found in more than one summary is taken from the one with the most seeds (the first listed on a tie).
+A method found in more than one summary is taken from the one with the most seeds (the first listed on a tie). The
+arms a study left out because a run of theirs is still to make (its summary's "unfinished") are named under the
+table and in the figure's title.
 Exit 0 on success, 2 on bad input (a missing or malformed summary)."""
 from __future__ import annotations
 
@@ -53,6 +55,16 @@ def read(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+def unfinished(paths: list[Path], rows: dict[str, dict]) -> list[str]:
+    """The arms the summaries name as still to finish (study --finished), and that none of them has a row for."""
+    names: list[str] = []
+    for path in paths:
+        for m in json.loads(path.read_text()).get("unfinished") or []:
+            if m not in rows and m not in names:
+                names.append(m)
+    return names
+
+
 def _means(r: dict, seeds) -> tuple[float, float]:
     at = [i for i, x in enumerate(r["seeds"]) if x in seeds]
     return (statistics.mean(r["OP"][i] for i in at), statistics.mean(r["caption_retention"][i] for i in at))
@@ -75,7 +87,7 @@ def _cell(xs: list[float], sign: bool = False) -> str:
     return mean if len(xs) == 1 else f"{mean} ± {statistics.pstdev(xs):.3f}"
 
 
-def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None:
+def write(rows: dict[str, dict], output: Path, title: str, command: str, missing: list[str] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,6 +107,8 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
         lines.append(f"| {m} | {lr} | {', '.join(map(str, r['seeds']))} | " +
                      " | ".join(_cell(r[k], sign=k == "BWT") for k in KEYS) +
                      f" | {', '.join(dom[m]) or '—'} | {r['source']} |")
+    if missing:
+        lines += ["", f"Not in this table, a run of each still to make: {', '.join(missing)}."]
     lines += ["", f"![caption retention against OP]({output.name}.png)", ""]
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{output}.md").write_text("\n".join(lines))
@@ -119,8 +133,8 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str) -> None
     ax.set_xlim(0, 1.15)  # both are shares: a fixed frame, with room for the labels right of OP 1
     ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in rows.values()) + 0.1))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated (over the seeds both ran)",
-                 fontsize=9)
+    ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated (over the seeds both ran)"
+                 + (f"\nnot shown, a run still to make: {', '.join(missing)}" if missing else ""), fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(f"{output}.png", dpi=110)
@@ -144,7 +158,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write(rows, args.output, args.title,
-          "python -m piece_mm.experiments.frontier " + shlex.join(argv if argv is not None else sys.argv[1:]))
+          "python -m piece_mm.experiments.frontier " + shlex.join(argv if argv is not None else sys.argv[1:]),
+          unfinished(paths, rows))
     print(f"wrote {args.output}.png, {args.output}.md")
     return 0
 

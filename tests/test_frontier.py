@@ -64,6 +64,23 @@ def test_a_row_of_one_seed_is_set_against_that_seed_of_the_others(tmp_path):
     assert dom == {"piece-f": [], "rule": [], "base": ["piece-f", "rule"]}
 
 
+def test_the_arms_a_study_left_unfinished_are_named(tmp_path):
+    """A study written with --finished names its arms still running: the frontier names them too, unless another
+    summary has a row for one."""
+    a = _summary(tmp_path / "a" / "summary.json", [0], {"piece-f": (2e-3, [0.5], [0.9])})
+    data = json.loads(a.read_text())
+    data["unfinished"] = ["multitask", "lwf"]
+    a.write_text(json.dumps(data))
+    b = _summary(tmp_path / "b" / "summary.json", [0], {"lwf": (3e-4, [0.4], [0.8])})
+    out = tmp_path / "f"
+    assert frontier.main(["--summaries", f"{a},{b}", "--output", str(out)]) == 0
+    table = (tmp_path / "f.md").read_text()
+    assert "Not in this table, a run of each still to make: multitask." in table
+    assert "| lwf | 0.0003 |" in table
+    assert frontier.main(["--summaries", str(b), "--output", str(tmp_path / "g")]) == 0
+    assert "still to make" not in (tmp_path / "g.md").read_text()
+
+
 def test_a_tie_in_both_is_not_domination(tmp_path):
     s = _summary(tmp_path / "summary.json", [0], {"a": (1e-3, [0.5], [0.5]), "b": (1e-3, [0.5], [0.5])})
     assert frontier.dominators(frontier.read([s])) == {"a": [], "b": []}
