@@ -223,10 +223,9 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
             if o.error:
                 failed.append(o)
 
-    def rows(a, pairs):
-        first = a.get("seeds", study["seeds"])[0]
-        return [(lr, v, done[(a["name"], lr, v, first)].metrics) for lr, v in pairs
-                if done[(a["name"], lr, v, first)].metrics]
+    def rows(a, pairs):  # the first seed's finished runs among pairs (lr, constant)
+        got = [done.get((a["name"], lr, v, first(a))) for lr, v in pairs]
+        return [(lr, v, o.metrics) for (lr, v), o in zip(pairs, got) if o is not None and o.metrics]
 
     def first(a):
         return a.get("seeds", study["seeds"])[0]
@@ -251,15 +250,18 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
                 grids[n] = [_round(g[0] * g[0] / g[1])] + g if lr == g[0] else g + [_round(g[-1] * g[-1] / g[-2])]
             else:
                 settled[n] = lr
-    live = [a for a in arms if settled[a["name"]] is not None and a["name"] not in unfinished]
-    run([job(args, study, a, settled[a["name"]], v, first(a)) for a in live if tuned(a)[0] for v in tuned(a)[1]])
+    # the constants at the chosen lr; with --finished an arm already short of a run is read too, for its grid
+    ready = [a for a in arms if settled[a["name"]] is not None]
+    run([job(args, study, a, settled[a["name"]], v, first(a)) for a in ready if tuned(a)[0] for v in tuned(a)[1]])
+    live = [a for a in ready if a["name"] not in unfinished]
     chosen, grid = {}, {}
-    for a in live:
+    for a in ready:  # every point tried on the first seed (an unfinished arm's too: the runs it has so far)
         n, lr = a["name"], settled[a["name"]]
         tried = rows(a, [(x, middle(a)) for x in grids[n]])
         if tuned(a)[0]:
             at = rows(a, [(lr, v) for v in tuned(a)[1]])
-            chosen[n] = choose(at, study["retention"], a.get("rule", "retention"))[:2]
+            if n not in unfinished:
+                chosen[n] = choose(at, study["retention"], a.get("rule", "retention"))[:2]
             tried += [r for r in at if r[1] != middle(a)]
         else:
             chosen[n] = (lr, None)
@@ -279,22 +281,24 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
 
 
 def grid_table(summary: dict, arms: list[dict]) -> str:
-    """Markdown: every point each arm tried on its first seed, in the order tried, the rule's choice in bold."""
+    """Markdown: every point each arm tried on its first seed, in the order tried, the rule's choice in bold; an
+    arm left out by --finished shows the points it has so far, marked "(unfinished)", none in bold."""
     lines = ["", "## Each arm's grid on its first seed (the rule's choice in bold)", "",
              f"Rule: {summary['rule']}.", "",
              "| arm | lr | constant | OP | BWT | caption retention | unseen-prompt retention | VQA retention |",
              "|---|---|---|---|---|---|---|---|"]
     for a in arms:
         row = summary["methods"].get(a["name"])
-        if row is None:
-            continue
+        points = row["grid"] if row else summary.get("unfinished_grid", {}).get(a["name"], [])
         name = tuned(a)[0]
-        for g in row["grid"]:
-            chosen = g["lr"] == row["lr"] and (name is None or g["setting"] == (row["settings"] or {}).get(name))
+        for g in points:
+            chosen = row is not None and g["lr"] == row["lr"] and (
+                name is None or g["setting"] == (row["settings"] or {}).get(name))
             cells = [f"{g['lr']:g}", "—" if name is None else f"{name} {g['setting']:g}"] + [
                 "—" if g.get(k) is None else f"{g[k]:.3f}" for k in
                 ("OP", "BWT", "caption_retention", "caption_retention_unseen", "vqa_retention")]
-            lines.append(f"| {a['name']} | " + " | ".join(f"**{c}**" if chosen else c for c in cells) + " |")
+            label = a["name"] if row else f"{a['name']} (unfinished)"
+            lines.append(f"| {label} | " + " | ".join(f"**{c}**" if chosen else c for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -376,6 +380,8 @@ def main(argv=None) -> int:
     summary["run_time"] = cost
     if unfinished:
         summary["unfinished"] = unfinished
+        # what an unfinished arm has tried so far on its first seed (no choice made yet)
+        summary["unfinished_grid"] = {n: grids[n] for n in unfinished if grids.get(n)}
     if failed:
         summary["failed"] = [{"method": o.key[0], "lr": o.key[1], "setting": o.key[2], "seed": o.key[3],
                               "error": o.error} for o in failed]

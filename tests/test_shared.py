@@ -322,6 +322,11 @@ def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
     assert "ewc" not in part["methods"] and part["unfinished"] == ["ewc"]
     table = (tmp_path / "part" / "table.md").read_text()
     assert "Not finished (left out: a run of each is still to make): ewc." in table
+    # its seed-0 grid is finished, so it is listed (no choice made: nothing in bold)
+    assert [x.split(" | ")[1] for x in table.splitlines() if x.startswith("| ewc (unfinished) |")] == \
+        ["0.0001", "0.0003", "0.001"]
+    assert "| ewc |" not in table and "| ewc (unfinished) | **" not in table
+    assert part["unfinished_grid"]["ewc"] == whole["methods"]["ewc"]["grid"]
     (runs / "seqft-lr0.0001-seed0" / "metrics.json").unlink()  # now no arm is whole: exit 1, one line
     for f in runs.glob("lwf-*-seed1/metrics.json"):
         f.unlink()
