@@ -1,15 +1,15 @@
 """python -m piece_mm.experiments.study configs/studies/shared.yaml --model llava [--output DIR] [--jobs 2]
 
-A comparison of named arms, each a method with its own budget, exclusions, constants and lr grid, on one sequence,
-under one lr rule (experiments/policies.py, choose_lr): the highest OP among the runs that keep caption retention
->= 0.90, else the highest retention; ties go to the lower lr. An arm's lr grid is widened until the choice is not at
-its edge: a choice at an edge gets the next point, the edge's ratio to its neighbour further out (rounded to one
-digit), up to `max_extensions` times, so that every choice is bracketed. A constant given as a list (EWC's lambda,
-LwF's weight) is then tried at each of its values at the chosen lr (its middle value during the lr search), and the
-rule picks it too. The other seeds run at the chosen lr and constant. Rounds of runs go `--jobs` at a time
-(experiments/runs.py). A run's directory is named by what it is (method, budget, exclusions, order, lr, constant,
-seed), so two arms that ask for the same run share it; a finished run is read back, not rerun, so an interrupted
-study continues where it stopped.
+A comparison of named arms, each a method with its own budget, exclusions, constants and lr grid, on one sequence, under
+one lr rule (experiments/policies.py, choose_lr): the highest OP among the runs that keep caption retention >= 0.90,
+else the highest retention; ties go to the lower lr. An arm's lr grid is widened until the choice is not at its edge: a
+choice at an edge gets the next point, the edge's ratio to its neighbour further out (rounded to one digit), up to
+`max_extensions` times, so that every choice is bracketed. A constant given as a list (EWC's lambda, LwF's weight) is
+then tried at each of its values at the chosen lr (its middle value during the lr search), and the rule picks it too,
+its list widened the same way when the choice is at an edge (weight 3 of [0.3, 1, 3] gets 9). The other seeds run at the
+chosen lr and constant. Rounds of runs go `--jobs` at a time (experiments/runs.py). A run's directory is named by what
+it is (method, budget, exclusions, order, lr, constant, seed), so two arms that ask for the same run share it; a
+finished run is read back, not rerun, so an interrupted study continues where it stopped.
 
 The study file (configs/studies/*.yaml):
     tasks: world-shared          # the sequence (an "@order" suffix picks another order; tasks/sequence.py)
@@ -161,6 +161,11 @@ def _round(x: float) -> float:
     return float(f"{x:.0e}")
 
 
+def _widen(g: list, at) -> list:
+    """The grid g with its next point past the edge `at` (the edge's ratio to its neighbour, one digit)."""
+    return [_round(g[0] * g[0] / g[1])] + g if at == g[0] else g + [_round(g[-1] * g[-1] / g[-2])]
+
+
 def choose(rows: list[tuple], floor: float, rule: str) -> tuple:
     """rows: [(lr, value, metrics)] -> the chosen row: the highest OP among those with caption retention >= floor,
     else the highest retention (policies.choose_lr's rule); rule "op": the highest OP. Ties: the lower lr, then the
@@ -247,19 +252,33 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
             lr = choose(got, study["retention"], a.get("rule", "retention"))[0]
             if len(g) > 1 and lr in (g[0], g[-1]) and extended[n] < study["max_extensions"]:
                 extended[n] += 1
-                grids[n] = [_round(g[0] * g[0] / g[1])] + g if lr == g[0] else g + [_round(g[-1] * g[-1] / g[-2])]
+                grids[n] = _widen(g, lr)
             else:
                 settled[n] = lr
-    # the constants at the chosen lr; with --finished an arm already short of a run is read too, for its grid
+    # the constants at the chosen lr, their list widened as the lrs were (a choice at its edge gets the next point,
+    # as many times); with --finished an arm already short of a run is read too, for its grid
     ready = [a for a in arms if settled[a["name"]] is not None]
-    run([job(args, study, a, settled[a["name"]], v, first(a)) for a in ready if tuned(a)[0] for v in tuned(a)[1]])
+    values = {a["name"]: list(tuned(a)[1]) for a in ready}
+    todo = [a for a in ready if tuned(a)[0]]
+    widened = {a["name"]: 0 for a in todo}
+    while todo:
+        run([job(args, study, a, settled[a["name"]], v, first(a)) for a in todo for v in values[a["name"]]])
+        for a in list(todo):
+            n, vs = a["name"], values[a["name"]]
+            at = rows(a, [(settled[n], v) for v in vs])
+            v = choose(at, study["retention"], a.get("rule", "retention"))[1] if at else None
+            if at and len(vs) > 1 and v in (vs[0], vs[-1]) and widened[n] < study["max_extensions"]:
+                widened[n] += 1
+                values[n] = _widen(vs, v)
+            else:
+                todo.remove(a)
     live = [a for a in ready if a["name"] not in unfinished]
     chosen, grid = {}, {}
     for a in ready:  # every point tried on the first seed (an unfinished arm's too: the runs it has so far)
         n, lr = a["name"], settled[a["name"]]
         tried = rows(a, [(x, middle(a)) for x in grids[n]])
         if tuned(a)[0]:
-            at = rows(a, [(lr, v) for v in tuned(a)[1]])
+            at = rows(a, [(lr, v) for v in values[n]])
             if n not in unfinished:
                 chosen[n] = choose(at, study["retention"], a.get("rule", "retention"))[:2]
             tried += [r for r in at if r[1] != middle(a)]

@@ -254,6 +254,43 @@ def test_study_rule_brackets_every_choice(tmp_path, monkeypatch):
     assert rows["seqft"]["OP"] == s["methods"]["seqft"]["OP"] and len(rows["lwf"]["seeds"]) == 2
 
 
+def test_study_widens_a_constant_chosen_at_its_edge(tmp_path, monkeypatch):
+    """EWC's lambda best at 100 (from [0.1, 1, 10]): 10 at the top edge gets 100, then 100 at the edge gets 1000, and
+    100 is chosen, inside; LwF's weight best below its list's bottom gets one lower point; max_extensions bounds it."""
+    import math
+
+    import yaml
+
+    from piece_mm.experiments import study
+
+    def table(method, lr, setting, seed):
+        near = -0.001 * abs(math.log10(lr) + 3.5)  # the lr: 3e-4 is the best of the grid, inside it
+        if method == "ewc":
+            return 0.5 + near - 0.01 * abs(math.log10(setting["lambda"]) - 2), 0.95
+        return 0.5 + near - 0.01 * setting["weight"], 0.95
+    calls = []
+    monkeypatch.setattr(study, "run_jobs", _fake_runs(table, calls))
+    spec = {"tasks": "world-shared", "seeds": [0], "max_extensions": 2, "arms": [
+        {"name": "ewc", "method": "ewc", "lrs": [1e-4, 3e-4, 1e-3], "settings": {"lambda": [0.1, 1.0, 10.0]}},
+        {"name": "lwf", "method": "lwf", "lrs": [1e-4, 3e-4, 1e-3], "settings": {"weight": [0.3, 1.0, 3.0]}}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert study.main([str(path), "--output", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    tried = sorted(json.loads(c[3])["lambda"] for c in calls if c[0] == "ewc" and c[1] == pytest.approx(3e-4))
+    assert tried == pytest.approx([0.1, 1.0, 10.0, 100.0, 1000.0])
+    assert s["methods"]["ewc"]["settings"]["lambda"] == 100.0 and s["methods"]["ewc"]["lr"] == pytest.approx(3e-4)
+    # weight: 0.3 at the bottom edge -> 0.09, still the edge -> 0.03 (0.027 to one digit; two widenings at most)
+    tried = sorted(json.loads(c[3])["weight"] for c in calls if c[0] == "lwf" and c[1] == pytest.approx(3e-4))
+    assert tried == pytest.approx([0.03, 0.09, 0.3, 1.0, 3.0])
+    assert s["methods"]["lwf"]["settings"]["weight"] == pytest.approx(0.03)
+    spec["max_extensions"] = 0  # no widening: the list as given
+    path.write_text(yaml.safe_dump(spec))
+    calls.clear()
+    assert study.main([str(path), "--output", str(tmp_path / "none")]) == 0
+    assert json.loads((tmp_path / "none" / "summary.json").read_text())["methods"]["ewc"]["settings"]["lambda"] == 10
+
+
 def test_study_arm_with_fewer_seeds_is_read_for_its_own(tmp_path, monkeypatch):
     """An arm that runs seed 0 only, in a study of seeds 0 and 1: its row, its table label and the frontier's reading
     are for seed 0 alone, and no seed-1 run is made for it."""
