@@ -202,8 +202,8 @@ def job(args, study: dict, arm: dict, lr: float, value, seed: int) -> Job:
 
 def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, dict, list]:
     """({arm: {"lr", "setting", "method", "metrics": [per seed]}}, failed outcomes, {arm: the first seed's grid},
-    {"runs": how many distinct runs the study made or read back, "sum_s": their own run times added up}, the arms
-    left out with --finished because a run of theirs is still to make)."""
+    {"runs": how many distinct finished runs the study made or read back, "sum_s": their own run times added up},
+    the arms left out with --finished because a run of theirs is still to make)."""
     done, failed, unfinished = {}, [], set()
 
     def run(jobs):
@@ -294,7 +294,7 @@ def run_study(args, study: dict, arms: list[dict]) -> tuple[dict, list, dict, di
         n, (lr, v) = a["name"], chosen[a["name"]]
         ms = [done[(n, lr, v, s)].metrics for s in a.get("seeds", study["seeds"]) if done[(n, lr, v, s)].metrics]
         runs[n] = {"lr": lr, "metrics": ms, "setting": settings_of(a, v), "method": a["method"]}
-    times = {str(o.output): (o.metrics or {}).get("time_s") or 0.0 for o in done.values()}
+    times = {str(o.output): o.metrics.get("time_s") or 0.0 for o in done.values() if o.metrics}  # finished runs
     return (runs, failed, grid, {"runs": len(times), "sum_s": round(sum(times.values()), 1)},
             [a["name"] for a in arms if a["name"] in unfinished])
 
