@@ -364,6 +364,7 @@ def test_study_finished_reads_back_and_starts_nothing(tmp_path, monkeypatch):
         ["0.0001", "0.0003", "0.001"]
     assert "| ewc |" not in table and "| ewc (unfinished) | **" not in table
     assert part["unfinished_grid"]["ewc"] == whole["methods"]["ewc"]["grid"]
+    assert part["run_time"]["runs"] == whole["run_time"]["runs"] - 1  # the missing run is not counted
     (runs / "seqft-lr0.0001-seed0" / "metrics.json").unlink()  # now no arm is whole: exit 1, one line
     for f in runs.glob("lwf-*-seed1/metrics.json"):
         f.unlink()
