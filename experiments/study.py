@@ -391,9 +391,10 @@ def main(argv=None) -> int:
         row = summary["methods"][n]
         row.update(method=r["method"], settings=r["setting"], grid=grids.get(n, []),
                    seeds=[m["seed"] for m in r["metrics"]], tasks=r["metrics"][0]["tasks"])
+    n = study["max_extensions"]
     summary["rule"] = (f"the highest OP among the first seed's runs with caption retention >= {study['retention']:g}, "
-                       "else the highest retention; ties: the lower lr; a choice at the grid's edge gets the next "
-                       f"point (at most {study['max_extensions']} time{'' if study['max_extensions'] == 1 else 's'})")
+                       "else the highest retention; ties: the lower lr; a choice at the edge of its lr grid or "
+                       f"constant list gets the next point (at most {n} time{'' if n == 1 else 's'})")
     # what the study cost: each run's own time (one thread each with --jobs 2), added up over every run it made or
     # read back; on two cores, two at a time, the wall time is about half of it
     summary["run_time"] = cost
