@@ -87,6 +87,50 @@ def _cell(xs: list[float], sign: bool = False) -> str:
     return mean if len(xs) == 1 else f"{mean} ± {statistics.pstdev(xs):.3f}"
 
 
+ZOOM_FROM = 0.9  # the zoom panel shows the methods at or above this caption retention
+
+
+def _label(fig, ax, points: list[tuple[str, tuple, tuple]], unnamed: list[tuple] = ()) -> None:
+    """Name each point beside it, at the first of eight offsets (then the same at two, three and four times the
+    distance, with a line to the point) whose text overlaps no label already placed, no other marker and not the
+    frame's edge (else the offset that does least harm), so a crowded cluster stays readable. unnamed: the other
+    markers drawn there, to keep clear of too."""
+    from matplotlib.transforms import ScaledTranslation
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform(xy) for xy in [p[1] for p in points] + list(unnamed)]
+    boxes = []
+    near = [(6, 3), (6, -3), (-6, 3), (-6, -3), (0, 7), (0, -7), (12, 0), (-12, 0)]
+    offsets = [(x * f, y * f) for f in (1, 2, 3, 4) for x, y in near]  # farther out, with a line to the point
+
+    def cost(bb, own):
+        c = sum(1e3 for b in boxes if bb.overlaps(b))
+        outside = bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1
+        return c + 1e4 * outside + sum(100 for k, (x, y) in enumerate(marks) if k != own and bb.x0 - 5 < x < bb.x1 + 5
+                       and bb.y0 - 5 < y < bb.y1 + 5)
+    for k, (name, xy, color) in enumerate(points):
+        best = None
+        for off in offsets:
+            ha = "left" if off[0] > 0 else "right" if off[0] < 0 else "center"
+            shift = ScaledTranslation(off[0] / 72, off[1] / 72, fig.dpi_scale_trans)  # in points, as annotate's
+            t = ax.text(*xy, name, ha=ha, va="bottom" if off[1] >= 0 else "top", fontsize=7, color=color,
+                        transform=ax.transData + shift)
+            bb = t.get_window_extent(renderer)
+            c = cost(bb, k)
+            if best is None or c < best[0]:
+                if best:
+                    best[1].remove()
+                best = (c, t, bb, off)
+            else:
+                t.remove()
+            if c == 0:
+                break
+        boxes.append(best[2])
+        if best[3] not in near:  # far from its point: a line to it
+            ax.annotate("", xy, xytext=best[3], textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "shrinkA": 0, "shrinkB": 4})
+
+
 def write(rows: dict[str, dict], output: Path, title: str, command: str, missing: list[str] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -112,31 +156,50 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str, missing
     lines += ["", f"![caption retention against OP]({output.name}.png)", ""]
     output.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{output}.md").write_text("\n".join(lines))
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    placed: list[tuple[float, float]] = []
+    pts = {m: (statistics.mean(rows[m]["OP"]), statistics.mean(rows[m]["caption_retention"])) for m in order}
+    top = [m for m in order if pts[m][1] >= ZOOM_FROM]  # the band a user reads first: retention kept
+    zoom = len(top) >= 2
+    if zoom:  # its frame, and every method inside it (one a little under the line too: the frame shows it)
+        xs, ys = [pts[m][0] for m in top], [pts[m][1] for m in top]
+        dx, dy = max(max(xs) - min(xs), 0.02), max(max(ys) - min(ys), 0.005)
+        box = (min(xs) - 0.15 * dx, max(xs) + 0.25 * dx, min(ys) - 0.2 * dy, max(ys) + 0.2 * dy)
+        top = [m for m in order if box[0] <= pts[m][0] <= box[1] and box[2] <= pts[m][1] <= box[3]]
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(14, 5.2) if zoom else (8.5, 5),
+                             gridspec_kw={"width_ratios": [1, 1]} if zoom else None, squeeze=False)
+    ax = axes[0][0]
     for i, m in enumerate(order):
         r = rows[m]
         front = not dom[m]
-        ax.errorbar(statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]),
-                    xerr=statistics.pstdev(r["OP"]), yerr=statistics.pstdev(r["caption_retention"]),
-                    fmt="osD^v<>ph*XP"[i % 12], color=plt.cm.tab10(i % 10), capsize=3,
-                    markersize=9 if front else 8, mfc=None if front else "none", mew=1.2,
-                    label=f"{m} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
-                          + ("" if front else ", dominated"))
-        xy = (statistics.mean(r["OP"]), statistics.mean(r["caption_retention"]))
-        near = any(abs(xy[0] - a) < 0.06 and abs(xy[1] - b) < 0.06 for a, b in placed)  # a label is there
-        ax.annotate(m, xy, xytext=(-6, -11) if near else (6, 5), ha="right" if near else "left",
-                    textcoords="offset points", fontsize=7, color=plt.cm.tab10(i % 10))
-        placed.append(xy)
-    ax.set_xlabel("OP (mean over seeds)")
-    ax.set_ylabel("caption retention (mean over seeds)")
+        for a in axes[0] if m in top else axes[0][:1]:
+            a.errorbar(*pts[m], xerr=statistics.pstdev(r["OP"]), yerr=statistics.pstdev(r["caption_retention"]),
+                       fmt="osD^v<>ph*XP"[i % 12], color=plt.cm.tab10(i % 10), capsize=3,
+                       markersize=9 if front else 8, mfc=None if front else "none", mew=1.2,
+                       label=f"{m} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
+                             + ("" if front else ", dominated") if a is ax else None)
     ax.set_xlim(0, 1.15)  # both are shares: a fixed frame, with room for the labels right of OP 1
-    ax.set_ylim(0, max(1.1, max(statistics.mean(r["caption_retention"]) for r in rows.values()) + 0.1))
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, max(1.1, max(p[1] for p in pts.values()) + 0.1))
     ax.set_title(f"{title}\nfilled: dominated by no other method; hollow: dominated (over the seeds both ran)"
                  + (f"\nnot shown, a run still to make: {', '.join(missing)}" if missing else ""), fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: no point hidden
+    panels = [(ax, [m for m in order if m not in top] if zoom else order)]  # the zoom names its own
+    if zoom:
+        z = axes[0][1]
+        z.set_xlim(box[0], box[1])
+        z.set_ylim(box[2], box[3])
+        z.set_title(f"zoom on the dashed box: the methods that keep caption retention >= {ZOOM_FROM:.2f} "
+                    "(same markers)", fontsize=9)
+        ax.add_patch(plt.Rectangle((z.get_xlim()[0], z.get_ylim()[0]), z.get_xlim()[1] - z.get_xlim()[0],
+                                   z.get_ylim()[1] - z.get_ylim()[0], fill=False, ls="--", lw=0.8, color="grey"))
+        panels.append((z, top))
+    for a, ms in panels:
+        a.set_xlabel("OP (mean over seeds)")
+        a.set_ylabel("caption retention (mean over seeds)")
+        a.axhline(1.0, color="grey", lw=0.8, ls=":")
+    axes[0][-1].legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),
+                       borderaxespad=0)  # outside the last panel: no point hidden
     fig.tight_layout()
+    for a, ms in panels:  # after the layout: labels are placed in display space, away from each other and the markers
+        _label(fig, a, [(m, pts[m], plt.cm.tab10(order.index(m) % 10)) for m in ms],
+               [pts[m] for m in order if m not in ms and (a is ax or m in top)])
     fig.savefig(f"{output}.png", dpi=110)
     plt.close(fig)
 

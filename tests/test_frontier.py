@@ -98,3 +98,28 @@ def test_bad_summary_one_line_exit_2_nothing_written(tmp_path, capsys, content, 
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and str(path) in err and says in err
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_of_a_crowded_cluster_do_not_overlap_and_stay_in_the_frame():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xlim(0, 1.15)
+    ax.set_ylim(0, 1.1)
+    pts = [(f"method-{i}", (0.86 + 0.01 * i, 0.99 + 0.002 * (i % 3)), "k") for i in range(6)] + \
+          [("at-the-floor", (0.77, 0.0), "k")]
+    for _, xy, _ in pts:
+        ax.plot(*xy, "o")
+    fig.tight_layout()
+    frontier._label(fig, ax, pts)
+    r = fig.canvas.get_renderer()
+    names = [t for t in ax.texts if t.get_text()]  # the labels (a far one also has a line to its point)
+    boxes = [t.get_window_extent(r) for t in names]
+    frame = ax.get_window_extent(r)
+    assert [t.get_text() for t in names] == [n for n, _, _ in pts]  # every point named once
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    plt.close(fig)
