@@ -30,6 +30,8 @@ from piece_mm.methods import METHODS
 from piece_mm.runconfig import RunConfig
 from piece_mm.select import load_budget
 
+from .labels import place_labels
+
 # The methods of the comparison, in table order; "all" means these.
 ALL = ("seqft", "seqlora", "olora", "ewc", "lwf", "replay", "migu", "ln", "multitask", "piece-f", "piece-s", "trace")
 KEYS = ("OP", "BWT", "FWT", "caption_retention")
@@ -164,21 +166,27 @@ def write(out_dir: Path, model: str, summary: dict, runs: dict, command: str, fa
                  f"{' unless the legend says' if fewer else ''})", fontsize=10)
     ax.legend(fontsize=7, loc="best")  # where no point is: a method that forgets everything sits in the bottom left
     fig.tight_layout()
+    place_labels(fig, ax, [(m, (statistics.mean(r["OP"]), statistics.mean(r["caption_retention"])), style[m]["color"])
+                           for m, r in summary["methods"].items()])  # the legend's colours are close: name each point
     fig.savefig(out_dir / "retention_vs_op.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    skipped = False
+    skipped = []  # the methods whose stages between the first and the last were not scored
     for m, r in runs.items():
         curves = [[g.get("CIDEr") for g in [x["general"]["before"]] + x["general"]["after"]] for x in r["metrics"]]
         # the stages every seed scored (a run with --eval-general last scored the first and the last only)
         points = [(i, statistics.mean(c)) for i, c in enumerate(zip(*curves)) if None not in c]
-        skipped |= len(points) < len(curves[0])
+        if len(points) < len(curves[0]):
+            skipped.append(m)
         ax.plot(*zip(*points), label=_label(m, summary["methods"].get(m, {}), summary["seeds"]), **style[m])
     stages = ["before"] + runs[next(iter(runs))]["metrics"][0]["tasks"]
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel(f"held-out CIDEr ({over})")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room above the curves, which start at the top, for the legend
-    when = "before and after the sequence\n(the stages between were not scored)" if skipped else "after each task"
+    when = ("after each task" if not skipped else
+            "before and after the sequence\n(the stages between were not scored)" if len(skipped) == len(runs) else
+            f"after each task\n({len(skipped)} of {len(runs)} methods scored before and after the sequence only: "
+            "a straight line")
     ax.set_title(f"{model}, {out_dir.name}\nheld-out CIDEr {when}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

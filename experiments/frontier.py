@@ -22,6 +22,8 @@ from pathlib import Path
 
 from piece_mm.errors import InputError
 
+from .labels import place_labels
+
 KEYS = ("OP", "BWT", "caption_retention")
 
 
@@ -88,47 +90,6 @@ def _cell(xs: list[float], sign: bool = False) -> str:
 
 
 ZOOM_FROM = 0.9  # the zoom panel shows the methods at or above this caption retention
-
-
-def _label(fig, ax, points: list[tuple[str, tuple, tuple]], unnamed: list[tuple] = ()) -> None:
-    """Name each point beside it, at the first of eight offsets (then the same at two, three and four times the
-    distance, with a line to the point) whose text overlaps no label already placed, no other marker and not the
-    frame's edge (else the offset that does least harm), so a crowded cluster stays readable. unnamed: the other
-    markers drawn there, to keep clear of too."""
-    from matplotlib.transforms import ScaledTranslation
-    renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    marks = [ax.transData.transform(xy) for xy in [p[1] for p in points] + list(unnamed)]
-    boxes = []
-    near = [(6, 3), (6, -3), (-6, 3), (-6, -3), (0, 7), (0, -7), (12, 0), (-12, 0)]
-    offsets = [(x * f, y * f) for f in (1, 2, 3, 4) for x, y in near]  # farther out, with a line to the point
-
-    def cost(bb, own):
-        c = sum(1e3 for b in boxes if bb.overlaps(b))
-        outside = bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1
-        return c + 1e4 * outside + sum(100 for k, (x, y) in enumerate(marks) if k != own and bb.x0 - 5 < x < bb.x1 + 5
-                       and bb.y0 - 5 < y < bb.y1 + 5)
-    for k, (name, xy, color) in enumerate(points):
-        best = None
-        for off in offsets:
-            ha = "left" if off[0] > 0 else "right" if off[0] < 0 else "center"
-            shift = ScaledTranslation(off[0] / 72, off[1] / 72, fig.dpi_scale_trans)  # in points, as annotate's
-            t = ax.text(*xy, name, ha=ha, va="bottom" if off[1] >= 0 else "top", fontsize=7, color=color,
-                        transform=ax.transData + shift)
-            bb = t.get_window_extent(renderer)
-            c = cost(bb, k)
-            if best is None or c < best[0]:
-                if best:
-                    best[1].remove()
-                best = (c, t, bb, off)
-            else:
-                t.remove()
-            if c == 0:
-                break
-        boxes.append(best[2])
-        if best[3] not in near:  # far from its point: a line to it
-            ax.annotate("", xy, xytext=best[3], textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "shrinkA": 0, "shrinkB": 4})
 
 
 def write(rows: dict[str, dict], output: Path, title: str, command: str, missing: list[str] = ()) -> None:
@@ -198,7 +159,7 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str, missing
                        borderaxespad=0)  # outside the last panel: no point hidden
     fig.tight_layout()
     for a, ms in panels:  # after the layout: labels are placed in display space, away from each other and the markers
-        _label(fig, a, [(m, pts[m], plt.cm.tab10(order.index(m) % 10)) for m in ms],
+        place_labels(fig, a, [(m, pts[m], plt.cm.tab10(order.index(m) % 10)) for m in ms],
                [pts[m] for m in order if m not in ms and (a is ax or m in top)])
     fig.savefig(f"{output}.png", dpi=110)
     plt.close(fig)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from piece_mm.experiments import frontier
+from piece_mm.experiments.labels import place_labels
 
 
 def _summary(path, seeds, methods):
@@ -112,7 +113,7 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_and_stay_in_the_frame():
     for _, xy, _ in pts:
         ax.plot(*xy, "o")
     fig.tight_layout()
-    frontier._label(fig, ax, pts)
+    place_labels(fig, ax, pts)
     r = fig.canvas.get_renderer()
     names = [t for t in ax.texts if t.get_text()]  # the labels (a far one also has a line to its point)
     boxes = [t.get_window_extent(r) for t in names]
