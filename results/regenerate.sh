@@ -146,8 +146,15 @@ for m in llava qwen2-vl; do
     # random, magnitude and piece-f-no-reg seed-0 runs are the ones in results/shared-interim
     python -m piece_mm.experiments.study configs/studies/shared-orders.yaml --model "$m" --jobs 2
     python -m piece_mm.experiments.study configs/studies/yesno-baselines.yaml --model "$m" --jobs 2
+    # the arms whose runs were lost between sessions (run directories were not kept in git then), rerun into the
+    # same runs directory: multitask, full fine-tuning with the term, LwF-x, and on Qwen2-VL LwF (weight 9, three
+    # seeds); a whole rerun of the study above makes these its own rows, and this line reads them back
+    python -m piece_mm.experiments.study configs/studies/shared.yaml --model "$m" --jobs 1 \
+        --arms "$([ "$m" = llava ] && echo multitask,full-ft-reg,lwf-x || echo multitask,lwf,lwf-x)" \
+        --output "results/shared-more-$m"
     # each sequence's frontier: every arm at its choice, and which arms dominate which (nothing rerun)
-    python -m piece_mm.experiments.frontier --summaries "results/shared-$m/summary.json" \
+    python -m piece_mm.experiments.frontier \
+        --summaries "results/shared-more-$m/summary.json,results/shared-$m/summary.json" \
         --output "results/frontier-shared-$m" --title "$m, world-shared: every arm at its chosen lr"
     python -m piece_mm.experiments.frontier --summaries "results/yesno-baselines-$m/summary.json" \
         --output "results/frontier-yesno-$m" --title "$m, world-yesno: every arm at its chosen lr"
