@@ -434,7 +434,8 @@ class _Loop:
                    "general": {"before": st.before, "after": st.after},
                    "summary": summary(st.R, st.before, st.after, self.seq.lead_metrics), "trainable": st.trainable,
                    "time_s": self.elapsed + time.time(), "parameters": parameters,
-                   "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold}
+                   "peak_memory_mb": _peak_rss_mb(), "retention_threshold": retention_threshold,
+                   "versions": _versions()}
         if self.seq.lead_metrics:
             metrics["lead_metrics"] = list(self.seq.lead_metrics)
         if self.eval_general != "every":  # the stages between have no general scores ({})
@@ -512,6 +513,19 @@ def _config_hash(model) -> str:
     """sha256 of the model's whole config (config.json's content): which base a delta applies to."""
     import hashlib
     return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
+
+
+def _versions() -> dict:
+    """The library versions a run was made with: the same seed can score a little differently under another torch or
+    transformers (kernels and defaults change), so a result names what made it."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for p in ("torch", "transformers", "peft", "piece_mm"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
 
 
 def _peak_rss_mb() -> float:

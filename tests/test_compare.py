@@ -38,6 +38,10 @@ def test_compare_runs_every_method_and_seed(tmp_path):
         got = [json.loads((out / "runs" / f"{method}-lr{row['lr']:g}-seed{s_}" / "metrics.json").read_text())
                for s_ in (0, 1)]
         assert [m["seed"] for m in got] == [0, 1]
+        import torch
+        import transformers
+        assert got[0]["versions"]["torch"] == torch.__version__.split("+")[0]  # what made the run, in its record
+        assert got[0]["versions"]["transformers"] == transformers.__version__
         for k in ("OP", "BWT", "FWT", "caption_retention"):
             assert row[k] == [m["summary"][k] for m in got]
         assert row["time_s"] == [m["time_s"] for m in got] and row["peak_memory_mb"] > 0
