@@ -125,8 +125,7 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str, missing
         dx, dy = max(max(xs) - min(xs), 0.02), max(max(ys) - min(ys), 0.005)
         box = (min(xs) - 0.15 * dx, max(xs) + 0.25 * dx, min(ys) - 0.2 * dy, max(ys) + 0.2 * dy)
         top = [m for m in order if box[0] <= pts[m][0] <= box[1] and box[2] <= pts[m][1] <= box[3]]
-    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(14, 5.2) if zoom else (8.5, 5),
-                             gridspec_kw={"width_ratios": [1, 1]} if zoom else None, squeeze=False)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(14, 5.2) if zoom else (8.5, 5), squeeze=False)
     ax = axes[0][0]
     for i, m in enumerate(order):
         r = rows[m]
@@ -148,8 +147,8 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str, missing
         z.set_ylim(box[2], box[3])
         z.set_title(f"zoom on the dashed box: the methods that keep caption retention >= {ZOOM_FROM:.2f} "
                     "(same markers)", fontsize=9)
-        ax.add_patch(plt.Rectangle((z.get_xlim()[0], z.get_ylim()[0]), z.get_xlim()[1] - z.get_xlim()[0],
-                                   z.get_ylim()[1] - z.get_ylim()[0], fill=False, ls="--", lw=0.8, color="grey"))
+        ax.add_patch(plt.Rectangle((box[0], box[2]), box[1] - box[0], box[3] - box[2], fill=False, ls="--", lw=0.8,
+                                   color="grey"))
         panels.append((z, top))
     for a, ms in panels:
         a.set_xlabel("OP (mean over seeds)")
@@ -160,7 +159,7 @@ def write(rows: dict[str, dict], output: Path, title: str, command: str, missing
     fig.tight_layout()
     for a, ms in panels:  # after the layout: labels are placed in display space, away from each other and the markers
         place_labels(fig, a, [(m, pts[m], plt.cm.tab10(order.index(m) % 10)) for m in ms],
-               [pts[m] for m in order if m not in ms and (a is ax or m in top)])
+                     [pts[m] for m in order if m not in ms and (a is ax or m in top)])
     fig.savefig(f"{output}.png", dpi=110)
     plt.close(fig)
 
