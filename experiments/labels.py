@@ -6,12 +6,14 @@ def place_labels(fig, ax, points: list[tuple[str, tuple, tuple]], unnamed: list[
     """Name each point beside it, at the first of eight offsets (then the same at two, three and four times the
     distance, with a line to the point) whose text overlaps no label already placed, no other marker and not the
     frame's edge (else the offset that does least harm), so a crowded cluster stays readable. unnamed: the other
-    markers drawn there, to keep clear of too."""
+    markers drawn there, to keep clear of too. A legend already drawn inside the axes is kept clear of as a label is
+    (draw it first: where loc="best" puts it depends on the points, not on the labels)."""
     from matplotlib.transforms import ScaledTranslation
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     marks = [ax.transData.transform(xy) for xy in [p[1] for p in points] + list(unnamed)]
-    boxes = []
+    legend = ax.get_legend()
+    boxes = [legend.get_window_extent(renderer)] if legend is not None else []
     near = [(6, 3), (6, -3), (-6, 3), (-6, -3), (0, 7), (0, -7), (12, 0), (-12, 0)]
     offsets = [(x * f, y * f) for f in (1, 2, 3, 4) for x, y in near]  # farther out, with a line to the point
 

@@ -147,10 +147,10 @@ for m in llava qwen2-vl; do
     python -m piece_mm.experiments.study configs/studies/shared-orders.yaml --model "$m" --jobs 2
     python -m piece_mm.experiments.study configs/studies/yesno-baselines.yaml --model "$m" --jobs 2
     # the arms whose runs were lost between sessions (run directories were not kept in git then), rerun into the
-    # same runs directory: multitask, full fine-tuning with the term, LwF-x, and on Qwen2-VL LwF (weight 9, three
-    # seeds); a whole rerun of the study above makes these its own rows, and this line reads them back
+    # same runs directory: multitask, LwF and LwF-x (weight 9 tried, three seeds), and on LLaVA full fine-tuning with
+    # the term; a whole rerun of the study above makes these its own rows, and this line reads them back
     python -m piece_mm.experiments.study configs/studies/shared.yaml --model "$m" --jobs 1 \
-        --arms "$([ "$m" = llava ] && echo multitask,full-ft-reg,lwf-x || echo multitask,lwf,lwf-x)" \
+        --arms "$([ "$m" = llava ] && echo multitask,full-ft-reg,lwf-x,lwf || echo multitask,lwf,lwf-x)" \
         --output "results/shared-more-$m"
     # each sequence's frontier: every arm at its choice, and which arms dominate which (nothing rerun)
     python -m piece_mm.experiments.frontier \

@@ -124,3 +124,28 @@ def test_labels_of_a_crowded_cluster_do_not_overlap_and_stay_in_the_frame():
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)
     plt.close(fig)
+
+
+def test_labels_keep_clear_of_a_legend_inside_the_axes():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    # a legend pinned in the upper right and points just left of and below it: the labels' first choice (up and right
+    # of each point) falls inside it
+    ax.plot([], [], "o", label="a legend entry")
+    ax.plot([], [], "s", label="another one")
+    pts = [("first", (0.70, 0.90), "k"), ("second", (0.74, 0.80), "k"), ("third", (0.80, 0.70), "k")]
+    for _, xy, _ in pts:
+        ax.plot(*xy, "o", color="k")
+    leg = ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    place_labels(fig, ax, pts)
+    r = fig.canvas.get_renderer()
+    box = leg.get_window_extent(r)
+    names = [t for t in ax.texts if t.get_text()]
+    assert len(names) == len(pts)
+    assert not any(t.get_window_extent(r).overlaps(box) for t in names)
+    plt.close(fig)
