@@ -2,13 +2,16 @@
 
     python -m piece_mm.experiments.where --run runs/llava-piece-f-... --task 1   # the first task of a finished run
     python -m piece_mm.experiments.where --run DIR --task 3 --limit 100 --output where.json
+    python -m piece_mm.experiments.where --run DIR --stages   # which task made the damage, and what it is
 
 A finished sparse run keeps each task's delta (deltas/<i>-<task>.safetensors: the chosen elements and their values).
 On the held-out caption images of the run's sequence, this applies the deltas of the tasks before `--task`, then,
 for every group of the task's delta (each LLM layer, each kind of weight: q_proj, k_proj, ..., lm_head), captions the
 images with only that group applied and with everything but that group. It counts the captions that differ from
 the reference (exact match) and the words they gain. A group whose delta alone makes the damage, and without which
-the damage is gone, is where it lives. Nothing is trained; the run's model is rebuilt from its base and deltas."""
+the damage is gone, is where it lives. With --stages it applies the deltas one task after another instead and, after
+each, counts the captions that differ from the reference and the words they gain: which task made the damage, and
+whether it adds up. Nothing is trained; the run's model is rebuilt from its base and deltas."""
 from __future__ import annotations
 
 import argparse
@@ -45,10 +48,9 @@ def captions_changed(model, processor, captions, batch_size: int = 64) -> dict:
     return {"wrong": wrong, "gained": dict(gained.most_common(5))}
 
 
-def where(run: Path, task: int, limit: int = 100) -> dict:
-    import torch
-
-    from piece_mm.delta import apply_delta, load_delta
+def _rebuild(run: Path, limit: int):
+    """(the run's base model, its processor, the first `limit` held-out captions of its sequence, its task deltas'
+    files in task order)."""
     from piece_mm.errors import InputError, from_data
     from piece_mm.models import load_model
     from piece_mm.tasks.sequence import load_sequence
@@ -58,13 +60,36 @@ def where(run: Path, task: int, limit: int = 100) -> dict:
     files = sorted((run / "deltas").glob("*.safetensors"), key=lambda f: int(f.name.split("-")[0]))
     if not files:
         raise InputError(f"--run {run}: no deltas/ (a finished run of a sparse method keeps them)")
-    if not 1 <= task <= len(files):
-        raise InputError(f"--task {task}: the run has {len(files)} task deltas; expected 1..{len(files)}")
     model, processor = load_model(flags["model"])
     tasks = Path(args.get("cwd", ".")) / flags["tasks"]  # a sequence YAML named relative to where the run started
     with from_data():
         seq = load_sequence(str(tasks) if tasks.is_file() else flags["tasks"], seed=flags.get("seed", 0))
-    captions = seq.captions[:limit]
+    return model, processor, seq.captions[:limit], files
+
+
+def stages(run: Path, limit: int = 100) -> dict:
+    """The captions after each task of the run, its deltas applied one after another: {"run", "captions",
+    "before": captions_changed of the base, "stages": [{"task", **captions_changed}, ...] in task order}."""
+    from piece_mm.delta import apply_delta, load_delta
+
+    model, processor, captions, files = _rebuild(run, limit)
+    rows = [{"task": "before", **captions_changed(model, processor, captions)}]
+    for f in files:
+        apply_delta(model, load_delta(f))
+        rows.append({"task": f.stem, **captions_changed(model, processor, captions)})
+    return {"run": str(run), "captions": len(captions), "before": rows[0], "stages": rows[1:]}
+
+
+def where(run: Path, task: int, limit: int = 100) -> dict:
+    import torch
+
+    from piece_mm.delta import apply_delta, load_delta
+    from piece_mm.errors import InputError
+
+    n = len(list((run / "deltas").glob("*.safetensors")))
+    if n and not 1 <= task <= n:
+        raise InputError(f"--task {task}: the run has {n} task deltas; expected 1..{n}")
+    model, processor, captions, files = _rebuild(run, limit)
     for f in files[:task - 1]:
         apply_delta(model, load_delta(f))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -85,6 +110,14 @@ def where(run: Path, task: int, limit: int = 100) -> dict:
             "before": with_only([]), "after": with_only(list(delta)), "groups": rows}
 
 
+def format_stages(rec: dict) -> str:
+    lines = [f"{rec['run']}: {rec['captions']} held-out captions, the deltas applied one task after another", "",
+             f"{'after':<16} {'wrong':>6}  words gained"]
+    for r in [rec["before"], *rec["stages"]]:
+        lines.append(f"{r['task']:<16} {r['wrong']:>6}  {r['gained']}")
+    return "\n".join(lines)
+
+
 def format_table(rec: dict) -> str:
     lines = [f"{rec['run']}: task {rec['task']}, {rec['captions']} held-out captions; wrong (exact match) before the "
              f"task {rec['before']['wrong']}, after it {rec['after']['wrong']} {rec['after']['gained']}", "",
@@ -100,7 +133,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m piece_mm.experiments.where", description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished run dir of a sparse method (with deltas/)")
-    ap.add_argument("--task", type=int, required=True, help="which task's delta, 1-based")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", type=int, help="which task's delta, 1-based")
+    what.add_argument("--stages", action="store_true", help="the captions after each task, deltas applied in order")
     ap.add_argument("--limit", type=int, default=100, help="held-out caption images (default 100)")
     ap.add_argument("--output", type=Path, help="also write the record as JSON here")
     args = ap.parse_args(argv)
@@ -109,11 +144,11 @@ def main(argv=None) -> int:
             raise InputError(f"--run {args.run}: no run_args.json (not a run dir of piece_mm.train)")
         if args.limit < 1:
             raise InputError(f"--limit: {args.limit}; expected a positive integer")
-        rec = where(args.run, args.task, args.limit)
+        rec = stages(args.run, args.limit) if args.stages else where(args.run, args.task, args.limit)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rec))
+    print(format_stages(rec) if args.stages else format_table(rec))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(rec, indent=1) + "\n")

@@ -37,9 +37,13 @@ DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k":
 # held; protect: how much a weight's own importance to the held examples counts against choosing it (0 = not at all;
 # piece_mm/methods/held.py, protect_scores); earlier_form: an earlier task's prompt is answered among that task's own
 # answers and held over their tokens (methods/held.py); crops: the share of the held rows asked about a crop of the
-# picture (35-65 % of each side, scaled back), so that the term also holds pictures unlike the task's own.
+# picture (35-65 % of each side, scaled back), so that the term also holds pictures unlike the task's own;
+# bank_teacher: who answers the bank's prompts and is held there: "task" (the model as the task began) or "base" (the
+# model before the first task: the base values of the elements earlier tasks chose, put back while it answers; the
+# earlier tasks' prompts stay the model's as the task began), so that a drift of the general answers does not become
+# the next task's teacher (methods/held.py).
 HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
-                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False, "crops": 0.0}
+                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False, "crops": 0.0, "bank_teacher": "task"}
 
 
 @dataclass
@@ -235,6 +239,9 @@ def _distill_options(where, d) -> dict:
         raise InputError(f"{where}: distill.held.earlier_form is {h['earlier_form']!r}; expected true or false")
     if not _number(h["protect"]) or h["protect"] < 0:
         raise InputError(f"{where}: distill.held.protect is {h['protect']!r}; expected a number >= 0 (0 = off)")
+    if h["bank_teacher"] not in ("task", "base"):
+        raise InputError(f"{where}: distill.held.bank_teacher is {h['bank_teacher']!r}; expected task (the model as "
+                         "the task began) or base (the model before the first task)")
     k = d["top_k"]
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise InputError(f"{where}: distill.top_k is {k!r}; expected an integer >= 1 (null = the whole vocabulary)")

@@ -280,10 +280,12 @@ class Distillation(Regulariser):
 
     @torch.no_grad()
     def prepare(self, model, processor, examples: list, held: list = (), *, batch_size: int = 16,
-                path: Path | None = None, reuse: bool = False, log=None) -> Distillation:
+                path: Path | None = None, reuse: bool = False, log=None, base=None,
+                at_base: list[int] = ()) -> Distillation:
         """Run the teacher (the model as it is now) once over `examples` and the `held` examples, and keep its
         top-k log-probabilities. With `path` the cache is written there (atomically); with `reuse` it is read back
-        from there instead (a resumed task): the model is not run."""
+        from there instead (a resumed task): the model is not run. `base`: a context manager factory under which the
+        model is the base (methods/held.py, at_base); the held rows numbered in `at_base` are run inside it."""
         self.examples, self.held = list(examples), list(held)
         self._image_ids = image_token_ids(model)
         if reuse and path is not None:
@@ -292,16 +294,26 @@ class Distillation(Regulariser):
         self._allowed = {len(self.examples) + j: allowed_tokens(processor, ex) for j, ex in enumerate(self.held)
                          if ex.choices}
         from piece_mm import dist
-        spans = [(i, self.examples[i:i + batch_size], 0) for i in range(0, len(self.examples), batch_size)]
-        spans += [(len(self.examples) + i, self.held[i:i + batch_size], len(self.held[i:i + batch_size]))
-                  for i in range(0, len(self.held), batch_size)]
+        n = len(self.examples)
+        spans = [(list(range(i, min(i + batch_size, n))), 0) for i in range(0, n, batch_size)]
+        on_base = set(at_base) if base is not None else set()
+        now = [n + j for j in range(len(self.held)) if j not in on_base]
+        then = [n + j for j in sorted(on_base)]
+        spans += [(rows[i:i + batch_size], len(rows[i:i + batch_size])) for rows in (now,)
+                  for i in range(0, len(rows), batch_size)]
+        base_spans = [(then[i:i + batch_size], len(then[i:i + batch_size])) for i in range(0, len(then), batch_size)]
 
-        def batches():
-            for first, rows, n_held in spans:
-                batch = collate(processor, rows, held=n_held)
-                batch[ROWS] = torch.arange(first, first + len(rows))
+        def batches(spans):
+            for rows, n_held in spans:
+                batch = collate(processor, [self.examples[r] if r < n else self.held[r - n] for r in rows],
+                                held=n_held)
+                batch[ROWS] = torch.tensor(rows, dtype=torch.long)
                 yield batch
-        self.cache = self.cache_batches(model, batches(), len(self.examples) + len(self.held))
+        entries = self._entries(model, batches(spans))
+        if base_spans:
+            with base():
+                entries.update(self._entries(model, batches(base_spans)))
+        self.cache = self._assemble(entries, n + len(self.held))
         if path is not None and dist.is_main():
             self.cache.save(path, self.meta())
         if log:
@@ -313,6 +325,11 @@ class Distillation(Regulariser):
     def cache_batches(self, model, batches, rows: int) -> TeacherCache:
         """The teacher's cache over `batches` (each saying which rows it holds, batch["rows"], numbered 0..rows-1),
         the teacher being `model` as it is now, in eval mode."""
+        return self._assemble(self._entries(model, batches), rows)
+
+    @torch.no_grad()
+    def _entries(self, model, batches) -> dict[int, tuple]:
+        """{row: its (values, indices, rest)} over `batches`, the teacher being `model` as it is now, in eval mode."""
         if not self._image_ids:
             self._image_ids = image_token_ids(model)
         was = model.training
@@ -332,6 +349,10 @@ class Distillation(Regulariser):
                     entries[row] = tuple(t.cpu() for t in self._top(z))
         finally:
             model.train(was)
+        return entries
+
+    @staticmethod
+    def _assemble(entries: dict[int, tuple], rows: int) -> TeacherCache:
         missing = sorted(set(range(rows)) - set(entries))
         if missing:
             raise ValueError(f"Distillation: the batches hold no row {missing[0]} (of {rows})")

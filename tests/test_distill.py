@@ -413,3 +413,95 @@ def test_held_crops_ask_about_a_crop_of_the_tasks_pictures_and_a_resumed_task_cu
         assert (a.prompt, a.answer) == (b.prompt, b.answer)
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     again.close()
+
+
+def test_record_base_keeps_each_elements_value_from_before_its_first_task_and_at_base_puts_it_back(tiny, tmp_path):
+    from piece_mm.delta import load_delta
+    from piece_mm.methods.held import at_base, record_base
+
+    _, base, _ = tiny
+    model = copy.deepcopy(base)
+    first, second = _masks(model, seed=0), _masks(model, seed=1)  # the same three weights, overlapping elements
+    path = tmp_path / "base.safetensors"
+    record_base(model, first, path)
+    moved = copy.deepcopy(model)  # "after the first task": only the elements it chose moved (a sparse method)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            if n in first:
+                p.view(-1)[first[n]] += torch.randn(len(first[n]), generator=gen)
+    record_base(moved, second, path)
+    record = load_delta(path)
+    params, now = dict(base.named_parameters()), {n: p.detach().clone() for n, p in moved.named_parameters()}
+    for n in first:
+        want = torch.unique(torch.cat([first[n], second[n]]))
+        idx, vals = record[n]
+        assert torch.equal(idx.sort().values, want)  # each element once
+        assert torch.equal(vals, params[n].detach().reshape(-1)[idx])  # its base value, also where both chose it
+    with at_base(moved, record):
+        for n, p in moved.named_parameters():
+            flat, idx = p.detach().reshape(-1), record[n][0] if n in record else None
+            if idx is not None:
+                assert torch.equal(flat[idx], params[n].detach().reshape(-1)[idx])
+                rest = torch.ones_like(flat, dtype=torch.bool)
+                rest[idx] = False
+                assert torch.equal(flat[rest], now[n].reshape(-1)[rest])  # the rest untouched
+    assert all(torch.equal(p, now[n]) for n, p in moved.named_parameters())  # restored to the bit
+
+
+def test_bank_teacher_base_answers_and_holds_the_banks_prompts_with_the_base_and_the_earlier_ones_with_the_model(
+        tiny, tmp_path):
+    """distill.held.bank_teacher: base, at the second task: the bank's held rows are the base's greedy replies and
+    its cached teacher; the earlier task's prompts and the task's own rows are the model's as the task begins; the
+    model is left as it was, to the bit."""
+    from piece_mm.eval.generate import generate
+    from piece_mm.methods.held import BASE_FILE, record_base
+
+    _, base, processor = tiny
+    first = Task("big", world.task_set("big", "train", 8), [])
+    task = Task("many", world.task_set("many", "train", 16), world.task_set("many", "test", 4))
+    model = copy.deepcopy(base)
+    earlier_masks = _masks(model)
+    record_base(model, earlier_masks, tmp_path / "distill" / BASE_FILE)  # as the first task's mask was chosen
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "the first task": only its chosen elements move, far enough to change some replies
+        for n, p in model.named_parameters():
+            if n in earlier_masks:
+                p.view(-1)[earlier_masks[n]] += 20.0 * torch.randn(len(earlier_masks[n]), generator=gen)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = dataclasses.replace(
+        _ctx(task, tmp_path, top_k=8, held={"weight": 3.0, "pool": 16, "per_step": 3, "earlier": 1,
+                                            "max_new_tokens": 6, "bank_teacher": "base"}),
+        tasks=[first, task], index=1,
+        generate=lambda m, p, exs, n: generate(m, p, exs, batch_size=8, max_new_tokens=n))
+    tuning = METHODS["piece-f"].for_task(model, processor, task, ctx, masks=_masks(model, seed=5))
+    tuning.close()
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    held = tuning.held_examples
+    earlier = {first.train[0].prompt}
+    on_bank = [j for j, ex in enumerate(held) if ex.prompt not in earlier]
+    on_model = [j for j, ex in enumerate(held) if ex.prompt in earlier]
+    assert on_bank and on_model
+    base_replies = generate(base, processor, held, batch_size=8, max_new_tokens=6)
+    model_replies = generate(model, processor, held, batch_size=8, max_new_tokens=6)
+    assert [held[j].answer for j in on_bank] == [base_replies[j] for j in on_bank]
+    assert [held[j].answer for j in on_model] == [model_replies[j] for j in on_model]
+    assert any(base_replies[j] != model_replies[j] for j in on_bank)  # the checks above tell the teachers apart
+
+    reg, n = tuning.regulariser, len(task.train)
+    by = {name: Distillation(weight=W, temperature=T, top_k=8, held_weight=3.0).prepare(m, processor, task.train, held)
+          for name, m in (("base", base), ("model", model))}
+    for rows, who in ((list(range(n)), "model"), ([n + j for j in on_model], "model"),
+                      ([n + j for j in on_bank], "base")):
+        ids = torch.tensor(rows)
+        got, want, other = reg.cache.rows(ids), by[who].cache.rows(ids), by[
+            "model" if who == "base" else "base"].cache.rows(ids)
+        assert got[3] == want[3] and torch.equal(got[1], want[1])
+        assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[2], want[2], atol=1e-5)
+        if who == "base":
+            assert not torch.allclose(got[0], other[0], atol=1e-5)
+
+
+def test_bank_teacher_is_task_or_base(tmp_path):
+    with pytest.raises(InputError, match="distill.held.bank_teacher is 'first'"):
+        Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "held": {"weight": 1.0, "bank_teacher": "first"}})

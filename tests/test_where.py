@@ -2,7 +2,7 @@
 import pytest
 
 from piece_mm.delta import load_delta
-from piece_mm.experiments.where import groups, main, where
+from piece_mm.experiments.where import groups, main, stages, where
 
 
 def test_groups_put_every_weight_in_one_layer_and_one_kind():
@@ -30,6 +30,17 @@ def test_where_rebuilds_the_run_and_splits_the_delta(uninterrupted_run):
         assert 0 <= r["only"]["wrong"] <= 4 and 0 <= r["without"]["wrong"] <= 4
 
 
+def test_stages_apply_the_deltas_in_order_as_where_rebuilds_each_task(uninterrupted_run):
+    _, run = uninterrupted_run
+    rec = stages(run, limit=4)
+    assert [r["task"] for r in rec["stages"]] == [f.stem for f in sorted((run / "deltas").glob("*.safetensors"))]
+    for k, r in enumerate(rec["stages"], 1):  # after task k = where's model with task k's whole delta applied
+        after = where(run, k, limit=4)
+        assert {"wrong": r["wrong"], "gained": r["gained"]} == after["after"]
+        if k == 1:
+            assert rec["before"] == {"task": "before", **after["before"]}
+
+
 def test_a_delta_names_its_task_method_budget_and_base(uninterrupted_run):
     import hashlib
     import json
@@ -47,7 +58,8 @@ def test_a_delta_names_its_task_method_budget_and_base(uninterrupted_run):
                     "budget": "configs/budgets/default.yaml"}
 
 
-@pytest.mark.parametrize("argv, says", [(["--task", "1"], "no run_args.json"), (["--task", "9"], "--task 9")])
+@pytest.mark.parametrize("argv, says", [(["--task", "1"], "no run_args.json"), (["--task", "9"], "--task 9"),
+                                        (["--stages"], "no run_args.json")])
 def test_where_errors_are_one_line(uninterrupted_run, tmp_path, capsys, argv, says):
     _, run = uninterrupted_run
     target = tmp_path if "run_args" in says else run

@@ -14,9 +14,18 @@ distribution over those answers' tokens, as LwF holds an old task's head over it
 its task's, the free reply is often no answer of the task at all ("where is the shape" answered "circle" where the
 task answers a grid cell), and holding it would teach the prompt that.
 The examples are written to <output>/distill/<task>.held.json, so a resumed task holds the same ones.
+
+With `bank_teacher: base` the bank's prompts are answered, and held, by the model before the first task instead of the
+model as the task began: the general answers a task drifts (on the tiny bases, a shape or a size called by the wrong
+word in the captions) then do not become the next task's teacher, to be held there and drifted further. The sparse
+methods change only the elements a task chose, so the base is the model as it is with those elements' values from
+before the first task that chose them: recorded in <output>/distill/base-values.safetensors as each task's mask is
+chosen (record_base), and put back while the base answers (at_base). The earlier tasks' prompts are still answered
+by the model as the task began: the base never learned them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -160,13 +169,15 @@ def held_pairs(n_images: int, groups: list[tuple[list[str], float]], pool: int, 
 
 
 def make_held(model, processor, examples: list, options: dict, generate, earlier: list[str] = (), seed: int = 0,
-              log=None, answers: dict | None = None) -> tuple[list[Example], list[tuple[int, str]]]:
+              log=None, answers: dict | None = None,
+              base=None) -> tuple[list[Example], list[tuple[int, str]]]:
     """(held examples, their (image index, prompt[, crop box]) pairs): `options["pool"]` of the examples' images (a
     seeded draw; with `options["crops"]` that share of the rows asks about a crop of its picture, crop_boxes)
     asked the bank's prompts and the `earlier` prompts (strings), none of the examples' own, answered greedily by
     the model as it is now through `generate(model, processor, examples, max_new_tokens)`; with
     `options["earlier_form"]`, an earlier prompt that `answers` ({prompt: its task's answers}) lists is answered
-    with the likeliest of them instead, and the example keeps them as its choices."""
+    with the likeliest of them instead, and the example keeps them as its choices. `base`: a context manager
+    factory under which the model is the base (at_base); the bank's prompts are then answered inside it."""
     images = _images(examples, options, seed)
     own = {ex.prompt for ex in examples}  # the task's own prompts are learned, not held
     bank = [p for p in spellable(processor.tokenizer, load_bank(options["bank"])) if p not in own]
@@ -183,8 +194,13 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
         formed = {j: answers[ex.prompt] for j, ex in enumerate(asked) if ex.prompt in answers and ex.prompt not in bank}
     free = [j for j in range(len(asked)) if j not in formed]
     replies = [""] * len(asked)
-    for j, r in zip(free, generate(model, processor, [asked[j] for j in free], options["max_new_tokens"])):
-        replies[j] = r
+    on_bank = set(bank_rows(asked, earlier)) if base is not None else set()
+    for rows, where in (([j for j in free if j not in on_bank], contextlib.nullcontext),
+                        ([j for j in free if j in on_bank], base)):
+        if rows:
+            with where():
+                for j, r in zip(rows, generate(model, processor, [asked[j] for j in rows], options["max_new_tokens"])):
+                    replies[j] = r
     if formed:
         chosen = likeliest(model, processor, [asked[j] for j in formed], list(formed.values()))
         for j, r in zip(formed, chosen):
@@ -196,14 +212,57 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
     return held, [(i, p, box) if box else (i, p) for (i, p), box in zip(pairs, boxes)]
 
 
+def bank_rows(held: list, earlier: list[str]) -> list[int]:
+    """The held rows that ask the bank's prompts: those whose prompt is none of the `earlier` tasks' (a prompt that is
+    both is an earlier task's, which the base never learned)."""
+    earlier = set(earlier)
+    return [j for j, ex in enumerate(held) if ex.prompt not in earlier]
+
+
+BASE_FILE = "base-values.safetensors"
+
+
+def record_base(model, masks: dict, path: Path) -> None:
+    """Add to the record at `path` the current values of the masked elements that it does not hold yet. A sparse
+    method changes an element only in a task that chose it, so called as each task's mask is chosen, before a step,
+    the record holds the base value of every element chosen so far. Written atomically."""
+    from piece_mm.delta import load_delta, save_delta
+    rec = load_delta(path) if Path(path).is_file() else {}
+    params = dict(model.named_parameters())
+    union, values = {}, {}
+    for n in sorted(set(rec) | set(masks)):
+        flat = params[n].detach().reshape(-1).cpu()
+        idx, vals = rec.get(n, (torch.zeros(0, dtype=torch.int64), flat[:0]))
+        if n in masks:
+            new = masks[n].to(torch.int64).cpu()
+            new = new[~torch.isin(new, idx)]
+            idx, vals = torch.cat([idx, new]), torch.cat([vals, flat[new]])
+        union[n], values[n] = idx, vals
+    save_delta(model, union, path, values=values)
+
+
+@contextlib.contextmanager
+def at_base(model, record: dict):
+    """The model with the recorded base values (record_base, read with delta.load_delta) put back, restored after."""
+    from piece_mm.delta import apply_delta
+    params = dict(model.named_parameters())
+    now = {n: (idx, params[n].detach().reshape(-1)[idx.to(params[n].device)].cpu().clone())
+           for n, (idx, _) in record.items()}
+    apply_delta(model, record)
+    try:
+        yield
+    finally:
+        apply_delta(model, now)
+
+
 def _images(examples: list, options: dict, seed: int) -> list:
     pictured = [ex for ex in examples if ex.image is not None] or list(examples)
     return random.Random(seed).sample(pictured, min(len(pictured), options["pool"]))
 
 
-def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
-    """This task's held examples (module docstring, make_held): made with the model as the task begins, or read
-    back when the task is resumed (<output>/distill/<task>.held.json)."""
+def held_examples(model, processor, task, ctx, options: dict, base=None) -> list[Example]:
+    """This task's held examples (module docstring, make_held): made with the model as the task begins (the bank's
+    prompts under `base`, when given), or read back when the task is resumed (<output>/distill/<task>.held.json)."""
     path = Path(ctx.output) / "distill" / f"{ctx.index + 1}-{task.name}.held.json"
     if ctx.resumed:
         images = _images(task.train, options, ctx.seed)
@@ -217,7 +276,8 @@ def held_examples(model, processor, task, ctx, options: dict) -> list[Example]:
     try:
         held, pairs = make_held(model, processor, task.train, options, ctx.generate,
                                 earlier_prompts(ctx.tasks[:ctx.index], options["earlier"]), ctx.seed, log,
-                                earlier_answers(ctx.tasks[:ctx.index]) if options.get("earlier_form") else None)
+                                earlier_answers(ctx.tasks[:ctx.index]) if options.get("earlier_form") else None,
+                                base)
     except InputError as e:
         raise InputError(f"{e} (task {task.name!r})") from None
     if ctx.main:

@@ -34,15 +34,21 @@ def _sparse_method(estimator: str):
         budget, and return a sparse Adam over just those (recreated per task, as in PIECE)."""
         b = ctx.budget
         parts = split_components(model, exclude=b["exclude"], rules=b["components"])
-        held = None
+        held, base, on_base = None, None, ()
         if held_of(b):  # made first, with the model as the task begins: the teacher's own answers
-            from piece_mm.methods.held import held_examples
-            held = held_examples(model, processor, task, ctx, held_of(b))
+            from piece_mm.methods.held import bank_rows, earlier_prompts, held_examples
+            base = _base(model, ctx)
+            held = held_examples(model, processor, task, ctx, held_of(b), base)
+            if base is not None:
+                on_base = bank_rows(held, earlier_prompts(ctx.tasks[:ctx.index], held_of(b)["earlier"]))
         if masks is None:
             masks = _choose(model, processor, task, ctx, parts, held)
+            if held_of(b) and held_of(b)["bank_teacher"] == "base" and ctx.main:  # before a step: base values
+                from piece_mm.methods.held import BASE_FILE, record_base
+                record_base(model, masks, Path(ctx.output) / "distill" / BASE_FILE)
         tuning = Tuning(None, held_examples=held, held_per_step=held_of(b)["per_step"] if held else 0)
         if distill_of(b):  # the teacher, once per example, before a weight moves (or read back, resumed)
-            tuning.regulariser = teacher_cache(model, processor, task.train, held, ctx)
+            tuning.regulariser = teacher_cache(model, processor, task.train, held, ctx, base, on_base)
         opt = sparse_optimizer(model, masks, torch.optim.AdamW, lr=ctx.lr, betas=tuple(b["betas"]),
                                weight_decay=b["weight_decay"])
         tuning.optimizer, tuning.masks, tuning.parts, tuning.close = opt, opt.masks, parts, opt.close
@@ -106,17 +112,36 @@ def _sparse_method(estimator: str):
     return make
 
 
-def teacher_cache(model, processor, examples: list, held, ctx) -> Distillation:
-    """The budget's distill term for this task, its teacher the model as it is now: run over the task's training
-    examples and held rows once and cached in <distill.cache_dir or output/distill>/<task>.teacher.safetensors, which a
-    resumed task reads back instead."""
+def _base(model, ctx):
+    """With distill.held.bank_teacher: base, from the second task on, a context manager factory under which the
+    model is the base (methods/held.py, at_base); else None."""
+    h = held_of(ctx.budget)
+    if not h or h["bank_teacher"] != "base" or ctx.index == 0:  # the first task begins at the base
+        return None
+    from piece_mm.delta import load_delta
+    from piece_mm.errors import InputError
+    from piece_mm.methods.held import BASE_FILE, at_base
+    if shard.is_fsdp(model):
+        raise InputError("distill.held.bank_teacher: base is not supported on FSDP2 shards; use task")
+    path = Path(ctx.output) / "distill" / BASE_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: not found; distill.held.bank_teacher: base records the base values there as each "
+                         "task's mask is chosen (a run begun with bank_teacher: task cannot switch)")
+    record = load_delta(path)
+    return lambda: at_base(model, record)
+
+
+def teacher_cache(model, processor, examples: list, held, ctx, base=None, on_base=()) -> Distillation:
+    """The budget's distill term for this task, its teacher the model as it is now (the held rows numbered in
+    `on_base` the base, under `base`): run over the task's training examples and held rows once and cached in
+    <distill.cache_dir or output/distill>/<task>.teacher.safetensors, which a resumed task reads back instead."""
     d = distill_of(ctx.budget)
     where = Path(d["cache_dir"]) if d.get("cache_dir") else Path(ctx.output) / "distill"
     path = where / f"{ctx.index + 1}-{ctx.tasks[ctx.index].name}.teacher.safetensors"
     b = ctx.budget
     reg = Distillation.from_budget(b).prepare(
         model, processor, examples, held or (), batch_size=PER_SAMPLE_CHUNK if b["score_batch_size"] == 1
-        else b["score_batch_size"], path=path, reuse=ctx.resumed, log=ctx.log)
+        else b["score_batch_size"], path=path, reuse=ctx.resumed, log=ctx.log, base=base, at_base=on_base)
     if shard.is_fsdp(model):  # FSDP2 units that stay whole after a forward with no backward: back on their shards
         shard.reshard(model)
     return reg
