@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# python -m piece_mm.experiments.where on a finished run, when its deltas/ are there: git keeps only a run's
+# metrics.json, so in a fresh clone a run read back has none, and the committed record it made is kept as it is
+where() {
+    local run="$2"
+    if [ -d "$run/deltas" ]; then
+        python -m piece_mm.experiments.where "$@"
+    else
+        echo "kept as committed: $run has no deltas/ here (only its metrics.json is in git)"
+    fi
+}
+
 for m in llava qwen2-vl; do
     # the prompt-conditioning probe of each base, before any tuning
     python -m piece_mm.experiments.probe --model "$m" --output "results/probe-$m.json"
@@ -100,15 +111,15 @@ for m in llava qwen2-vl; do
         --summaries "results/default-$m/summary.json,results/baselines-$m/summary.json,results/ewc-$m/summary.json,results/others-$m/summary.json,results/lwf-$m/summary.json"
 done
 # the keys-in runs taken apart: which layer and kind of weight changes the captions
-python -m piece_mm.experiments.where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
+where --run results/diag-llava-keys-in/runs/piece-f-lr0.0003-seed0 --task 1 \
     --output results/where-llava-previous-size.json
-python -m piece_mm.experiments.where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
+where --run results/diag-qwen2-vl-keys-in/runs/piece-f-lr0.0003-seed0 --task 3 \
     --output results/where-qwen2-vl-previous-location.json
 # where the damage lives at two sweep settings that learn the tasks (keys out): LLaVA's colour task at 0.3 %, lr 1e-3,
 # and Qwen2-VL's count task at 0.1 %, lr 1e-3
-python -m piece_mm.experiments.where --run results/sweep-llava/runs/piece-f-llm0.003-proj0-vis0-lr0.001-s300 --task 2 \
+where --run results/sweep-llava/runs/piece-f-llm0.003-proj0-vis0-lr0.001-s300 --task 2 \
     --output results/where-llava-sweep-0.3pc-lr1e-3-color.json
-python -m piece_mm.experiments.where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
+where --run results/sweep-qwen2-vl/runs/piece-f-llm0.001-proj0-vis0-lr0.001-s300 --task 4 \
     --output results/where-qwen2-vl-sweep-0.1pc-lr1e-3-count.json
 # what was tried for the held prompts (issue 35), seed 0 on world-yesno, every stage scored in full (no eval-limit).
 # w1-bank1, w1-bank1-noanswers, w1-bank2-noanswers and w1-bank2 ran at commit 72a5c49 (the earlier tasks' prompts
@@ -194,5 +205,22 @@ done
 [ -f results/shared-probes/runs/llava-llm10-keep-earlier-lr1e-3/metrics.json ] ||
     python -m piece_mm.train --model llava --tasks world-shared --budget results/budgets/shared/llm10-keep-earlier.yaml \
         --lr 1e-3 --eval-limit 100 --output results/shared-probes/runs/llava-llm10-keep-earlier-lr1e-3
+# the reversed order with every stage scored, and the bank's prompts held by the base (distill.held.bank_teacher:
+# base, results/budgets/shared/bank-base.yaml) in that order (LLaVA) and in the file's (both), seed 0; the two
+# reversed runs taken apart stage by stage (results/README.md, "Four orders")
+[ -f results/shared-probes/runs/llava-reverse/metrics.json ] ||
+    python -m piece_mm.train --model llava --tasks world-shared@reverse --eval-limit 100 --eval-general every \
+        --output results/shared-probes/runs/llava-reverse
+[ -f results/shared-probes/runs/llava-reverse-bank-base/metrics.json ] ||
+    python -m piece_mm.train --model llava --tasks world-shared@reverse --budget results/budgets/shared/bank-base.yaml \
+        --eval-limit 100 --eval-general every --output results/shared-probes/runs/llava-reverse-bank-base
+for m in llava qwen2-vl; do
+    [ -f "results/shared-probes/runs/$m-bank-base/metrics.json" ] ||
+        python -m piece_mm.train --model "$m" --tasks world-shared --budget results/budgets/shared/bank-base.yaml \
+            --eval-limit 100 --output "results/shared-probes/runs/$m-bank-base"
+done
+for r in llava-reverse llava-reverse-bank-base; do
+    where --run "results/shared-probes/runs/$r" --stages --output "results/where-shared-$r-stages.json"
+done
 # the default at lr 6e-3 is the study's piece-f-lr0.006-seed0 (PIECE-F's lr grid), and the default's seed-0 runs on
 # both models are the study's piece-f-lr0.002-seed0
