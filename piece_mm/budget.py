@@ -41,9 +41,12 @@ DISTILL_DEFAULTS = {"weight": 0.0, "temperature": 2.0, "answers": True, "top_k":
 # bank_teacher: who answers the bank's prompts and is held there: "task" (the model as the task began) or "base" (the
 # model before the first task: the base values of the elements earlier tasks chose, put back while it answers; the
 # earlier tasks' prompts stay the model's as the task began), so that a drift of the general answers does not become
-# the next task's teacher (methods/held.py).
+# the next task's teacher (methods/held.py); paraphrases: a bank prompt that the model, as the task begins, answers as
+# it answers the task's own prompt on at least this share of the task's images (32 of them) is taken for a rewording
+# of the task's question and not held (0 = every bank prompt is held).
 HELD_DEFAULTS = {"weight": 0.0, "bank": "generic", "pool": 256, "per_step": 8, "earlier": 16, "earlier_share": 0.5,
-                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False, "crops": 0.0, "bank_teacher": "task"}
+                 "max_new_tokens": 24, "protect": 0.0, "earlier_form": False, "crops": 0.0, "bank_teacher": "task",
+                 "paraphrases": 0.0}
 
 
 @dataclass
@@ -239,6 +242,10 @@ def _distill_options(where, d) -> dict:
         raise InputError(f"{where}: distill.held.earlier_form is {h['earlier_form']!r}; expected true or false")
     if not _number(h["protect"]) or h["protect"] < 0:
         raise InputError(f"{where}: distill.held.protect is {h['protect']!r}; expected a number >= 0 (0 = off)")
+    if not _number(h["paraphrases"]) or not 0 <= h["paraphrases"] <= 1:
+        raise InputError(f"{where}: distill.held.paraphrases is {h['paraphrases']!r}; expected a number in [0, 1] "
+                         "(0 = off)")
+    h["paraphrases"] = float(h["paraphrases"])
     if h["bank_teacher"] not in ("task", "base"):
         raise InputError(f"{where}: distill.held.bank_teacher is {h['bank_teacher']!r}; expected task (the model as "
                          "the task began) or base (the model before the first task)")

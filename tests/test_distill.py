@@ -502,6 +502,44 @@ def test_bank_teacher_base_answers_and_holds_the_banks_prompts_with_the_base_and
             assert not torch.allclose(got[0], other[0], atol=1e-5)
 
 
-def test_bank_teacher_is_task_or_base(tmp_path):
-    with pytest.raises(InputError, match="distill.held.bank_teacher is 'first'"):
-        Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "held": {"weight": 1.0, "bank_teacher": "first"}})
+@pytest.mark.parametrize("field, value, says", [("bank_teacher", "first", "distill.held.bank_teacher is 'first'"),
+                                                ("paraphrases", 1.5, "distill.held.paraphrases is 1.5"),
+                                                ("paraphrases", "most", "distill.held.paraphrases is 'most'")])
+def test_bank_teacher_and_paraphrases_out_of_range_are_one_line(field, value, says):
+    with pytest.raises(InputError, match=says):
+        Budget(fractions={"llm": 0.01}, distill={"weight": 1.0, "held": {"weight": 1.0, field: value}})
+
+
+def test_paraphrases_are_the_bank_prompts_answered_as_the_tasks_own_on_enough_of_its_images(tiny, tmp_path):
+    from piece_mm.methods.held import make_held, paraphrases
+    from piece_mm.tasks.base import Example
+
+    exs = [Example(f"img{i}", "what color are the shapes", "") for i in range(10)]
+    color = {f"img{i}": ("red" if i % 2 else "blue") for i in range(10)}
+
+    def generate(model, processor, asked, n):  # a stand-in model: what it replies to each prompt on each image
+        out = []
+        for ex in asked:
+            i = int(ex.image[3:])
+            if ex.prompt in ("what color are the shapes", "say the color"):
+                out.append(color[ex.image])
+            elif ex.prompt == "which color":  # the same reply on 8 of the 10 images, in another case
+                out.append(color[ex.image].upper() if i < 8 else "green")
+            elif ex.prompt == "name a color":  # the same on 7 of 10
+                out.append(color[ex.image] if i < 7 else "green")
+            else:
+                out.append("a shape")
+        return out
+    bank = ["say the color", "which color", "name a color", "describe the image"]
+    assert paraphrases(None, None, exs, bank, generate, {"paraphrases": 0.8, "max_new_tokens": 4}) == [
+        "say the color", "which color"]
+    assert paraphrases(None, None, exs, bank, generate, {"paraphrases": 0.7, "max_new_tokens": 4}) == bank[:3]
+    assert paraphrases(None, None, exs, bank, generate, {"paraphrases": 1.0, "max_new_tokens": 4}) == bank[:1]
+    # in make_held: the rewordings are not held, the rest of the bank is
+    (tmp_path / "bank.yaml").write_text("prompts:\n" + "".join(f"  - {p}\n" for p in bank))
+    processor = tiny[2]
+    options = {**HELD_DEFAULTS, "bank": str(tmp_path / "bank.yaml"), "pool": 10, "max_new_tokens": 4}
+    held, _ = make_held(None, processor, exs, {**options, "paraphrases": 0.8}, generate)
+    assert {ex.prompt for ex in held} == {"name a color", "describe the image"}
+    held, _ = make_held(None, processor, exs, options, generate)  # 0: every bank prompt held
+    assert {ex.prompt for ex in held} == set(bank)

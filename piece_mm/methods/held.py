@@ -181,6 +181,11 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
     images = _images(examples, options, seed)
     own = {ex.prompt for ex in examples}  # the task's own prompts are learned, not held
     bank = [p for p in spellable(processor.tokenizer, load_bank(options["bank"])) if p not in own]
+    if options.get("paraphrases", 0) > 0 and bank:  # nor are its rewordings
+        reworded = paraphrases(model, processor, images[:PARAPHRASE_IMAGES], bank, generate, options)
+        if log and reworded:
+            log(f"not held, answered as the task's own prompt: {', '.join(repr(p) for p in reworded)}")
+        bank = [p for p in bank if p not in reworded]
     earlier = [p for p in earlier if p not in own]
     if not bank + earlier:
         raise InputError(f"distill.held.bank {options['bank']!r}: no prompt left to hold (the tokenizer cannot spell "
@@ -210,6 +215,25 @@ def make_held(model, processor, examples: list, options: dict, generate, earlier
             "images" + (f", {len(formed)} of them answered in their task's form" if formed else ""))
     held = [Example(ex.image, ex.prompt, a, choices=formed.get(j, ())) for j, (ex, a) in enumerate(zip(asked, replies))]
     return held, [(i, p, box) if box else (i, p) for (i, p), box in zip(pairs, boxes)]
+
+
+PARAPHRASE_IMAGES = 32  # the task's images a bank prompt is compared on (distill.held.paraphrases)
+
+
+def paraphrases(model, processor, examples: list, bank: list[str], generate, options: dict) -> list[str]:
+    """The bank's prompts that the model answers, on at least `options["paraphrases"]` of the `examples`' images, as
+    it answers each example's own prompt there (greedy replies, compared lower-cased and stripped): rewordings of the
+    task's question, which the task is to change, not hold."""
+    n = options["max_new_tokens"]
+    norm = [r.strip().lower() for r in generate(model, processor, examples, n)]
+    asked = [Example(ex.image, p, "") for p in bank for ex in examples]
+    replies = [r.strip().lower() for r in generate(model, processor, asked, n)]
+    out = []
+    for k, p in enumerate(bank):
+        mine = replies[k * len(examples):(k + 1) * len(examples)]
+        if sum(a == b for a, b in zip(mine, norm)) >= options["paraphrases"] * len(examples):
+            out.append(p)
+    return out
 
 
 def bank_rows(held: list, earlier: list[str]) -> list[int]:
