@@ -219,6 +219,11 @@ for m in llava qwen2-vl; do
         python -m piece_mm.train --model "$m" --tasks world-shared --budget results/budgets/shared/bank-base.yaml \
             --eval-limit 100 --output "results/shared-probes/runs/$m-bank-base"
 done
+# and the default without holding the bank prompts the model answers as it answers the task's own
+# (distill.held.paraphrases: 0.8, results/budgets/shared/paraphrases.yaml), LLaVA, seed 0
+[ -f results/shared-probes/runs/llava-paraphrases/metrics.json ] ||
+    python -m piece_mm.train --model llava --tasks world-shared --budget results/budgets/shared/paraphrases.yaml \
+        --eval-limit 100 --output results/shared-probes/runs/llava-paraphrases
 for r in llava-reverse llava-reverse-bank-base; do
     where --run "results/shared-probes/runs/$r" --stages --output "results/where-shared-$r-stages.json"
 done
