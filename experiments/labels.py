@@ -8,6 +8,7 @@ def place_labels(fig, ax, points: list[tuple[str, tuple, tuple]], unnamed: list[
     frame's edge (else the offset that does least harm), so a crowded cluster stays readable. unnamed: the other
     markers drawn there, to keep clear of too. A legend already drawn inside the axes is kept clear of as a label is
     (draw it first: where loc="best" puts it depends on the points, not on the labels)."""
+    from matplotlib.colors import to_rgb
     from matplotlib.transforms import ScaledTranslation
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
@@ -23,6 +24,7 @@ def place_labels(fig, ax, points: list[tuple[str, tuple, tuple]], unnamed: list[
         return c + 1e4 * outside + sum(100 for k, (x, y) in enumerate(marks) if k != own and bb.x0 - 5 < x < bb.x1 + 5
                        and bb.y0 - 5 < y < bb.y1 + 5)
     for k, (name, xy, color) in enumerate(points):
+        color = tuple(0.7 * c for c in to_rgb(color))  # the marker's colour, darker: a pale one stays legible as text
         best = None
         for off in offsets:
             ha = "left" if off[0] > 0 else "right" if off[0] < 0 else "center"
