@@ -297,10 +297,9 @@ class Distillation(Regulariser):
         n = len(self.examples)
         spans = [(list(range(i, min(i + batch_size, n))), 0) for i in range(0, n, batch_size)]
         on_base = set(at_base) if base is not None else set()
-        now = [n + j for j in range(len(self.held)) if j not in on_base]
-        then = [n + j for j in sorted(on_base)]
-        spans += [(rows[i:i + batch_size], len(rows[i:i + batch_size])) for rows in (now,)
-                  for i in range(0, len(rows), batch_size)]
+        now = [n + j for j in range(len(self.held)) if j not in on_base]  # held rows: the model as it is now
+        then = [n + j for j in sorted(on_base)]  # and the base
+        spans += [(now[i:i + batch_size], len(now[i:i + batch_size])) for i in range(0, len(now), batch_size)]
         base_spans = [(then[i:i + batch_size], len(then[i:i + batch_size])) for i in range(0, len(then), batch_size)]
 
         def batches(spans):

@@ -22,6 +22,10 @@ methods change only the elements a task chose, so the base is the model as it is
 before the first task that chose them: recorded in <output>/distill/base-values.safetensors as each task's mask is
 chosen (record_base), and put back while the base answers (at_base). The earlier tasks' prompts are still answered
 by the model as the task began: the base never learned them.
+
+With `paraphrases` (a share), a bank prompt that the model as the task begins answers as it answers the task's own
+prompt, on at least that share of 32 of the task's images, is taken for a rewording of the task's question: the task
+is to change it, so it is not held (paraphrases).
 """
 from __future__ import annotations
 
